@@ -1,0 +1,332 @@
+"""Typed, validated parameters: params.yaml (plus command-line overrides) -> frozen dataclasses.
+
+params.yaml is the single source of truth: the dataclasses below carry no defaults, so every key
+must be present in the file and a key the code does not know is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from reduce_ops.errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def _check(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False, nonempty: bool = False) -> Any:
+    """A dataclass field whose value (or every list item) must lie in [lo, hi]."""
+    return field(metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+                           "nonempty": nonempty})
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where stages read and write, relative to the project root (the params file's folder)."""
+
+    raw: str
+    prepared: str
+    fleet: str
+    baseline: str
+    results: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset source and the seeded, stratified split."""
+
+    source: Literal["mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
+    download: bool
+    val_fraction: float = _check(0.0, 0.5, lo_open=True)
+    test_fraction: float = _check(0.0, 0.5, lo_open=True)
+    seed: int = _check(0)
+    image_size: int = _check(4, 512)      # imagefolder only: images are resized to this square
+    grayscale: bool                       # imagefolder only: convert to one channel
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which architecture build_model constructs."""
+
+    name: Literal["lenet", "mlp", "vgg11", "resnet18"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Baseline training: optimiser and the validation-plateau stopping rule."""
+
+    max_epochs: int = _check(1, 1000)
+    patience: int = _check(1, 1000)
+    min_delta: float = _check(0.0, 1.0)
+    batch_size: int = _check(1, 65536)
+    optimizer: Literal["sgd", "adam"]
+    lr: float = _check(0.0, 10.0, lo_open=True)
+    momentum: float = _check(0.0, 1.0, hi_open=True)
+    weight_decay: float = _check(0.0, 1.0)
+    seed: int = _check(0)
+    device: str
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """Systolic-array geometry and which layer types run on it."""
+
+    rows: int = _check(1, 65536)
+    cols: int = _check(1, 65536)
+    layer_types: list[Literal["conv", "linear"]] = _check(nonempty=True)
+
+
+@dataclass(frozen=True)
+class FaultMapsConfig:
+    """The generated fleet: how many chips, which defect model, which fault rates."""
+
+    n_chips: int = _check(1, 100000)
+    generator: Literal["uniform", "clustered"]
+    rate_distribution: Literal["uniform", "beta"]
+    rate_min: float = _check(0.0, 1.0)
+    rate_max: float = _check(0.0, 1.0)
+    seed: int = _check(0)
+    id_prefix: str
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow experiment used when a stage is not launched by `mlflow run`."""
+
+    experiment: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """All parameters of one pipeline run, plus where they came from."""
+
+    paths: PathsConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    hardware: HardwareConfig
+    faultmaps: FaultMapsConfig
+    tracking: TrackingConfig
+    root: Path = field(default=Path("."), compare=False)
+    source: str = field(default=DEFAULT_PARAMS, compare=False)
+
+    def path(self, name: str) -> Path:
+        """Absolute path of `paths.<name>` under the project root."""
+        return self.root / getattr(self.paths, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as a nested dict, as params.yaml spells them."""
+        out = dataclasses.asdict(self)
+        out.pop("root")
+        out.pop("source")
+        return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the key names used on the command line and in MLflow."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------- building + checks
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check `value` against the type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint_txt = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: {key}: expected one of {', '.join(map(str, choices))}, "
+                              f"got {value!r}{hint_txt}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {_type_name(value)} {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_convert(v, item_hint, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {_type_name(value)} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {_type_name(value)} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {key}: expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {key}: expected a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported type hint {hint!r} for {key}")  # a bug in this module
+
+
+def _range_check(value: Any, meta: Any, key: str, where: str) -> None:
+    if meta.get("nonempty") and isinstance(value, list) and not value:
+        raise ConfigError(f"{where}: {key}: must not be empty")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    for v in value if isinstance(value, list) else [value]:
+        if not isinstance(v, (int, float)):
+            continue
+        if lo is not None and (v <= lo if meta["lo_open"] else v < lo):
+            raise ConfigError(f"{where}: {key}: must be {'>' if meta['lo_open'] else '>='} {lo}, "
+                              f"got {v}")
+        if hi is not None and (v >= hi if meta["hi_open"] else v > hi):
+            raise ConfigError(f"{where}: {key}: must be {'<' if meta['hi_open'] else '<='} {hi}, "
+                              f"got {v}")
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, naming the exact key on any problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'}: expected a mapping, "
+                          f"got {_type_name(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.compare}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint_txt = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint_txt}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            raise ConfigError(f"{where}: {key}: missing key")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], key + ".", where)
+            continue
+        value = _convert(data[name], hint, key, where)
+        _range_check(value, f.metadata, key, where)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config, where: str) -> None:
+    """Constraints between keys that a single field cannot express."""
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
+        raise ConfigError(f"{where}: data.val_fraction + data.test_fraction must be < 0.9, got "
+                          f"{cfg.data.val_fraction + cfg.data.test_fraction:g}")
+    if cfg.faultmaps.rate_min > cfg.faultmaps.rate_max:
+        raise ConfigError(f"{where}: faultmaps.rate_min ({cfg.faultmaps.rate_min:g}) must be <= "
+                          f"faultmaps.rate_max ({cfg.faultmaps.rate_max:g})")
+    if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith(("cuda", "mps")):
+        raise ConfigError(f"{where}: train.device: expected auto, cpu, cuda[:N] or mps, "
+                          f"got {cfg.train.device!r}")
+
+
+# --------------------------------------------------------------------------- overrides
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=0.1' -> ('train.lr', 0.1); the value is read as YAML, so lists work: a=[1,2]."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.max_epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: cannot read value {raw!r}") from None
+    return key, value
+
+
+def split_overrides(text: str) -> list[str]:
+    """Split the MLproject `overrides` string ('a.b=1 c.d=[1, 2]') into KEY=VALUE items."""
+    items: list[str] = []
+    depth = 0
+    current = ""
+    for ch in text.strip():
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch.isspace() and depth == 0:
+            if current:
+                items.append(current)
+            current = ""
+        elif ch == "," and depth == 0 and "=" in current:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    if current:
+        items.append(current)
+    return items
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each KEY=VALUE set; unknown keys fail later, when built."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {key}: unknown key '{part}'")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {key}: unknown key")
+        node[parts[-1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a params file as a mapping, with a one-line error for a missing or broken file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{loc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def from_dict(raw: dict[str, Any], root: Path = Path("."), where: str = DEFAULT_PARAMS) -> Config:
+    """Build and validate a Config from a nested dict."""
+    cfg = _build(Config, raw, "", where)
+    cfg = dataclasses.replace(cfg, root=Path(root).resolve(), source=where)
+    _cross_checks(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
+    """Load params.yaml, apply KEY=VALUE overrides, validate; the root is the file's folder."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return from_dict(raw, root=path.resolve().parent, where=str(path))

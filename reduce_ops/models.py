@@ -1,0 +1,111 @@
+"""Model zoo: build_model(name, input_shape, num_classes) and the baseline checkpoint format."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reduce_ops.errors import DataError
+
+MODEL_NAMES = ("lenet", "mlp", "vgg11", "resnet18")
+
+
+class LeNet(nn.Module):
+    """LeNet-5 (6 and 16 channels, 120-84 classifier) with 'same' convs, for any input >= 4x4."""
+
+    def __init__(self, in_channels: int, num_classes: int, spatial: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # -> s/2
+            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),            # -> s/4
+        )
+        flat = 16 * (spatial // 4) ** 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    n_in = int(torch.tensor(input_shape).prod())
+    return nn.Sequential(nn.Flatten(), nn.Linear(n_in, 256), nn.ReLU(),
+                         nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+def _vgg11(in_channels: int, num_classes: int, spatial: int) -> nn.Module:
+    """torchvision VGG11 for small inputs: only as many max-pools as the input allows, then
+    global pooling and one Linear (the usual CIFAR adaptation: 32x32 -> 1x1 after 5 pools)."""
+    from torchvision.models import vgg11
+
+    model = vgg11(weights=None, num_classes=num_classes)
+    layers: list[nn.Module] = []
+    size = spatial
+    for layer in model.features:
+        if isinstance(layer, nn.Conv2d) and not layers:
+            layer = nn.Conv2d(in_channels, layer.out_channels, 3, padding=1)
+        if isinstance(layer, nn.MaxPool2d):
+            if size < 2:
+                continue           # an 8x8 input keeps 3 of the 5 pools
+            size //= 2
+        layers.append(layer)
+    model.features = nn.Sequential(*layers)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Linear(512, num_classes)
+    return model
+
+
+def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision ResNet18 for small inputs: 3x3 stride-1 stem and no stem max-pool."""
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(name: str, input_shape: tuple[int, ...] | list[int], num_classes: int) -> nn.Module:
+    """A freshly initialised model for inputs of shape (C, H, W) and `num_classes` outputs."""
+    c, h, w = (int(v) for v in input_shape)
+    if name == "lenet":
+        return LeNet(c, num_classes, min(h, w))
+    if name == "mlp":
+        return _mlp((c, h, w), num_classes)
+    if name == "vgg11":
+        return _vgg11(c, num_classes, min(h, w))
+    if name == "resnet18":
+        return _resnet18(c, num_classes)
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+def save_checkpoint(model: nn.Module, arch: dict[str, Any], info: dict[str, Any],
+                    path: Path) -> None:
+    """Write {state_dict, arch, info} atomically; loadable with torch.load(weights_only=True)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "arch": arch, "info": info}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model stored by save_checkpoint; returns (model in eval mode, checkpoint)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no baseline model; run `reduce-ops pretrain` first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        arch = ckpt["arch"]
+        model = build_model(arch["name"], arch["input_shape"], arch["num_classes"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, OSError, ValueError, TypeError,
+            pickle.UnpicklingError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a reduce-ops model checkpoint ({first_line})") from None
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real params.yaml, shrunk to tiny data, in a throw-away project folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reduce_ops.config import Config, apply_overrides, from_dict, read_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny settings every test starts from: digits (bundled with scikit-learn), a few epochs.
+TINY = [
+    "data.source=digits",
+    "train.max_epochs=8",
+    "train.patience=3",
+    "train.batch_size=32",
+    "train.lr=0.003",
+    "train.device=cpu",
+    "hardware.rows=16",
+    "hardware.cols=16",
+    "faultmaps.n_chips=4",
+]
+
+# What a copy of the project needs to run its stages (code, pipeline, entry points).
+PROJECT_FILES = ["params.yaml", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
+                 "pyproject.toml", "reduce_ops"]
+
+
+def tiny_params(overrides: list[str] | None = None) -> dict:
+    """The repository's params.yaml with the tiny overrides (and any extra) applied."""
+    return apply_overrides(read_yaml(REPO / "params.yaml"), TINY + list(overrides or []))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Never touch a user's tracking server or the repository's mlflow.db from a test."""
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> Config:
+    """A validated Config on digits whose paths all live under tmp_path."""
+    return dataclasses.replace(from_dict(tiny_params()), root=tmp_path)
+
+
+def make_project(dest: Path, overrides: list[str] | None = None) -> Path:
+    """Copy the project's files into `dest` with a tiny params.yaml; returns the params path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    params = dest / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
+    return params
+
+
+@pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory: pytest.TempPathFactory):
+    """The digits split prepared once per session (read-only for tests)."""
+    from reduce_ops.data import load_prepared, prepare
+
+    root = tmp_path_factory.mktemp("digits")
+    cfg = dataclasses.replace(from_dict(tiny_params()), root=root)
+    prepare(cfg.data, cfg.path("raw"), cfg.path("prepared"))
+    return load_prepared(cfg.path("prepared"))

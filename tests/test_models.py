@@ -1,0 +1,54 @@
+"""Model zoo: every model builds for each input shape and round-trips through a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reduce_ops.errors import DataError
+from reduce_ops.models import MODEL_NAMES, build_model, load_checkpoint, save_checkpoint
+
+SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_pass_on_input_shape(name: str, shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, shape, num_classes=7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_vgg11_keeps_torchvision_structure_for_cifar() -> None:
+    model = build_model("vgg11", (3, 32, 32), 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in model.features if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(convs) == 8 and len(pools) == 5          # VGG11: 8 convs, 5 pools at 32x32
+    assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(ValueError, match="unknown model 'vgg16'"):
+        build_model("vgg16", (1, 8, 8), 10)
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("lenet", (1, 8, 8), 10).eval()
+    arch = {"name": "lenet", "input_shape": [1, 8, 8], "num_classes": 10}
+    path = tmp_path / "models" / "baseline.pt"
+    save_checkpoint(model, arch, {"test_accuracy": 0.5}, path)
+    raw = torch.load(path, weights_only=True)             # no pickle of code objects needed
+    assert raw["arch"] == arch and raw["info"]["test_accuracy"] == 0.5
+    loaded, _ = load_checkpoint(path)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(model(x), loaded(x))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="not a reduce-ops model checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(DataError, match="run `reduce-ops pretrain` first"):
+        load_checkpoint(tmp_path / "missing.pt")
