@@ -1,0 +1,53 @@
+"""Systolic-array fault model: geometry, weight -> PE mapping, fault maps and fleets on disk."""
+
+from reduce_ops.hardware.faultmap import (
+    GENERATORS,
+    RATE_DISTRIBUTIONS,
+    FaultMap,
+    chip_ids,
+    clustered_fault_map,
+    generate_fleet,
+    sample_fleet_rates,
+    uniform_fault_map,
+    validate_chip_id,
+)
+from reduce_ops.hardware.fleetio import (
+    MANIFEST,
+    import_fault_maps,
+    load_fleet,
+    read_fault_map_file,
+    write_fleet,
+)
+from reduce_ops.hardware.geometry import ArrayGeometry
+from reduce_ops.hardware.mapping import (
+    LAYER_TYPES,
+    apply_masks,
+    build_masks,
+    layer_keep_mask,
+    mapped_layers,
+    pruned_fraction,
+)
+
+__all__ = [
+    "GENERATORS",
+    "LAYER_TYPES",
+    "MANIFEST",
+    "RATE_DISTRIBUTIONS",
+    "ArrayGeometry",
+    "FaultMap",
+    "apply_masks",
+    "build_masks",
+    "chip_ids",
+    "clustered_fault_map",
+    "generate_fleet",
+    "import_fault_maps",
+    "layer_keep_mask",
+    "load_fleet",
+    "mapped_layers",
+    "pruned_fraction",
+    "read_fault_map_file",
+    "sample_fleet_rates",
+    "uniform_fault_map",
+    "validate_chip_id",
+    "write_fleet",
+]

@@ -1,0 +1,266 @@
+"""Reduce-method arithmetic: retraining needs, resilience map, monotone fit, per-chip plan."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.interpolate import PchipInterpolator
+from sklearn.isotonic import IsotonicRegression
+
+from reduce_ops.errors import ConfigError, DataError
+
+TRIAL_KEYS = ["fault_rate", "repetition"]
+MAP_COLUMNS = ["level", "fault_rate", "n_reps", "n_reached", "n_never", "min", "mean", "max"]
+NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never"]
+PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
+_STATISTIC_HELP = "expected 'max', 'mean' or 'qP' with 0<P<=1"
+
+
+def retraining_needed(amounts, accuracies, level: float) -> float:
+    """Retraining amount at which one trial's curve first reaches `level` (linear in between).
+
+    Returns the first checkpoint's amount (0.0 when amount 0 was measured) if it already reaches the
+    level, `math.inf` if no checkpoint does. Checkpoints with a NaN accuracy were not measured and
+    are skipped. If the smallest measured amount is above 0 and already reaches the level, that
+    amount (not 0) is returned: nothing shows that less would do, and under-training is the costly
+    mistake.
+    """
+    x = np.asarray(amounts, dtype=float).ravel()
+    y = np.asarray(accuracies, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise DataError(f"retraining curve: {x.size} amounts but {y.size} accuracies")
+    if np.isnan(x).any() or (x < 0).any():
+        raise DataError("retraining curve: amounts must be non-negative numbers")
+    keep = ~np.isnan(y)
+    x, y = x[keep], y[keep]
+    if x.size == 0:
+        return math.inf
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    reached = y >= level
+    if not reached.any():
+        return math.inf
+    i = int(np.argmax(reached))  # first checkpoint at/above the level
+    if i == 0:
+        return float(x[0])
+    # y[i-1] < level <= y[i], so the slope is positive
+    frac = (level - y[i - 1]) / (y[i] - y[i - 1])
+    return float(x[i - 1] + frac * (x[i] - x[i - 1]))
+
+
+def _check_trials(trials: pd.DataFrame, metric: str) -> None:
+    """Fail with one line when the trials table lacks a column or rows this module needs."""
+    missing = [c for c in TRIAL_KEYS + ["amount", metric] if c not in trials.columns]
+    if missing:
+        raise DataError(f"trials table: missing column(s) {', '.join(missing)}")
+    if trials.empty:
+        raise DataError("trials table: no rows")
+
+
+def trial_needs(trials: pd.DataFrame, level: float, metric: str = "val_accuracy") -> pd.DataFrame:
+    """Retraining needed to reach `level`, one row per trial (fault_rate, repetition, needed)."""
+    _check_trials(trials, metric)
+    rows = [
+        (rate, rep, retraining_needed(g["amount"].to_numpy(), g[metric].to_numpy(), level))
+        for (rate, rep), g in trials.groupby(TRIAL_KEYS, sort=True)
+    ]
+    out = pd.DataFrame(rows, columns=TRIAL_KEYS + ["needed"])
+    return out.astype({"fault_rate": float, "needed": float})
+
+
+def resilience_map(trials: pd.DataFrame, levels, metric: str = "val_accuracy") -> pd.DataFrame:
+    """Per accuracy level and fault rate: min/mean/max need over the repetitions that reached it."""
+    parts = []
+    for level in np.atleast_1d(np.asarray(levels, dtype=float)):
+        needs = trial_needs(trials, float(level), metric)
+        for rate, g in needs.groupby("fault_rate", sort=True):
+            v = g["needed"].to_numpy()
+            ok = v[np.isfinite(v)]
+            stats = (ok.min(), ok.mean(), ok.max()) if ok.size else (np.nan,) * 3
+            parts.append((float(level), rate, v.size, ok.size, v.size - ok.size, *stats))
+    out = pd.DataFrame(parts, columns=MAP_COLUMNS)
+    return out.sort_values(["level", "fault_rate"], ignore_index=True)
+
+
+def parse_statistic(s) -> str | float:
+    """Read `plan.statistic`: 'max', 'mean', or a quantile as 'q0.9' or a float in (0, 1]."""
+    if isinstance(s, str):
+        text = s.strip().lower()
+        if text in ("max", "mean"):
+            return text
+        if text.startswith("q"):
+            try:
+                q = float(text[1:])
+            except ValueError:
+                q = math.nan
+            if 0 < q <= 1:
+                return q
+    elif isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool):
+        if 0 < float(s) <= 1:
+            return float(s)
+    raise ConfigError(f"plan.statistic: {_STATISTIC_HELP}, got {s!r}")
+
+
+def aggregate_needs(needs_df: pd.DataFrame, statistic="max") -> pd.DataFrame:
+    """One need per fault rate from its repetitions; a repetition that never reached counts as inf.
+
+    'max' (worst case, so no chip is under-trained) and 'mean' are inf when any repetition never
+    reached the level; a quantile uses numpy's method 'higher', so it never interpolates down.
+    """
+    stat = parse_statistic(statistic)
+    missing = [c for c in ("fault_rate", "needed") if c not in needs_df.columns]
+    if missing:
+        raise DataError(f"trial needs: missing column(s) {', '.join(missing)}")
+    rows = []
+    for rate, g in needs_df.groupby("fault_rate", sort=True):
+        v = g["needed"].to_numpy(dtype=float)
+        if stat == "max":
+            value = v.max()
+        elif stat == "mean":
+            value = v.mean()  # inf as soon as one repetition is inf
+        else:
+            value = np.quantile(v, stat, method="higher")
+        rows.append((float(rate), float(value), v.size, int(np.isinf(v).sum())))
+    return pd.DataFrame(rows, columns=NEED_COLUMNS)
+
+
+@dataclass(frozen=True, eq=False)
+class MonotoneCurve:
+    """Retraining need as a non-decreasing function of the fault rate, inf where infeasible.
+
+    The feasible region runs from the lowest measured rate up to `max_feasible_rate`, the highest
+    measured rate such that it and every lower measured rate have a finite need. Everything above
+    is infeasible, including rates between the last finite and the first infinite measurement and
+    finite measurements above an infinite one (conservative: no evidence that they are reachable).
+    With no feasible point `max_feasible_rate` is -inf.
+    """
+
+    rates: np.ndarray  # measured fault rates, sorted, shape (n,)
+    needed: np.ndarray  # measured aggregate needs in epochs, inf = never reached, shape (n,)
+    fitted: np.ndarray  # isotonic needs on rates[:n_feasible], non-decreasing
+    max_feasible_rate: float
+    max_amount: float  # largest measured retraining amount (epochs)
+    _interp: PchipInterpolator | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self):
+        """Build the shape-preserving interpolant once (PCHIP keeps monotone data monotone)."""
+        if self.fitted.size >= 2:
+            xs = self.rates[: self.fitted.size]
+            object.__setattr__(self, "_interp", PchipInterpolator(xs, self.fitted))
+
+    def __call__(self, rate) -> np.ndarray:
+        """Need in epochs at each fault rate; inf above `max_feasible_rate`."""
+        r = np.asarray(rate, dtype=float)
+        out = np.full(r.shape, math.inf)
+        n = self.fitted.size
+        if n == 0:
+            return out
+        inside = r <= self.max_feasible_rate
+        xs, ys = self.rates[:n], self.fitted
+        rc = np.clip(r[inside], xs[0], xs[-1])  # below the lowest rate: the value there
+        if n == 1:
+            v = np.full(rc.shape, ys[0])
+        else:
+            v = self._interp(rc)
+            # clamp to the segment's end values: removes round-off wiggles on flat segments
+            seg = np.clip(np.searchsorted(xs, rc, side="right") - 1, 0, n - 2)
+            v = np.clip(v, ys[seg], ys[seg + 1])
+        out[inside] = np.maximum(v, 0.0)
+        out[np.isnan(r)] = math.nan
+        return out
+
+
+def fit_monotone_curve(rates, needed, max_amount: float) -> MonotoneCurve:
+    """Fit a monotone need-vs-fault-rate curve to aggregate needs (isotonic, then PCHIP)."""
+    x = np.asarray(rates, dtype=float).ravel()
+    y = np.asarray(needed, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise DataError(f"monotone fit: {x.size} fault rates but {y.size} needs")
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise DataError("monotone fit: fault rates and needs must not be NaN")
+    if np.unique(x).size != x.size:
+        raise DataError("monotone fit: fault rates must be unique (aggregate repetitions first)")
+    if not (math.isfinite(max_amount) and max_amount >= 0):
+        raise DataError(f"monotone fit: max_amount must be finite and >= 0, got {max_amount!r}")
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    finite = np.isfinite(y)
+    n_feasible = x.size if finite.all() else int(np.argmin(finite))  # stop at the first inf
+    if n_feasible == 0:
+        fitted, max_rate = np.empty(0), -math.inf
+    else:
+        xf, yf = x[:n_feasible], np.maximum(y[:n_feasible], 0.0)
+        fitted = IsotonicRegression(increasing=True).fit_transform(xf, yf) if n_feasible > 1 else yf
+        fitted, max_rate = np.asarray(fitted, dtype=float), float(xf[-1])
+    return MonotoneCurve(x, y, fitted, max_rate, float(max_amount))
+
+
+@dataclass(frozen=True)
+class ChipPlan:
+    """One chip's planned retraining: epochs to run, or infeasible with the reason."""
+
+    chip_id: str
+    fault_rate: float
+    needed: float  # epochs read off the curve, inf when infeasible
+    planned_epochs: float  # rounded up to the granularity, NaN when infeasible
+    feasible: bool
+    reason: str
+
+
+def _check_plan_params(granularity: float, safety_margin: float) -> None:
+    """Fail with one line naming the config key when the rounding parameters are unusable."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (number(granularity) and granularity > 0):
+        raise ConfigError(f"plan.granularity: expected a number of epochs > 0, got {granularity!r}")
+    if not (number(safety_margin) and safety_margin >= 1):
+        raise ConfigError(f"plan.safety_margin: expected a number >= 1, got {safety_margin!r}")
+
+
+def _reason(curve: MonotoneCurve, rate: float, needed: float, planned: float, raw: float) -> str:
+    """Human-readable note for one chip's plan (empty when nothing is worth saying)."""
+    if not math.isfinite(needed):
+        if curve.fitted.size == 0:
+            return "no measured fault rate reaches the accuracy level within the measured amounts"
+        return f"fault rate {rate:g} above the highest reachable rate {curve.max_feasible_rate:g}"
+    if planned == 0:
+        return "no retraining needed"
+    if raw > planned:
+        return f"capped at the largest measured amount {curve.max_amount:g} epochs"
+    return ""
+
+
+def plan_fleet(
+    curve: MonotoneCurve, chips: pd.DataFrame, granularity: float, safety_margin: float = 1.0
+) -> pd.DataFrame:
+    """Per-chip retraining: need off the curve, times the margin, rounded up to the granularity.
+
+    The result is capped at `curve.max_amount`: every feasible need is at most that amount, which
+    the measurement showed to be enough. Columns: chip_id, fault_rate, needed, planned_epochs,
+    feasible, reason.
+    """
+    _check_plan_params(granularity, safety_margin)
+    missing = [c for c in ("chip_id", "fault_rate") if c not in chips.columns]
+    if missing:
+        raise DataError(f"fleet table: missing column(s) {', '.join(missing)}")
+    if chips["chip_id"].duplicated().any():
+        dup = chips.loc[chips["chip_id"].duplicated(), "chip_id"].iloc[0]
+        raise DataError(f"fleet table: duplicate chip_id {dup!r}")
+    rates = chips["fault_rate"].to_numpy(dtype=float)
+    if np.isnan(rates).any():
+        raise DataError("fleet table: fault_rate must not be missing")
+    needed = curve(rates)
+    feasible = np.isfinite(needed)
+    with np.errstate(invalid="ignore"):
+        steps = np.ceil(needed * safety_margin / granularity - 1e-9)
+        raw = np.round(np.maximum(steps, 0.0) * granularity, 12) + 0.0  # no -0.0
+    planned = np.where(feasible, np.minimum(raw, curve.max_amount), np.nan)
+    plans = [
+        ChipPlan(cid, float(r), float(n), float(p), bool(f), _reason(curve, r, n, p, w))
+        for cid, r, n, p, f, w in zip(chips["chip_id"], rates, needed, planned, feasible, raw)
+    ]
+    return pd.DataFrame([asdict(p) for p in plans], columns=PLAN_COLUMNS)

@@ -1,0 +1,82 @@
+"""The real entry points: `mlflow run . -e ... --env-manager local` and `dvc repro`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_project
+
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'store.db'}"
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+@pytest.mark.slow
+def test_mlflow_run_pretrain_logs_params_and_metrics(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    project = tmp_path / "project"
+    make_project(project)
+    env = _env(tmp_path)
+    _run([str(BIN / "mlflow"), "run", str(project), "-e", "prepare", "--env-manager", "local",
+          "--experiment-name", "e2e"], project, env)
+    _run([str(BIN / "mlflow"), "run", str(project), "-e", "pretrain", "--env-manager", "local",
+          "--experiment-name", "e2e", "-P", "overrides=train.max_epochs=3 train.patience=5"],
+         project, env)
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id], "tags.`reduce_ops.stage` = 'pretrain'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_epochs"] == "3"           # the override arrived
+    assert run.data.params["data.source"] == "digits"
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    assert run.data.params["dataset_hash"] == meta["dataset_hash"]
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert run.data.metrics["test_accuracy"] > 0.5
+    metrics = json.loads((project / "results/pretrain/metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+    assert (project / "models/baseline.pt").is_file()
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_stages_then_is_cached(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    make_project(project, ["train.max_epochs=2"])
+    env = _env(tmp_path)
+    _run(["git", "init", "-q"], project, env)
+    _run([str(BIN / "dvc"), "init", "-q"], project, env)
+    out = _run([str(BIN / "dvc"), "repro"], project, env).stdout
+    assert "Running stage 'prepare'" in out and "Running stage 'pretrain'" in out
+    lock = (project / "dvc.lock").read_text()
+    assert "data/prepared" in lock and "models/baseline.pt" in lock and "train:" in lock
+    shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], project, env).stdout
+    assert "test_accuracy" in shown
+    again = _run([str(BIN / "dvc"), "repro"], project, env).stdout
+    assert "Running stage" not in again
+    # Changing a training parameter re-runs pretrain only.
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("lr: 0.003", "lr: 0.002"))
+    third = _run([str(BIN / "dvc"), "repro"], project, env).stdout
+    assert "Running stage 'pretrain'" in third and "Running stage 'prepare'" not in third

@@ -1,0 +1,305 @@
+"""Reduce arithmetic on hand-made trials tables with hand-computed answers."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reduce_ops.errors import ConfigError, DataError
+from reduce_ops.planning import (
+    MAP_COLUMNS,
+    NEED_COLUMNS,
+    PLAN_COLUMNS,
+    MonotoneCurve,
+    aggregate_needs,
+    fit_monotone_curve,
+    parse_statistic,
+    plan_fleet,
+    resilience_map,
+    retraining_needed,
+    trial_needs,
+)
+
+AMOUNTS = [0.0, 1.0, 2.0, 3.0]
+
+
+def make_trials(curves):
+    """Long trials table from {(fault_rate, repetition): accuracies at AMOUNTS}."""
+    rows = [
+        dict(fault_rate=r, repetition=k, amount=a, val_accuracy=acc, test_accuracy=acc - 0.01,
+             fault_seed=100 + k, trial_id=f"{r}-{k}")
+        for (r, k), accs in curves.items()
+        for a, acc in zip(AMOUNTS, accs)
+    ]
+    return pd.DataFrame(rows)
+
+
+# ---- retraining_needed ---------------------------------------------------------------------------
+
+def test_interpolates_between_checkpoints():
+    assert retraining_needed([0, 1, 2], [0.5, 0.90, 0.98], 0.96) == pytest.approx(1.75)
+
+
+def test_exact_hit_at_a_checkpoint():
+    assert retraining_needed([0, 1, 2], [0.5, 0.90, 0.98], 0.90) == pytest.approx(1.0)
+
+
+def test_reached_at_amount_zero_needs_nothing():
+    assert retraining_needed([0, 1, 2], [0.97, 0.98, 0.99], 0.96) == 0.0
+
+
+def test_never_reached_is_inf():
+    assert retraining_needed([0, 1, 2], [0.5, 0.6, 0.7], 0.96) == math.inf
+
+
+def test_unsorted_input_is_sorted_first():
+    assert retraining_needed([2, 0, 1], [0.98, 0.5, 0.90], 0.96) == pytest.approx(1.75)
+
+
+def test_first_crossing_counts_even_if_accuracy_dips_later():
+    # crosses 0.8 between 0 and 1 (at 0.5), dips below at 2, back above at 3
+    assert retraining_needed([0, 1, 2, 3], [0.7, 0.9, 0.75, 0.95], 0.8) == pytest.approx(0.5)
+
+
+def test_nan_checkpoint_is_skipped():
+    assert retraining_needed([0, 1, 2], [0.5, np.nan, 0.98], 0.74) == pytest.approx(1.0)
+
+
+def test_mismatched_curve_is_a_data_error():
+    with pytest.raises(DataError):
+        retraining_needed([0, 1], [0.5], 0.9)
+
+
+# ---- trial_needs / resilience_map ----------------------------------------------------------------
+
+@pytest.fixture
+def trials():
+    return make_trials({
+        (0.1, 0): [0.95, 0.97, 0.98, 0.98],  # reaches 0.90 and 0.96 at once / at 0.5
+        (0.1, 1): [0.80, 0.96, 0.98, 0.98],  # 0.90 at 0.625, 0.96 at 1.0
+        (0.2, 0): [0.50, 0.90, 0.98, 0.98],  # 0.90 at 1.0, 0.96 at 1.75
+        (0.2, 1): [0.50, 0.70, 0.85, 0.92],  # 0.90 at 2.714..., 0.96 never
+    })
+
+
+def test_trial_needs_one_row_per_trial(trials):
+    needs = trial_needs(trials.sample(frac=1, random_state=0), 0.96)
+    assert list(needs.columns) == ["fault_rate", "repetition", "needed"]
+    assert needs["needed"].tolist() == pytest.approx([0.5, 1.0, 1.75, math.inf])
+
+
+def test_trial_needs_other_metric(trials):
+    val = trial_needs(trials, 0.95)
+    test = trial_needs(trials, 0.95, metric="test_accuracy")  # test = val - 0.01
+    assert val["needed"].iloc[0] == 0.0  # val 0.95 at amount 0
+    assert test["needed"].iloc[0] == pytest.approx(0.5)  # test 0.94 -> 0.96 between 0 and 1
+
+
+def test_trial_needs_missing_column_is_a_data_error(trials):
+    with pytest.raises(DataError, match="val_accuracy"):
+        trial_needs(trials.drop(columns="val_accuracy"), 0.9)
+
+
+def test_resilience_map_counts_never_and_stats_over_reached(trials):
+    m = resilience_map(trials, [0.96, 0.90])
+    assert list(m.columns) == MAP_COLUMNS
+    assert m["level"].tolist() == [0.90, 0.90, 0.96, 0.96]
+    assert m["fault_rate"].tolist() == [0.1, 0.2, 0.1, 0.2]
+    row = m.iloc[3]  # level 0.96, rate 0.2: one of two repetitions never reached
+    assert (row.n_reps, row.n_reached, row.n_never) == (2, 1, 1)
+    assert (row["min"], row["mean"], row["max"]) == pytest.approx((1.75, 1.75, 1.75))
+    row = m.iloc[1]  # level 0.90, rate 0.2: needs 1.0 and 2 + 0.05/0.07
+    assert row.n_never == 0
+    assert row["max"] == pytest.approx(2 + 0.05 / 0.07)
+    assert row["mean"] == pytest.approx((1.0 + 2 + 0.05 / 0.07) / 2)
+
+
+def test_resilience_map_nan_stats_when_no_repetition_reached():
+    m = resilience_map(make_trials({(0.5, 0): [0.1, 0.2, 0.3, 0.4]}), [0.9])
+    assert m.iloc[0].n_never == 1 and m.iloc[0].n_reached == 0
+    assert m[["min", "mean", "max"]].isna().all(axis=None)
+
+
+# ---- aggregate_needs / parse_statistic -----------------------------------------------------------
+
+@pytest.fixture
+def needs():
+    return pd.DataFrame({
+        "fault_rate": [0.1] * 4 + [0.2] * 2,
+        "repetition": [0, 1, 2, 3, 0, 1],
+        "needed": [1.0, 2.0, 3.0, 6.0, 1.0, math.inf],
+    })
+
+
+def test_max_mean_and_quantile(needs):
+    mx = aggregate_needs(needs, "max")
+    mean = aggregate_needs(needs, "mean")
+    q = aggregate_needs(needs, "q0.5")
+    assert list(mx.columns) == NEED_COLUMNS
+    assert mx["needed"].tolist() == [6.0, math.inf]
+    assert mean["needed"].tolist() == [3.0, math.inf]
+    assert q["needed"].tolist() == [3.0, math.inf]  # 'higher': never interpolates down to 2.5
+    assert (mx["needed"] >= mean["needed"]).all()
+    assert mx["n_reps"].tolist() == [4, 2] and mx["n_never"].tolist() == [0, 1]
+
+
+def test_quantile_ignores_a_rare_never(needs):
+    many = pd.DataFrame({"fault_rate": [0.3] * 10, "needed": [1.0] * 9 + [math.inf]})
+    assert aggregate_needs(many, 0.8)["needed"].iloc[0] == 1.0
+    assert aggregate_needs(many, 0.9)["needed"].iloc[0] == math.inf  # 'higher' rounds the rank up
+    assert aggregate_needs(many, "q1")["needed"].iloc[0] == math.inf
+
+
+def test_default_statistic_is_max(needs):
+    pd.testing.assert_frame_equal(aggregate_needs(needs), aggregate_needs(needs, "max"))
+
+
+@pytest.mark.parametrize("text, value", [("max", "max"), ("MEAN", "mean"), ("q0.9", 0.9),
+                                         ("q1", 1.0), (0.5, 0.5), (1, 1.0)])
+def test_parse_statistic(text, value):
+    assert parse_statistic(text) == value
+
+
+@pytest.mark.parametrize("bad", ["foo", "q0", "q1.5", "qx", "0.9", 0.0, 1.5, True, None])
+def test_bad_statistic_is_one_line_config_error(bad):
+    with pytest.raises(ConfigError, match=r"^plan\.statistic: expected") as e:
+        parse_statistic(bad)
+    assert "\n" not in str(e.value)
+
+
+# ---- fit_monotone_curve --------------------------------------------------------------------------
+
+def test_noisy_points_give_a_monotone_curve():
+    rates = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    needed = [0.0, 0.8, 0.6, 1.5, 1.2, 2.5]
+    c = fit_monotone_curve(rates, needed, max_amount=3.0)
+    assert np.all(np.diff(c.fitted) >= 0)
+    assert c.fitted == pytest.approx([0.0, 0.7, 0.7, 1.35, 1.35, 2.5])
+    dense = c(np.linspace(-0.1, 0.5, 2001))
+    assert np.all(np.diff(dense) >= 0)
+    assert c(0.3) == pytest.approx(1.35) and c(0.35) == pytest.approx(1.35)  # flat stays flat
+    assert c(-0.1) == pytest.approx(0.0)  # below the lowest rate: value there
+    assert c.max_feasible_rate == 0.5 and c.max_amount == 3.0
+
+
+def test_unsorted_rates_are_sorted():
+    c = fit_monotone_curve([0.2, 0.0, 0.1], [2.0, 0.0, 1.0], max_amount=3.0)
+    assert c.rates.tolist() == [0.0, 0.1, 0.2]
+    assert c(np.array([0.0, 0.1, 0.2])) == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_rates_above_first_inf_are_infeasible():
+    c = fit_monotone_curve([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, math.inf, math.inf], max_amount=3.0)
+    assert c.max_feasible_rate == 0.2
+    assert c(0.2) == pytest.approx(2.0)
+    assert c(np.array([0.21, 0.3, 0.5])).tolist() == [math.inf] * 3
+
+
+def test_finite_rate_after_a_gap_is_still_infeasible():
+    c = fit_monotone_curve([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, math.inf, 2.5], max_amount=3.0)
+    assert c.max_feasible_rate == 0.2
+    assert c(0.4) == math.inf
+    assert c.fitted.size == 2
+
+
+def test_single_feasible_point_is_constant():
+    c = fit_monotone_curve([0.1, 0.2], [1.5, math.inf], max_amount=3.0)
+    assert c(np.array([0.0, 0.05, 0.1])) == pytest.approx([1.5] * 3)
+    assert c(0.15) == math.inf
+
+
+def test_nothing_feasible():
+    c = fit_monotone_curve([0.1, 0.2], [math.inf, 1.0], max_amount=3.0)
+    assert c.max_feasible_rate == -math.inf and c.fitted.size == 0
+    assert c(np.array([0.0, 0.1])).tolist() == [math.inf, math.inf]
+
+
+def test_duplicate_rates_are_a_data_error():
+    with pytest.raises(DataError, match="unique"):
+        fit_monotone_curve([0.1, 0.1], [1.0, 2.0], max_amount=3.0)
+
+
+# ---- plan_fleet ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def linear_curve():
+    """need = 10 * rate on [0, 0.3], infeasible above 0.3; 3 epochs measured at most."""
+    return fit_monotone_curve([0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 1.0, 2.0, 3.0, math.inf], 3.0)
+
+
+def chips(*rates):
+    return pd.DataFrame({"chip_id": [f"c{i}" for i in range(len(rates))], "fault_rate": rates})
+
+
+def test_rounds_up_to_granularity(linear_curve):
+    plan = plan_fleet(linear_curve, chips(0.11, 0.1), granularity=0.25)
+    assert list(plan.columns) == PLAN_COLUMNS
+    assert plan["needed"].tolist() == pytest.approx([1.1, 1.0])
+    assert plan["planned_epochs"].tolist() == [1.25, 1.0]  # exactly 1.0 is not bumped to 1.25
+    assert plan["feasible"].tolist() == [True, True]
+
+
+def test_safety_margin_scales_before_rounding(linear_curve):
+    plan = plan_fleet(linear_curve, chips(0.1), granularity=0.25, safety_margin=1.3)
+    assert plan["planned_epochs"].iloc[0] == 1.5  # 1.3 -> 1.5
+
+
+def test_capped_at_max_amount(linear_curve):
+    plan = plan_fleet(linear_curve, chips(0.29, 0.3), granularity=1.0, safety_margin=1.5)
+    assert plan["planned_epochs"].tolist() == [3.0, 3.0]
+    assert "capped" in plan["reason"].iloc[0]
+
+
+def test_zero_need_gets_zero_epochs(linear_curve):
+    plan = plan_fleet(linear_curve, chips(0.0), granularity=0.25, safety_margin=2.0)
+    row = plan.iloc[0]
+    assert row.needed == 0.0 and row.planned_epochs == 0.0 and row.feasible
+    assert not np.signbit(row.planned_epochs)
+    assert row.reason == "no retraining needed"
+
+
+def test_infeasible_chip(linear_curve):
+    plan = plan_fleet(linear_curve, chips(0.2, 0.52), granularity=0.25)
+    row = plan.iloc[1]
+    assert not row.feasible and math.isnan(row.planned_epochs) and row.needed == math.inf
+    assert row.reason == "fault rate 0.52 above the highest reachable rate 0.3"
+    assert plan.iloc[0].feasible
+
+
+def test_all_infeasible():
+    c = fit_monotone_curve([0.1, 0.2], [math.inf, math.inf], max_amount=3.0)
+    plan = plan_fleet(c, chips(0.0, 0.1, 0.5), granularity=0.25)
+    assert not plan["feasible"].any() and plan["planned_epochs"].isna().all()
+    assert plan["reason"].str.startswith("no measured fault rate").all()
+
+
+def test_plan_from_trials_end_to_end(trials):
+    agg = aggregate_needs(trial_needs(trials, 0.96), "max")  # 0.1 -> 1.0, 0.2 -> inf
+    curve = fit_monotone_curve(agg["fault_rate"], agg["needed"], trials["amount"].max())
+    plan = plan_fleet(curve, chips(0.05, 0.1, 0.15), granularity=0.5)
+    assert plan["planned_epochs"].tolist()[:2] == [1.0, 1.0]
+    assert plan["feasible"].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(granularity=0.0), "plan.granularity"),
+    (dict(granularity=-1.0), "plan.granularity"),
+    (dict(granularity=0.25, safety_margin=0.9), "plan.safety_margin"),
+    (dict(granularity=0.25, safety_margin=math.nan), "plan.safety_margin"),
+])
+def test_bad_plan_parameters_name_the_key(linear_curve, kwargs, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        plan_fleet(linear_curve, chips(0.1), **kwargs)
+
+
+def test_duplicate_chip_id_is_a_data_error(linear_curve):
+    fleet = pd.DataFrame({"chip_id": ["a", "a"], "fault_rate": [0.1, 0.2]})
+    with pytest.raises(DataError, match="duplicate chip_id"):
+        plan_fleet(linear_curve, fleet, granularity=0.25)
+
+
+def test_curve_is_a_frozen_dataclass(linear_curve):
+    assert isinstance(linear_curve, MonotoneCurve)
+    with pytest.raises(AttributeError):
+        linear_curve.max_amount = 5.0
