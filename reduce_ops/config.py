@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import yaml
 from reduce_ops.errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _check(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -98,6 +101,56 @@ class FaultMapsConfig:
 
 
 @dataclass(frozen=True)
+class FatConfig:
+    """Fault-aware training (resilience trials, per-chip retraining, comparisons)."""
+
+    optimizer: Literal["sgd", "adam"]
+    lr: float = _check(0.0, 10.0, lo_open=True)
+    momentum: float = _check(0.0, 1.0, hi_open=True)
+    weight_decay: float = _check(0.0, 1.0)
+    batch_size: int = _check(1, 65536)
+    seed: int = _check(0)
+
+
+@dataclass(frozen=True)
+class ResilienceConfig:
+    """The trial grid: fault rates x repetitions, each FAT run up to max_epochs with checkpoints."""
+
+    fault_rates: list[float] = _check(0.0, 1.0, nonempty=True)
+    repetitions: int = _check(1, 1000)
+    max_epochs: float = _check(0.0, 1000.0, lo_open=True)
+    checkpoint_every: float = _check(0.0, 1000.0, lo_open=True)
+    generator: Literal["uniform", "clustered"]
+    seed: int = _check(0)
+    accuracy_levels: list[float] = _check(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ConstraintConfig:
+    """Accuracy every shipped chip model must reach: absolute, or a maximum drop from baseline."""
+
+    kind: Literal["absolute", "drop"]
+    value: float = _check(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Step 2 of Reduce: how per-rate needs are aggregated and turned into per-chip epochs."""
+
+    statistic: str                    # max | mean | qP (P in (0, 1]), checked by planning
+    safety_margin: float = _check(1.0, 100.0)
+    metric: Literal["test_accuracy", "val_accuracy"]
+    resilience_run: str | None        # MLflow run id; null = latest finished matching run
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """MLflow Model Registry names: one registered model per chip, <prefix>-<chip_id>."""
+
+    prefix: str
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow experiment used when a stage is not launched by `mlflow run`."""
 
@@ -114,6 +167,11 @@ class Config:
     train: TrainConfig
     hardware: HardwareConfig
     faultmaps: FaultMapsConfig
+    fat: FatConfig
+    resilience: ResilienceConfig
+    constraint: ConstraintConfig
+    plan: PlanConfig
+    registry: RegistryConfig
     tracking: TrackingConfig
     root: Path = field(default=Path("."), compare=False)
     source: str = field(default=DEFAULT_PARAMS, compare=False)
@@ -151,6 +209,11 @@ def _type_name(value: Any) -> str:
 def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
     """Check `value` against the type hint; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key, where)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -235,6 +298,21 @@ def _cross_checks(cfg: Config, where: str) -> None:
     if cfg.faultmaps.rate_min > cfg.faultmaps.rate_max:
         raise ConfigError(f"{where}: faultmaps.rate_min ({cfg.faultmaps.rate_min:g}) must be <= "
                           f"faultmaps.rate_max ({cfg.faultmaps.rate_max:g})")
+    res = cfg.resilience
+    if res.checkpoint_every > res.max_epochs:
+        raise ConfigError(f"{where}: resilience.checkpoint_every ({res.checkpoint_every:g}) must "
+                          f"be <= resilience.max_epochs ({res.max_epochs:g})")
+    if len(set(res.fault_rates)) != len(res.fault_rates):
+        raise ConfigError(f"{where}: resilience.fault_rates: duplicate rates in {res.fault_rates}")
+    from reduce_ops.planning import parse_statistic
+
+    try:
+        parse_statistic(cfg.plan.statistic)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not _SAFE_NAME.fullmatch(cfg.registry.prefix):
+        raise ConfigError(f"{where}: registry.prefix: only letters, digits, '_', '.', '-' "
+                          f"(1-64 characters), got {cfg.registry.prefix!r}")
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith(("cuda", "mps")):
         raise ConfigError(f"{where}: train.device: expected auto, cpu, cuda[:N] or mps, "
                           f"got {cfg.train.device!r}")

@@ -19,6 +19,15 @@ PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible",
 _STATISTIC_HELP = "expected 'max', 'mean' or 'qP' with 0<P<=1"
 
 
+def constraint_level(kind: str, value: float, baseline_accuracy: float) -> float:
+    """The accuracy every chip must reach: `value` itself, or baseline minus the allowed drop."""
+    if kind == "absolute":
+        return float(value)
+    if kind == "drop":
+        return float(baseline_accuracy - value)
+    raise ConfigError(f"constraint.kind: expected absolute or drop, got {kind!r}")
+
+
 def retraining_needed(amounts, accuracies, level: float) -> float:
     """Retraining amount at which one trial's curve first reaches `level` (linear in between).
 
@@ -264,3 +273,26 @@ def plan_fleet(
         for cid, r, n, p, f, w in zip(chips["chip_id"], rates, needed, planned, feasible, raw)
     ]
     return pd.DataFrame([asdict(p) for p in plans], columns=PLAN_COLUMNS)
+
+
+@dataclass(frozen=True, eq=False)
+class PlanResult:
+    """Everything Step 2 produces: per-rate points, the fitted curve, the per-chip plan."""
+
+    level: float
+    points: pd.DataFrame  # fault_rate, needed (aggregate), n_reps, n_never, min, max
+    curve: MonotoneCurve
+    plan: pd.DataFrame  # PLAN_COLUMNS
+
+
+def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic,
+              metric: str, granularity: float, safety_margin: float) -> PlanResult:
+    """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for accuracy `level`."""
+    needs = trial_needs(trials, level, metric)
+    points = aggregate_needs(needs, statistic)
+    spread = needs.groupby("fault_rate")["needed"].agg(["min", "max"]).reset_index()
+    points = points.merge(spread, on="fault_rate", how="left")
+    curve = fit_monotone_curve(points["fault_rate"], points["needed"],
+                               max_amount=float(trials["amount"].max()))
+    plan = plan_fleet(curve, chips, granularity, safety_margin)
+    return PlanResult(float(level), points, curve, plan)

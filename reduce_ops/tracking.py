@@ -159,3 +159,252 @@ def get_run(uri: str, run_id: str) -> Any:
         return MlflowClient(uri).get_run(run_id)
     except MlflowException:
         raise TrackingError(f"MLflow run {run_id!r} not found in {uri}") from None
+
+
+def _all_experiment_ids(client: Any) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments(max_results=1000)]
+
+
+def find_runs(uri: str, tags: Mapping[str, str], statuses: Sequence[str] | None = None,
+              exclude: str | None = None) -> list[Any]:
+    """Runs in any experiment carrying all `tags`, newest first (optionally of given statuses)."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    filters = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = client.search_runs(_all_experiment_ids(client), " and ".join(filters),
+                              run_view_type=ViewType.ACTIVE_ONLY,
+                              order_by=["attributes.start_time DESC"], max_results=200)
+    return [r for r in runs if (statuses is None or r.info.status in statuses)
+            and r.info.run_id != exclude]
+
+
+def read_children(uri: str, parent_run_id: str, metric_keys: Sequence[str],
+                  statuses: Sequence[str] = ("FINISHED",)) -> list[dict[str, Any]]:
+    """Child runs of a parent as plain dicts: run_id, params, tags, histories {key: [(step, v)]}."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = get_run(uri, parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
+    out = []
+    for run in children:
+        if run.info.status not in statuses:
+            continue
+        histories = {k: sorted((m.step, m.value) for m in
+                               client.get_metric_history(run.info.run_id, k))
+                     for k in metric_keys if k in run.data.metrics}
+        out.append({"run_id": run.info.run_id, "params": dict(run.data.params),
+                    "tags": dict(run.data.tags), "histories": histories})
+    return out
+
+
+# --------------------------------------------------------------------------- models + registry
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """A model logged in a run: its URI, MLflow's model id and the format it was saved in."""
+
+    model_uri: str
+    model_id: str | None
+    serialization_format: str      # "pt2" (torch.export) or "pickle" (the fallback)
+    fallback_reason: str = ""      # why pt2 export failed, when it did
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered model version as plain data (no mlflow types outside this module)."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    tags: dict[str, str]
+    aliases: tuple[str, ...]
+
+
+def _version_info(mv: Any) -> ModelVersionInfo:
+    return ModelVersionInfo(mv.name, str(mv.version), mv.run_id or "", mv.source or "",
+                            dict(mv.tags or {}), tuple(mv.aliases or ()))
+
+
+@dataclass
+class ModelChildRun:
+    """A child run kept open (as MLflow's active run) while its metrics and model are logged."""
+
+    run_id: str
+    stage: StageRun
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        with self.stage._timed():
+            ts = int(time.time() * 1000)
+            self.stage.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0)
+                                                              for k, v in metrics.items()])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        with self.stage._timed():
+            self.stage.client.log_batch(self.run_id,
+                                        tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        with self.stage._timed():
+            self.stage.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_pytorch_model(self, model: Any, input_example: Any, pip_requirements: Sequence[str],
+                          name: str = "model") -> LoggedModel:
+        """mlflow.pytorch.log_model in the pt2 (torch.export) format; pickle if export fails.
+
+        pt2 needs `input_example` (it traces forward on it); explicit `pip_requirements` skip
+        MLflow's slow requirement inference. A pt2 model loads back as a GraphModule.
+        """
+        import mlflow.pytorch
+
+        t0 = time.perf_counter()
+        fallback = ""
+        with self.stage._timed():
+            try:
+                info = mlflow.pytorch.log_model(model, name=name, input_example=input_example,
+                                                pip_requirements=list(pip_requirements),
+                                                serialization_format="pt2")
+                fmt = "pt2"
+            except Exception as exc:  # noqa: BLE001 - any export failure: fall back, say why
+                fallback = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                info = mlflow.pytorch.log_model(model, name=name, input_example=input_example,
+                                                pip_requirements=list(pip_requirements),
+                                                serialization_format="pickle")
+                fmt = "pickle"
+        return LoggedModel(info.model_uri, getattr(info, "model_id", None), fmt, fallback,
+                           time.perf_counter() - t0)
+
+
+@contextmanager
+def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, Any] | None = None) -> Iterator[ModelChildRun]:
+    """A child run of `stage` that stays open (nested active run) while a model is logged.
+
+    Ends FINISHED, or KILLED on Ctrl-C / FAILED on an error, before the exception reaches
+    stage_run, so that stage_run's end_run marks the parent and not this child.
+    """
+    import mlflow
+
+    with stage._timed():
+        run = mlflow.start_run(experiment_id=stage.experiment_id, run_name=name, nested=True,
+                               tags={"mlflow.parentRunId": stage.run_id,
+                                     **{k: str(v) for k, v in (tags or {}).items()}})
+    child = ModelChildRun(run.info.run_id, stage)
+    try:
+        if params:
+            with stage._timed():
+                from mlflow.entities import Param
+
+                stage.client.log_batch(child.run_id, params=[Param(k, _param_str(v))
+                                                             for k, v in params.items()])
+        yield child
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        with stage._timed():
+            mlflow.end_run("FINISHED")
+
+
+def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_id: str,
+                           tags: Mapping[str, Any], alias: str | None = None) -> str:
+    """Register a logged model as a new version of `name` (created if new), tags set in the same
+    call; `alias` (e.g. champion) then moves to it. Returns the version number."""
+    from mlflow.exceptions import MlflowException
+
+    client = stage.client
+    with stage._timed():
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = client.create_model_version(name, logged.model_uri, run_id=run_id,
+                                         tags={k: str(v) for k, v in tags.items()},
+                                         model_id=logged.model_id)
+        if alias:
+            client.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
+
+
+def model_version_by_alias(uri: str, name: str, alias: str) -> ModelVersionInfo | None:
+    """The version of `name` that carries `alias`; None when the model or the alias is missing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return _version_info(MlflowClient(uri, registry_uri=uri)
+                             .get_model_version_by_alias(name, alias))
+    except MlflowException:
+        return None
+
+
+def find_model_versions(uri: str, name: str,
+                        tags: Mapping[str, str] | None = None) -> list[ModelVersionInfo]:
+    """Versions of registered model `name` carrying all `tags`, newest first ([] if unknown)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    filters = [f"name = '{name}'", *(f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items())]
+    found = client.search_model_versions(" and ".join(filters))
+    return sorted((_version_info(mv) for mv in found), key=lambda v: -int(v.version))
+
+
+def registered_model_names(uri: str, prefix: str) -> list[str]:
+    """Names of all registered models that start with `prefix` (every page of the search)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    names: list[str] = []
+    token = None
+    while True:
+        page = client.search_registered_models(max_results=1000, page_token=token)
+        names += [m.name for m in page if m.name.startswith(prefix)]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def download_model_version(uri: str, version: ModelVersionInfo, artifact: str,
+                           dst: Path) -> tuple[Path, Path]:
+    """Download a version's model directory (to dst/model) and one artifact of its run (to dst).
+
+    Returns (model directory, artifact path).
+    """
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    dst.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{version.name}/{version.version}",
+        dst_path=str(dst / "model"), tracking_uri=uri, registry_uri=uri))
+    extra = Path(MlflowClient(uri).download_artifacts(version.run_id, artifact, str(dst)))
+    return model_dir, extra
+
+
+def download_run_artifact(uri: str, run_id: str, artifact: str, dst: Path) -> Path:
+    """One artifact of a run, downloaded into the folder dst."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(MlflowClient(uri).download_artifacts(run_id, artifact, str(dst)))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"run {run_id}: cannot download {artifact!r} from {uri} "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                            ) from None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from reduce_ops.config import TrainConfig
+from reduce_ops.config import FatConfig, TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig | FatConfig) -> torch.optim.Optimizer:
     """SGD (with momentum) or Adam over all parameters, weight decay as configured."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -177,7 +177,7 @@ def checkpoint_steps(amounts: Sequence[float], n_per_epoch: int) -> list[int]:
 
 
 def fault_aware_train(model: nn.Module, masks: dict[str, torch.Tensor], data: PreparedDataLike,
-                      epochs: float, cfg: TrainConfig, device: torch.device | str = "cpu",
+                      epochs: float, cfg: FatConfig, device: torch.device | str = "cpu",
                       checkpoints: Sequence[float] = (),
                       evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
                       on_checkpoint: Callable[[FatCheckpoint], None] | None = None,
@@ -189,14 +189,17 @@ def fault_aware_train(model: nn.Module, masks: dict[str, torch.Tensor], data: Pr
     re-zeroed after every step. `evaluate_fn(model)` runs at every amount in `checkpoints`
     (epochs, 0 allowed) within this ONE run, giving the accuracy curve without retraining.
     """
-    model.to(device)
-    pairs = _masked_params(model, masks, device)
-    apply_fault_masks(pairs)
+    # Checked before the model is touched: a rejected call leaves the caller's weights as they were.
     n_per_epoch = steps_per_epoch(len(data.y["train"]), cfg.batch_size)
     total = int(round(epochs * n_per_epoch))
     marks = sorted(set(zip(checkpoint_steps(checkpoints, n_per_epoch), checkpoints)))
     if any(s > total for s, _ in marks):
         raise ValueError(f"a checkpoint lies beyond the {epochs} epochs of training")
+    if any(a < 0 for a in checkpoints):
+        raise ValueError(f"a checkpoint amount is negative: {sorted(checkpoints)[0]}")
+    model.to(device)
+    pairs = _masked_params(model, masks, device)
+    apply_fault_masks(pairs)
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

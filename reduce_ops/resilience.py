@@ -1,0 +1,175 @@
+"""Step 1 of Reduce: resilience trials (fault rate x repetition, FAP then one FAT run each)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from reduce_ops.config import FatConfig, HardwareConfig, ResilienceConfig
+from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap, build_masks, pruned_fraction
+from reduce_ops.training import evaluate, fault_aware_train
+
+# Metric steps of a trial's curve are milli-epochs: step 250 = 0.25 epochs of retraining.
+STEPS_PER_EPOCH_UNIT = 1000
+TRIAL_COLUMNS = ["fault_rate", "repetition", "fault_seed", "n_faulty", "pruned_fraction",
+                 "amount", "val_accuracy", "test_accuracy"]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One (fault rate, repetition) and the seed of its random fault map."""
+
+    fault_rate: float
+    repetition: int
+    fault_seed: int
+
+    @property
+    def key(self) -> str:
+        return f"r{self.fault_rate:.4f}-rep{self.repetition}"
+
+
+@dataclass
+class TrialResult:
+    """A finished trial: its map's size and the accuracy at every checkpoint amount."""
+
+    spec: TrialSpec
+    n_faulty: int
+    pruned_fraction: float
+    amounts: list[float]
+    val_accuracy: list[float]
+    test_accuracy: list[float]
+    seconds: float
+    reused_from: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_amounts(cfg: ResilienceConfig) -> list[float]:
+    """0, every, 2*every, ..., max_epochs (max always included), in epochs."""
+    n = int(np.floor(cfg.max_epochs / cfg.checkpoint_every + 1e-9))
+    amounts = [round(i * cfg.checkpoint_every, 6) for i in range(n + 1)]
+    if amounts[-1] < cfg.max_epochs - 1e-9:
+        amounts.append(float(cfg.max_epochs))
+    return amounts
+
+
+def trial_seed(base_seed: int, fault_rate: float, repetition: int) -> int:
+    """Fault-map seed keyed by (rate, repetition): adding rates never changes other trials."""
+    ss = np.random.SeedSequence([base_seed, int(round(fault_rate * 1_000_000)), repetition])
+    return int(ss.generate_state(1)[0])
+
+
+def trial_grid(cfg: ResilienceConfig) -> list[TrialSpec]:
+    """Every (fault rate, repetition) of the grid, rates ascending."""
+    return [TrialSpec(float(r), rep, trial_seed(cfg.seed, float(r), rep))
+            for r in sorted(cfg.fault_rates) for rep in range(cfg.repetitions)]
+
+
+def grid_hash(res: ResilienceConfig, fat: FatConfig, hardware: HardwareConfig,
+              baseline_hash: str, dataset_hash: str) -> str:
+    """Identity of a trial set: same hash = same trials (used to resume an interrupted run)."""
+    spec = {"amounts": checkpoint_amounts(res), "generator": res.generator, "seed": res.seed,
+            "fat": dataclasses.asdict(fat), "rows": hardware.rows, "cols": hardware.cols,
+            "layer_types": hardware.layer_types, "baseline": baseline_hash,
+            "dataset": dataset_hash}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceConfig,
+              fat: FatConfig, hardware: HardwareConfig,
+              device: torch.device | str = "cpu") -> TrialResult:
+    """Draw the trial's fault map, prune (FAP), then FAT once with accuracy at every checkpoint."""
+    t0 = time.perf_counter()
+    geometry = ArrayGeometry(hardware.rows, hardware.cols)
+    fmap: FaultMap = GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
+                                              f"trial-{spec.key}")
+    model = copy.deepcopy(baseline).to(device)
+    masks = build_masks(model, fmap, hardware.layer_types)
+    # Batch order differs per repetition too, so repetitions sample both sources of variance.
+    fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
+
+    def measure(m: nn.Module) -> dict[str, float]:
+        return {"val_accuracy": evaluate(m, data.x["val"], data.y["val"], device=device)[0],
+                "test_accuracy": evaluate(m, data.x["test"], data.y["test"], device=device)[0]}
+
+    amounts = checkpoint_amounts(res)
+    cps = fault_aware_train(model, masks, data, res.max_epochs, fat_cfg, device,
+                            checkpoints=amounts, evaluate_fn=measure)
+    return TrialResult(spec, fmap.n_faulty, pruned_fraction(masks), [c.amount for c in cps],
+                       [c.metrics["val_accuracy"] for c in cps],
+                       [c.metrics["test_accuracy"] for c in cps], time.perf_counter() - t0)
+
+
+def trials_table(results: list[TrialResult]) -> pd.DataFrame:
+    """Long table: one row per (trial, checkpoint), sorted by rate, repetition, amount."""
+    rows = [(r.spec.fault_rate, r.spec.repetition, r.spec.fault_seed, r.n_faulty,
+             r.pruned_fraction, a, v, t)
+            for r in results for a, v, t in zip(r.amounts, r.val_accuracy, r.test_accuracy)]
+    df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+    return df.sort_values(["fault_rate", "repetition", "amount"], ignore_index=True)
+
+
+# --------------------------------------------------------------------------- MLflow <-> trials
+
+def trial_run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
+    """(params, metric histories, tags) of a trial's child run; steps are milli-epochs."""
+    params = {"fault_rate": r.spec.fault_rate, "repetition": r.spec.repetition,
+              "fault_seed": r.spec.fault_seed, "n_faulty": r.n_faulty,
+              "pruned_fraction": r.pruned_fraction, "step_unit": "milli-epochs"}
+    steps = [int(round(a * STEPS_PER_EPOCH_UNIT)) for a in r.amounts]
+    history = {"val_accuracy": list(zip(steps, r.val_accuracy)),
+               "test_accuracy": list(zip(steps, r.test_accuracy)),
+               "retraining_epochs": list(zip(steps, r.amounts)),
+               "trial_seconds": [(0, r.seconds)]}
+    tags = {"reduce_ops.trial": r.spec.key}
+    if r.reused_from:
+        tags["reduce_ops.reused_from"] = r.reused_from
+    return params, history, tags
+
+
+def trial_from_run(child: dict[str, Any]) -> TrialResult:
+    """Rebuild a TrialResult from a child run read back by tracking.read_children."""
+    p, h = child["params"], child["histories"]
+    val = sorted(h["val_accuracy"])
+    test = dict(h["test_accuracy"])
+    spec = TrialSpec(float(p["fault_rate"]), int(p["repetition"]), int(p["fault_seed"]))
+    seconds = h.get("trial_seconds", [(0, 0.0)])[-1][1]
+    return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]),
+                       [s / STEPS_PER_EPOCH_UNIT for s, _ in val], [v for _, v in val],
+                       [test[s] for s, _ in val], float(seconds), reused_from=child["run_id"])
+
+
+def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: ResilienceConfig,
+               fat: FatConfig, hardware: HardwareConfig, device: torch.device | str,
+               reusable: dict[str, TrialResult],
+               on_trial: Any = None, progress: Any = None) -> list[TrialResult]:
+    """All trials of the grid, reusing finished ones (by key) from an interrupted run.
+
+    `on_trial(result)` is called as each trial finishes (to log it) and `progress` (a tqdm-like
+    bar over trials) is advanced with the current fault rate shown.
+    """
+    results = []
+    for spec in specs:
+        if progress is not None:
+            progress.set_postfix(rate=f"{spec.fault_rate:g}", rep=spec.repetition,
+                                 reused=len([r for r in results if r.reused_from]))
+        prior = reusable.get(spec.key)
+        if prior is not None and prior.spec == spec:
+            result = prior
+        else:
+            result = run_trial(baseline, data, spec, res, fat, hardware, device)
+        results.append(result)
+        if on_trial is not None:
+            on_trial(result)
+        if progress is not None:
+            progress.update(1)
+    return results

@@ -1,0 +1,113 @@
+"""Resilience stage: one MLflow child run per trial, CSVs that agree with MLflow, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from reduce_ops import resilience
+from reduce_ops.cli import main
+from reduce_ops.config import load_config
+from reduce_ops.tracking import find_runs, read_children, tracking_uri
+
+from conftest import make_project
+
+GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
+        "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25",
+        "resilience.accuracy_levels=[0.5, 0.9]"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project with prepared digits and a briefly trained baseline."""
+    root = tmp_path_factory.mktemp("res")
+    params = make_project(root, GRID + ["train.max_epochs=4"])
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)      # the project's own mlflow.db
+    try:
+        assert main(["prepare", "--params", str(params)]) == 0
+        assert main(["pretrain", "--params", str(params)]) == 0
+    finally:
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    return root
+
+
+def _run(project: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return main(["resilience", "--params", str(project / "params.yaml"), *extra])
+
+
+def test_trials_logged_as_children_and_csv_agrees(project: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _run(project, monkeypatch) == 0
+    cfg = load_config(project / "params.yaml")
+    uri = tracking_uri(project)
+    summary = json.loads((project / "results/resilience/summary.json").read_text())
+    children = read_children(uri, summary["run_id"], ["val_accuracy", "test_accuracy",
+                                                      "retraining_epochs", "trial_seconds"])
+    assert len(children) == 4
+    keys = {(float(c["params"]["fault_rate"]), int(c["params"]["repetition"])) for c in children}
+    assert keys == {(0.0, 0), (0.0, 1), (0.3, 0), (0.3, 1)}
+    for c in children:
+        p = c["params"]
+        assert int(p["fault_seed"]) == resilience.trial_seed(cfg.resilience.seed,
+                                                             float(p["fault_rate"]),
+                                                             int(p["repetition"]))
+        assert 0.0 <= float(p["pruned_fraction"]) <= 1.0
+        assert [s for s, _ in c["histories"]["val_accuracy"]] == [0, 250, 500]
+        assert [v for _, v in c["histories"]["retraining_epochs"]] == [0.0, 0.25, 0.5]
+        if float(p["fault_rate"]) == 0.0:
+            assert int(p["n_faulty"]) == 0 and float(p["pruned_fraction"]) == 0.0
+        else:
+            assert int(p["n_faulty"]) == round(0.3 * 16 * 16)
+    # The CSV holds exactly what MLflow holds.
+    csv = pd.read_csv(project / "results/resilience/trials.csv")
+    from_mlflow = resilience.trials_table([resilience.trial_from_run(c) for c in children])
+    pd.testing.assert_frame_equal(csv, from_mlflow, check_dtype=False)
+    # At fault rate 0, before any retraining, the model is the baseline.
+    base = summary["baseline_test_accuracy"]
+    at_zero = csv[(csv.fault_rate == 0.0) & (csv.amount == 0.0)]["test_accuracy"]
+    assert (at_zero == base).all()
+    res_map = pd.read_csv(project / "results/resilience/resilience_map.csv")
+    assert set(res_map["level"].round(6)) == {0.5, 0.9, round(summary["constraint_level"], 6)}
+    for name in ("accuracy_vs_fault_rate.png", "retraining_needed.png"):
+        assert (project / "results/resilience" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_run_is_killed_and_resumed(project: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = resilience.run_trial
+    calls: list[str] = []
+
+    def interrupt_after_two(*args, **kwargs):  # noqa: ANN002, ANN003
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[2].key)
+        return real(*args, **kwargs)
+
+    # A different seed makes a new grid, so nothing from the first test is reused.
+    monkeypatch.setattr(resilience, "run_trial", interrupt_after_two)
+    before = (project / "results/resilience/trials.csv").read_bytes()
+    assert _run(project, monkeypatch, "--set", "resilience.seed=7") == 130
+    uri = tracking_uri(project)
+    killed = find_runs(uri, {"reduce_ops.stage": "resilience"}, statuses=("KILLED",))
+    assert len(killed) == 1
+    assert len(read_children(uri, killed[0].info.run_id, ["val_accuracy"])) == 2
+    # Nothing half-written: the previous outputs are untouched.
+    assert (project / "results/resilience/trials.csv").read_bytes() == before
+
+    calls.clear()
+    monkeypatch.setattr(resilience, "run_trial", lambda *a, **k: (calls.append(a[2].key),
+                                                                  real(*a, **k))[1])
+    assert _run(project, monkeypatch, "--set", "resilience.seed=7") == 0
+    assert len(calls) == 2                                  # only the missing trials trained
+    summary = json.loads((project / "results/resilience/summary.json").read_text())
+    assert summary["n_reused"] == 2
+    children = read_children(uri, summary["run_id"], ["val_accuracy"])
+    assert len(children) == 4
+    assert sum("reduce_ops.reused_from" in c["tags"] for c in children) == 2
