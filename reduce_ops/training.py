@@ -225,7 +225,12 @@ def fault_aware_train(model: nn.Module, masks: dict[str, torch.Tensor], data: Pr
             on_checkpoint(cp)
 
     for step, amount in marks:
-        if step == done and out and out[-1].step == step:
+        if out and out[-1].step == step:
+            # Another amount that rounds to the same optimizer step: same model, same metrics.
+            cp = FatCheckpoint(amount, step, dict(out[-1].metrics), train_seconds)
+            out.append(cp)
+            if on_checkpoint is not None:
+                on_checkpoint(cp)
             continue
         t0 = time.perf_counter()
         train_steps(model, optimizer, data.x["train"], data.y["train"], stream, step - done,

@@ -111,3 +111,35 @@ def test_interrupted_run_is_killed_and_resumed(project: Path,
     children = read_children(uri, summary["run_id"], ["val_accuracy"])
     assert len(children) == 4
     assert sum("reduce_ops.reused_from" in c["tags"] for c in children) == 2
+
+
+def test_plan_from_mlflow_equals_plan_from_csv(project: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from reduce_ops.planning import make_plan
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = str(project / "params.yaml")
+    assert main(["faultmaps", "--params", params]) == 0
+    assert main(["plan", "--params", params]) == 0
+    cfg = load_config(project / "params.yaml")
+    summary = json.loads((project / "results/plan/summary.json").read_text())
+    res_summary = json.loads((project / "results/resilience/summary.json").read_text())
+    assert summary["resilience_run_id"] == res_summary["run_id"]     # the latest finished run
+    from_mlflow = pd.read_csv(project / "results/plan/plan.csv", keep_default_na=False,
+                              na_values=[""])
+    fleet = pd.read_csv(project / "data/fleet/fleet.csv")[["chip_id", "fault_rate"]]
+    from_csv = make_plan(pd.read_csv(project / "results/resilience/trials.csv"), fleet,
+                         summary["constraint_level"], cfg.plan.statistic, cfg.plan.metric,
+                         cfg.resilience.checkpoint_every, cfg.plan.safety_margin).plan
+    cols = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible"]
+    pd.testing.assert_frame_equal(from_mlflow[cols], from_csv[cols], check_dtype=False)
+    assert len(from_mlflow) == cfg.faultmaps.n_chips
+    assert (project / "results/plan/plan_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_without_resilience_run_says_what_to_run(project: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    # The autouse fixture points MLFLOW_TRACKING_URI at an empty store in tmp_path.
+    assert main(["plan", "--params", str(project / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished resilience run" in err and "reduce-ops resilience" in err
