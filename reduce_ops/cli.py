@@ -7,7 +7,9 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reduce_ops.config import Config, flatten, load_config, split_overrides
 from reduce_ops.errors import ReduceOpsError
@@ -98,7 +100,7 @@ def cmd_faultmaps(cfg: Config, args: argparse.Namespace) -> None:
 
     geometry = ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols)
     out = cfg.path("fleet")
-    if args.action == "import":
+    if getattr(args, "action", "generate") == "import":
         if not args.src:
             raise ReduceOpsError("faultmaps import: give the folder of .npy/.csv maps, "
                                  "e.g. reduce-ops faultmaps import floor/maps")
@@ -218,16 +220,34 @@ def _baseline_identity(cfg: Config) -> tuple[str, str]:
     return _file_sha256(baseline), json.loads(meta_path.read_text())["dataset_hash"]
 
 
-def cmd_plan(cfg: Config, args: argparse.Namespace) -> None:
-    """Step 2 of Reduce: fit retraining-needed(fault rate) over the LOGGED trials, plan each chip."""
-    import pandas as pd
+@dataclass(frozen=True)
+class ResilienceSource:
+    """The logged resilience trials a plan is made from, and what they were measured for."""
 
-    from reduce_ops import reports, resilience
+    run: Any
+    trials: Any            # pandas DataFrame, the long trials table
+    level: float           # accuracy constraint, absolute
+    baseline_accuracy: float
+    granularity: float     # checkpoint spacing of the trials, in epochs
+    fleet: list            # FaultMap per chip
+    baseline_hash: str
+    dataset_hash: str
+
+    @property
+    def chips(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"chip_id": [m.chip_id for m in self.fleet],
+                             "fault_rate": [m.fault_rate for m in self.fleet]})
+
+
+def _resilience_source(cfg: Config) -> ResilienceSource:
+    """Read the trials back from MLflow: plan.resilience_run, or the latest finished matching run."""
+    from reduce_ops import resilience
     from reduce_ops.errors import TrackingError
     from reduce_ops.hardware import ArrayGeometry, load_fleet
-    from reduce_ops.planning import constraint_level, make_plan
-    from reduce_ops.tracking import (find_runs, get_run, read_children, stage_run,
-                                     tracking_uri)
+    from reduce_ops.planning import constraint_level
+    from reduce_ops.tracking import find_runs, get_run, read_children, tracking_uri
 
     baseline_hash, dataset_hash = _baseline_identity(cfg)
     uri = tracking_uri(cfg.root)
@@ -249,10 +269,22 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> None:
     base_acc = source.data.metrics["baseline_test_accuracy"]
     level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_acc)
     fleet = load_fleet(cfg.path("fleet"), ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))
-    chips = pd.DataFrame({"chip_id": [m.chip_id for m in fleet],
-                          "fault_rate": [m.fault_rate for m in fleet]})
     granularity = float(source.data.params.get("resilience.checkpoint_every",
                                                cfg.resilience.checkpoint_every))
+    return ResilienceSource(source, trials, level, base_acc, granularity, fleet, baseline_hash,
+                            dataset_hash)
+
+
+def cmd_plan(cfg: Config, args: argparse.Namespace) -> None:
+    """Step 2 of Reduce: fit retraining-needed(fault rate) over the LOGGED trials, plan each chip."""
+    from reduce_ops import reports
+    from reduce_ops.planning import make_plan
+    from reduce_ops.tracking import stage_run
+
+    src = _resilience_source(cfg)
+    source, trials, level, chips = src.run, src.trials, src.level, src.chips
+    granularity, base_acc = src.granularity, src.baseline_accuracy
+    baseline_hash, dataset_hash = src.baseline_hash, src.dataset_hash
     result = make_plan(trials, chips, level, cfg.plan.statistic, cfg.plan.metric, granularity,
                        cfg.plan.safety_margin)
     plan = result.plan
@@ -312,7 +344,7 @@ def cmd_fat(cfg: Config, args: argparse.Namespace) -> None:
     baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
     ctx = fleet.FleetContext(plan_info, cfg.fat, cfg.hardware.layer_types, device,
                              cfg.registry.prefix, tracking_uri(cfg.root), dict(ckpt["arch"]),
-                             data.x["test"][:2].numpy(), force=args.force,
+                             data.x["test"][:2].numpy(), force=getattr(args, "force", False),
                              warn=lambda line: tqdm.write(line, file=sys.stderr))
     out_dir = cfg.path("results") / "fat"
     with stage_run(cfg.root, "fat", cfg.tracking.experiment) as run:
@@ -321,8 +353,8 @@ def cmd_fat(cfg: Config, args: argparse.Namespace) -> None:
                       "reduce_ops.dataset_hash": dataset_hash})
         run.log_params(flatten({k: cfg.to_dict()[k] for k in ("fat", "hardware", "registry")}))
         run.log_params({"plan_run_id": plan_info.run_id, "n_chips": len(jobs),
-                        "constraint_level": plan_info.constraint_level, "force": args.force,
-                        "device": str(device)})
+                        "constraint_level": plan_info.constraint_level,
+                        "force": getattr(args, "force", False), "device": str(device)})
         with _progress(total=len(jobs), desc="fat", unit="chip") as bar:
             outcomes = fleet.run_fleet(run, jobs, baseline, data, ctx, bar)
         seconds = time.perf_counter() - t0
@@ -363,11 +395,99 @@ def cmd_fetch(cfg: Config, args: argparse.Namespace) -> None:
               f"(state_dict + arch)")
 
 
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> None:
+    """Fixed-epoch policies vs Reduce on the fleet (Fig. 3), from one FAT run per chip."""
+    from reduce_ops import compare, reports
+    from reduce_ops.data import load_prepared
+    from reduce_ops.models import load_checkpoint
+    from reduce_ops.planning import make_plan
+    from reduce_ops.tracking import stage_run
+    from reduce_ops.training import resolve_device
+
+    t0 = time.perf_counter()
+    src = _resilience_source(cfg)
+    plans = {f"reduce-{stat}": make_plan(src.trials, src.chips, src.level, stat, cfg.plan.metric,
+                                         src.granularity, cfg.plan.safety_margin).plan
+             for stat in cfg.compare.statistics}
+    chip_ids = [m.chip_id for m in src.fleet]
+    policies = compare.policy_epochs(cfg.compare.fixed_epochs, plans, chip_ids)
+    amounts = compare.amounts_per_chip(policies)
+    data = load_prepared(cfg.path("prepared"))
+    device = resolve_device(cfg.train.device)
+    baseline, _ = load_checkpoint(cfg.path("baseline"), device)
+    out_dir = cfg.path("results") / "compare"
+    with stage_run(cfg.root, "compare", cfg.tracking.experiment) as run:
+        run.set_tags({"reduce_ops.resilience_run": src.run.info.run_id,
+                      "reduce_ops.baseline_hash": src.baseline_hash,
+                      "reduce_ops.dataset_hash": src.dataset_hash})
+        run.log_params(flatten({k: cfg.to_dict()[k] for k in ("compare", "plan", "constraint",
+                                                                 "fat")}))
+        run.log_params({"resilience_run_id": src.run.info.run_id, "n_chips": len(chip_ids),
+                        "constraint_level": src.level})
+        curves = []
+        with _progress(total=len(src.fleet), desc="compare chips", unit="chip") as bar:
+            for fmap in src.fleet:
+                bar.set_postfix(chip=fmap.chip_id, rate=f"{fmap.fault_rate:.3f}")
+                curves.append(compare.run_chip(baseline, data, fmap, amounts[fmap.chip_id],
+                                               cfg.fat, cfg.hardware, device))
+                bar.update(1)
+        per_chip = compare.per_chip_table(curves, policies, src.level)
+        summary = compare.summarize(per_chip)
+        for row in summary.itertuples(index=False):
+            run.child_run(f"policy {row.policy}", {"policy": row.policy},
+                          {"n_met": [(0, row.n_met)], "pass_rate": [(0, row.pass_rate)],
+                           "n_rejected": [(0, row.n_rejected)],
+                           "total_epochs": [(0, row.total_epochs)],
+                           "total_seconds": [(0, row.total_seconds)]},
+                          {"reduce_ops.policy": row.policy})
+        trained = float(sum(max(a) for a in amounts.values()))
+        separate = float(summary["total_epochs"].sum())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        reports.write_csv_atomic(per_chip, out_dir / "per_chip.csv")
+        reports.write_csv_atomic(summary, out_dir / "summary.csv")
+        reports.plot_policy_comparison(per_chip, summary, out_dir / "policies.png", src.level)
+        metrics = {"constraint_level": src.level, "n_chips": len(chip_ids),
+                   "epochs_trained": trained, "epochs_if_one_run_per_policy": separate,
+                   "stage_seconds": time.perf_counter() - t0,
+                   "policies": {r.policy: {"n_met": r.n_met, "pass_rate": r.pass_rate,
+                                           "total_epochs": r.total_epochs,
+                                           "n_rejected": r.n_rejected}
+                                for r in summary.itertuples(index=False)}}
+        write_json_atomic(out_dir / "metrics.json", metrics)
+        run.log_metrics({"epochs_trained": trained, "epochs_if_one_run_per_policy": separate})
+        run.log_artifacts(out_dir)
+    lines = [f"  {r.policy:>14}: {r.n_met:>4}/{r.n_chips} chips meet {src.level:.4f} "
+             f"({100 * r.pass_rate:.0f}%), {r.total_epochs:g} epochs, {r.n_rejected} rejected"
+             for r in summary.itertuples(index=False)]
+    print("compare:\n" + "\n".join(lines) + f"\n  trained {trained:g} epochs instead of "
+          f"{separate:g} (one run per chip) -> {out_dir}; MLflow run {run.run_id}")
+
+
+PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "fat", "compare")
+
+
+def cmd_main(cfg: Config, args: argparse.Namespace) -> None:
+    """The whole pipeline in one MLflow run, each step a child run beneath it (no caching:
+    `dvc repro` is the cached way)."""
+    from reduce_ops.tracking import stage_run
+
+    t0 = time.perf_counter()
+    with stage_run(cfg.root, "main", cfg.tracking.experiment) as run:
+        run.log_params({"steps": ",".join(PIPELINE), "params_file": cfg.source})
+        for step in PIPELINE:
+            print(f"== {step}", flush=True)
+            STAGES[step][0](cfg, args)
+        run.log_metrics({"pipeline_seconds": time.perf_counter() - t0})
+    print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; MLflow run {run.run_id}")
+
+
 STAGES: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
     "prepare": (cmd_prepare, "read the dataset, write the seeded stratified split"),
     "pretrain": (cmd_pretrain, "train the baseline model to convergence"),
     "resilience": (cmd_resilience, "measure accuracy after k epochs of FAT at each fault rate"),
     "plan": (cmd_plan, "plan each chip's retraining from the logged resilience"),
+    "compare": (cmd_compare, "fixed-epoch policies vs Reduce on the fleet (Fig. 3)"),
+    "main": (cmd_main, "the whole pipeline, one MLflow run with a child per step"),
     "faultmaps": (cmd_faultmaps, "generate the fleet's fault maps, or `faultmaps import DIR`"),
     "fat": (cmd_fat, "retrain every chip as planned, register one model per chip"),
     "fetch": (cmd_fetch, "show a chip's champion model, `fetch CHIP_ID --out DIR` downloads it"),

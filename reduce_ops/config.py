@@ -75,6 +75,7 @@ class TrainConfig:
     momentum: float = _check(0.0, 1.0, hi_open=True)
     weight_decay: float = _check(0.0, 1.0)
     seed: int = _check(0)
+    augment_shift: int = _check(0, 64)
     device: str
 
 
@@ -144,6 +145,14 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """Policies compared on the fleet: fixed epochs for every chip vs Reduce plans."""
+
+    fixed_epochs: list[float] = _check(0.0, 1000.0, lo_open=True, nonempty=True)
+    statistics: list[str] = _check(nonempty=True)     # Reduce plans, one per statistic
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     """MLflow Model Registry names: one registered model per chip, <prefix>-<chip_id>."""
 
@@ -171,6 +180,7 @@ class Config:
     resilience: ResilienceConfig
     constraint: ConstraintConfig
     plan: PlanConfig
+    compare: CompareConfig
     registry: RegistryConfig
     tracking: TrackingConfig
     root: Path = field(default=Path("."), compare=False)
@@ -306,10 +316,13 @@ def _cross_checks(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: resilience.fault_rates: duplicate rates in {res.fault_rates}")
     from reduce_ops.planning import parse_statistic
 
-    try:
-        parse_statistic(cfg.plan.statistic)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    for key, stat in [("plan.statistic", cfg.plan.statistic),
+                      *((f"compare.statistics[{i}]", v)
+                        for i, v in enumerate(cfg.compare.statistics))]:
+        try:
+            parse_statistic(stat)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {key}: {str(exc).split(': ', 1)[1]}") from None
     if not _SAFE_NAME.fullmatch(cfg.registry.prefix):
         raise ConfigError(f"{where}: registry.prefix: only letters, digits, '_', '.', '-' "
                           f"(1-64 characters), got {cfg.registry.prefix!r}")

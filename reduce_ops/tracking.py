@@ -34,11 +34,16 @@ def ensure_store(uri: str) -> None:
     MlflowClient(uri).search_experiments(max_results=1)
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """Id of the named experiment, created if missing; with an SQLite store its artifacts go
+    to `mlruns/` beside the database file (not the current folder's, MLflow's default)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name)
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def _param_str(value: Any) -> str:
@@ -118,7 +123,8 @@ class StageRun:
 
 @contextmanager
 def stage_run(root: Path, stage: str, experiment: str) -> Iterator[StageRun]:
-    """The stage's MLflow run: the one `mlflow run` made (MLFLOW_RUN_ID) or a new one.
+    """The stage's MLflow run: a child of an active run (`reduce-ops main`), the one
+    `mlflow run` made (MLFLOW_RUN_ID), or a new one.
 
     Never calls set_experiment. On Ctrl-C the run is marked KILLED, on an error FAILED.
     """
@@ -132,10 +138,16 @@ def stage_run(root: Path, stage: str, experiment: str) -> Iterator[StageRun]:
         raise TrackingError(f"MLflow tracking store {uri}: cannot open ({exc})") from None
     client = MlflowClient(uri)
     env_run = os.environ.get("MLFLOW_RUN_ID")
-    if env_run:
+    active = mlflow.active_run()
+    if active is not None:
+        # A step of `reduce-ops main`: a child of the pipeline's run.
+        run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=stage,
+                               nested=True)
+    elif env_run:
         run = mlflow.start_run(run_id=env_run)
     else:
-        run = mlflow.start_run(experiment_id=_experiment_id(client, experiment), run_name=stage)
+        run = mlflow.start_run(experiment_id=_experiment_id(client, experiment, uri),
+                               run_name=stage)
     handle = StageRun(run.info.run_id, run.info.experiment_id, uri, client)
     handle.set_tags({STAGE_TAG: stage})
     try:
@@ -356,12 +368,22 @@ def model_version_by_alias(uri: str, name: str, alias: str) -> ModelVersionInfo 
 def find_model_versions(uri: str, name: str,
                         tags: Mapping[str, str] | None = None) -> list[ModelVersionInfo]:
     """Versions of registered model `name` carrying all `tags`, newest first ([] if unknown)."""
+    from dataclasses import replace
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri, registry_uri=uri)
     filters = [f"name = '{name}'", *(f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items())]
     found = client.search_model_versions(" and ".join(filters))
-    return sorted((_version_info(mv) for mv in found), key=lambda v: -int(v.version))
+    if not found:
+        return []
+    # search results carry no aliases; the registered model has them ({alias: version})
+    by_version: dict[str, list[str]] = {}
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        by_version.setdefault(str(version), []).append(alias)
+    out = [replace(info, aliases=tuple(sorted(by_version.get(info.version, ()))))
+           for info in map(_version_info, found)]
+    return sorted(out, key=lambda v: -int(v.version))
 
 
 def registered_model_names(uri: str, prefix: str) -> list[str]:

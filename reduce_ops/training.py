@@ -59,17 +59,37 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / n, loss_sum / n
 
 
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random (dy, dx) in [-max_shift, max_shift] pixels.
+
+    x: [N, C, H, W]; edges are replicated (the background of digit-like images). Vectorised:
+    one padded copy, then one gather of every sample's window.
+    """
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (max_shift,) * 4, mode="replicate")   # [N, C, H+2s, W+2s]
+    dy = torch.randint(0, 2 * max_shift + 1, (n, 1, 1), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n, 1, 1), generator=generator)
+    rows = dy + torch.arange(h).view(1, h, 1)                               # [N, H, 1]
+    cols = dx + torch.arange(w).view(1, 1, w)                               # [N, 1, W]
+    out = padded.permute(0, 2, 3, 1)[torch.arange(n).view(n, 1, 1), rows, cols]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                 y: torch.Tensor, index_stream: Iterator[torch.Tensor], n_steps: int,
                 device: torch.device | str = "cpu",
                 after_backward: Callable[[], None] | None = None,
-                after_step: Callable[[], None] | None = None) -> float:
+                after_step: Callable[[], None] | None = None,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Run `n_steps` optimizer steps on batches from `index_stream`; returns the mean loss."""
     model.train()
     loss_sum = 0.0
     for _ in range(n_steps):
         idx = next(index_stream)
-        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        xb = x[idx] if augment is None else augment(x[idx])
+        xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(xb), yb)
         loss.backward()
@@ -114,10 +134,13 @@ def pretrain(model: nn.Module, data: "PreparedDataLike", cfg: TrainConfig,
     best_state = copy.deepcopy(model.state_dict())
     best = -1.0
     since_best = 0
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    augment = (lambda xb: random_shift(xb, cfg.augment_shift, aug_gen)) \
+        if cfg.augment_shift > 0 else None
     for epoch in range(1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
         loss = train_steps(model, optimizer, x, y, stream,
-                           steps_per_epoch(len(y), cfg.batch_size), device)
+                           steps_per_epoch(len(y), cfg.batch_size), device, augment=augment)
         val_acc, val_loss = evaluate(model, data.x["val"], data.y["val"], device=device)
         rec = EpochRecord(epoch, loss, val_acc, val_loss, time.perf_counter() - t0)
         result.history.append(rec)

@@ -21,6 +21,7 @@ TINY = [
     "train.batch_size=32",
     "train.lr=0.003",
     "train.device=cpu",
+    "train.augment_shift=0",
     "hardware.rows=16",
     "hardware.cols=16",
     "faultmaps.n_chips=4",

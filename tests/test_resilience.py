@@ -18,7 +18,7 @@ from conftest import make_project
 
 GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25",
-        "resilience.accuracy_levels=[0.5, 0.9]"]
+        "resilience.accuracy_levels=[0.5, 0.9]", "compare.fixed_epochs=[0.25, 0.5]"]
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,53 @@ def test_plan_without_resilience_run_says_what_to_run(project: Path, tmp_path: P
     assert main(["plan", "--params", str(project / "params.yaml")]) == 2
     err = capsys.readouterr().err
     assert "no finished resilience run" in err and "reduce-ops resilience" in err
+
+
+def test_compare_arithmetic_and_reuse_is_honest(project: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from reduce_ops.data import load_prepared
+    from reduce_ops.hardware import ArrayGeometry, build_masks, load_fleet
+    from reduce_ops.models import load_checkpoint
+    from reduce_ops.training import evaluate, fault_aware_train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = str(project / "params.yaml")
+    if not (project / "data/fleet/fleet.csv").exists():
+        assert main(["faultmaps", "--params", params]) == 0
+    assert main(["compare", "--params", params]) == 0
+    out = project / "results/compare"
+    per_chip = pd.read_csv(out / "per_chip.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = load_config(project / "params.yaml")
+    n_chips = cfg.faultmaps.n_chips
+    assert set(summary["policy"]) == {"fixed-0.25", "fixed-0.5", "reduce-max", "reduce-mean"}
+    for row in summary.itertuples(index=False):
+        rows = per_chip[per_chip["policy"] == row.policy]
+        assert len(rows) == row.n_chips == n_chips
+        assert row.n_met == int(rows["met"].sum())
+        assert row.total_epochs == pytest.approx(rows["epochs"].sum())
+        assert row.pass_rate == pytest.approx(row.n_met / n_chips)
+        met = rows["accuracy"] >= metrics["constraint_level"]
+        assert (rows["met"] == met).all()
+        assert metrics["policies"][row.policy]["n_met"] == row.n_met
+    fixed = per_chip[per_chip["policy"] == "fixed-0.5"]
+    assert (fixed["epochs"] == 0.5).all() and not fixed["rejected"].any()
+    by_chip = per_chip.pivot(index="chip_id", columns="policy", values="epochs")
+    rejected = per_chip.pivot(index="chip_id", columns="policy", values="rejected")
+    both = ~rejected["reduce-max"] & ~rejected["reduce-mean"]
+    assert (by_chip.loc[both, "reduce-max"] >= by_chip.loc[both, "reduce-mean"]).all()
+    assert (rejected["reduce-mean"] <= rejected["reduce-max"]).all()   # max rejects more
+    # One run per chip gave every policy's accuracy: a separate 0.25-epoch run agrees exactly.
+    data = load_prepared(project / "data/prepared")
+    fmap = load_fleet(project / "data/fleet", ArrayGeometry(16, 16))[0]
+    model, _ = load_checkpoint(project / "models/baseline.pt")
+    torch.manual_seed(0)
+    fault_aware_train(model, build_masks(model, fmap, cfg.hardware.layer_types), data, 0.25,
+                      cfg.fat)
+    separate = evaluate(model, data.x["test"], data.y["test"])[0]
+    shared = per_chip[(per_chip.policy == "fixed-0.25") & (per_chip.chip_id == fmap.chip_id)]
+    assert float(shared["accuracy"].iloc[0]) == separate
+    assert metrics["epochs_trained"] <= metrics["epochs_if_one_run_per_policy"]

@@ -31,3 +31,18 @@ def test_plateau_stops_early(tiny_cfg: Config, prepared_digits) -> None:
     model = build_model("mlp", prepared_digits.input_shape, prepared_digits.num_classes)
     result = pretrain(model, prepared_digits, cfg)
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
+
+
+def test_random_shift_translates_each_image_by_its_own_offset() -> None:
+    from reduce_ops.training import random_shift
+
+    x = torch.zeros(64, 2, 9, 9)
+    x[:, :, 4, 4] = torch.arange(1, 65, dtype=torch.float32).view(64, 1)  # one bright pixel
+    out = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    pos = [divmod(int(out[i, 0].flatten().argmax()), 9) for i in range(64)]
+    assert all(2 <= r <= 6 and 2 <= c <= 6 for r, c in pos)        # moved at most 2 pixels
+    assert len(set(pos)) > 5                                        # offsets differ per image
+    assert torch.equal(out[:, 0], out[:, 1])                        # channels move together
+    assert torch.equal(out.amax(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)))  # nothing lost
+    assert random_shift(x, 0, torch.Generator()) is x

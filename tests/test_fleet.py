@@ -1,0 +1,281 @@
+"""Per-chip FAT (`reduce-ops fat`): a child run and a registered model per chip, resume, skip,
+--force, and fetching a chip's model by id (same logits as the pt2 export, faulty weights 0).
+
+The stage tests share one project and run in file order (interrupt+resume, checks, rerun/force).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import reduce_ops
+from conftest import make_project
+from reduce_ops import fleet, tracking
+from reduce_ops.cli import main
+from reduce_ops.config import load_config
+from reduce_ops.data import load_prepared
+from reduce_ops.errors import DataError, TrackingError
+from reduce_ops.hardware import ArrayGeometry, FaultMap, build_masks, uniform_fault_map
+from reduce_ops.models import build_model
+from reduce_ops.tracking import find_model_versions, find_runs, tracking_uri
+from reduce_ops.training import evaluate
+
+# 4 chips with fault rates in [0, 0.6]; at rate 0.6 a 16x16 array kills LeNet on digits (accuracy
+# stays ~0.1), so the chip near 0.6 is infeasible and the others need at most 0.5 epochs.
+SETUP = ["train.max_epochs=4", "faultmaps.rate_max=0.6",
+         "resilience.fault_rates=[0.0, 0.5, 0.6]", "resilience.repetitions=2",
+         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25",
+         "resilience.accuracy_levels=[0.5]", "constraint.kind=absolute", "constraint.value=0.35"]
+PREFIX = "reduce-ops"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project with prepared digits, baseline, fleet, resilience trials and a plan."""
+    root = tmp_path_factory.mktemp("fleet")
+    params = make_project(root, SETUP)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own mlflow.db
+        mp.chdir(root)                                     # MLflow artifacts under the project
+        for stage in ("prepare", "pretrain", "faultmaps", "resilience", "plan"):
+            assert main([stage, "--params", str(params)]) == 0
+    return root
+
+
+@pytest.fixture
+def in_project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    return project
+
+
+def _fat(project: Path, *extra: str) -> int:
+    return main(["fat", "--params", str(project / "params.yaml"), *extra])
+
+
+def _plan(project: Path) -> tuple[pd.DataFrame, str]:
+    plan = pd.read_csv(project / "results/plan/plan.csv", dtype={"chip_id": str})
+    run_id = json.loads((project / "results/plan/summary.json").read_text())["run_id"]
+    return plan, run_id
+
+
+def _versions(project: Path, chip_id: str) -> list:
+    return find_model_versions(tracking_uri(project), fleet.registered_name(PREFIX, chip_id))
+
+
+def _chips(project: Path) -> pd.DataFrame:
+    return pd.read_csv(project / "results/fat/chips.csv", dtype={"chip_id": str,
+                                                                 "model_version": str,
+                                                                 "champion_version": str})
+
+
+# --------------------------------------------------------------------------- the stage
+
+def test_interrupted_fleet_is_killed_then_resumes(in_project: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, plan_id = _plan(in_project)
+    feasible = plan.loc[plan["feasible"], "chip_id"].tolist()
+    assert 2 <= len(feasible) < len(plan)        # the setup gives both kinds of chips
+    real_register = tracking.register_model_version
+    registered: list[str] = []
+
+    def interrupt_second(stage, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if registered:                           # Ctrl-C while the 2nd chip's run is open
+            raise KeyboardInterrupt
+        registered.append(name)
+        return real_register(stage, name, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "register_model_version", interrupt_second)
+    assert _fat(in_project) == 130
+    uri = tracking_uri(in_project)
+    (killed,) = find_runs(uri, {"reduce_ops.stage": "fat"}, statuses=("KILLED",))
+    assert not (in_project / "results/fat/chips.csv").exists()       # nothing half-written
+    assert [len(_versions(in_project, c)) for c in feasible] == [1] + [0] * (len(feasible) - 1)
+    children = {r.data.tags["reduce_ops.chip_id"]: r.info.status
+                for r in find_runs(uri, {"mlflow.parentRunId": killed.info.run_id})}
+    assert children == {feasible[0]: "FINISHED", feasible[1]: "KILLED"}
+
+    monkeypatch.setattr(tracking, "register_model_version", real_register)
+    real = fleet.train_chip
+    calls: list[str] = []
+    monkeypatch.setattr(fleet, "train_chip", lambda b, job, *a, **k: (calls.append(job.chip_id),
+                                                                       real(b, job, *a, **k))[1])
+    assert _fat(in_project) == 0
+    assert calls == feasible[1:]                  # the chip done before Ctrl-C is not retrained
+    assert all(len(_versions(in_project, c)) == 1 for c in feasible)
+    chips = _chips(in_project).set_index("chip_id")
+    assert chips.loc[feasible[0], "status"] == "skipped"
+    assert (chips.loc[feasible[1:], "status"] == "trained").all()
+
+
+def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_project: Path) -> None:
+    plan, plan_id = _plan(in_project)
+    uri = tracking_uri(in_project)
+    chips = _chips(in_project).set_index("chip_id")
+    summary = json.loads((in_project / "results/fat/summary.json").read_text())
+    children = {}
+    for run in find_runs(uri, {"reduce_ops.plan_run_id": plan_id}, statuses=("FINISHED",)):
+        if "mlflow.parentRunId" in run.data.tags:     # the chip runs, not the stage runs
+            children.setdefault(run.data.tags["reduce_ops.chip_id"], []).append(run)
+    for row in plan.itertuples():
+        if not row.feasible:
+            (run,) = children[row.chip_id]             # one rejection (chip not reached before)
+            assert run.data.tags["reduce_ops.rejected"] == "true"
+            assert run.data.params["reason"] and "test_accuracy" not in run.data.metrics
+            assert _versions(in_project, row.chip_id) == []
+            assert chips.loc[row.chip_id, "status"] == "rejected"
+            continue
+        (run,) = [r for r in children[row.chip_id] if "test_accuracy" in r.data.metrics]
+        p, m = run.data.params, run.data.metrics
+        assert p["chip_id"] == row.chip_id and p["plan_run_id"] == plan_id
+        assert float(p["fault_rate"]) == row.fault_rate
+        assert float(p["planned_epochs"]) == row.planned_epochs
+        assert 0.0 < float(p["pruned_fraction"]) < 1.0
+        assert m["constraint_met"] == float(m["test_accuracy"] >= summary["constraint_level"])
+        assert m["wall_seconds"] > 0 and 0.0 <= m["val_accuracy"] <= 1.0
+        (version,) = _versions(in_project, row.chip_id)
+        tags = version.tags
+        assert version.run_id == run.info.run_id
+        assert tags["chip_id"] == row.chip_id and tags["plan_run_id"] == plan_id
+        assert float(tags["test_accuracy"]) == m["test_accuracy"]
+        assert float(tags["fault_rate"]) == row.fault_rate
+        assert float(tags["planned_epochs"]) == row.planned_epochs
+        assert float(tags["constraint_level"]) == summary["constraint_level"]
+        assert (tags["constraint_met"] == "true") == bool(m["constraint_met"])
+        assert (fleet.CHAMPION in version.aliases) == bool(m["constraint_met"])
+        assert chips.loc[row.chip_id, "model_version"] == version.version
+    n_feasible = int(plan["feasible"].sum())
+    assert summary["n_chips"] == len(plan) and summary["n_feasible"] == n_feasible
+    assert summary["n_passed"] == int(chips["constraint_met"].sum())
+    assert summary["total_planned_epochs"] == pytest.approx(plan["planned_epochs"].sum())
+
+
+def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
+        in_project: Path, tmp_path: Path) -> None:
+    import mlflow.pytorch
+
+    cfg = load_config(in_project / "params.yaml")
+    data = load_prepared(cfg.path("prepared"))
+    uri = tracking_uri(in_project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    chips = _chips(in_project)
+    champions = chips.loc[chips["constraint_met"] == True, "chip_id"].tolist()  # noqa: E712
+    assert champions
+    x = data.x["test"][:16]
+    for chip_id in champions:
+        model = reduce_ops.load_chip_model(chip_id)              # defaults: ./params.yaml
+        assert isinstance(model, torch.nn.Module) and not model.training
+        assert all(p.requires_grad for p in model.parameters())  # trainable, not a graph
+        exported = mlflow.pytorch.load_model(f"models:/{PREFIX}-{chip_id}@champion")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), exported(x))
+        acc, _ = evaluate(model, data.x["test"], data.y["test"])
+        (version,) = _versions(in_project, chip_id)
+        assert acc == float(version.tags["test_accuracy"])      # the model that was trained
+        faulty = np.load(cfg.path("fleet") / f"{chip_id}.npy")
+        params = dict(model.named_parameters())
+        masks = build_masks(model, faulty, cfg.hardware.layer_types)
+        assert masks and not all(bool(m.all()) for m in masks.values())
+        for name, keep in masks.items():
+            assert torch.count_nonzero(params[name].detach()[~keep]) == 0, name
+
+    chip_id = champions[0]
+    explicit = reduce_ops.load_chip_model(chip_id, tracking_uri=uri, prefix=PREFIX)
+    out = tmp_path / "fetched"
+    assert main(["fetch", chip_id, "--out", str(out),
+                 "--params", str(in_project / "params.yaml")]) == 0
+    assert (out / "model" / "MLmodel").is_file() and (out / "model/data/model.pt2").is_file()
+    ckpt = torch.load(out / fleet.CHIP_MODEL_FILE, weights_only=True)
+    for key, value in explicit.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][key], value)
+
+
+def test_rerun_registers_nothing_and_force_makes_new_versions(
+        in_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, _ = _plan(in_project)
+    feasible = plan.loc[plan["feasible"], "chip_id"].tolist()
+    before = {c: len(_versions(in_project, c)) for c in feasible}
+    assert _fat(in_project) == 0
+    assert {c: len(_versions(in_project, c)) for c in feasible} == before
+    chips = _chips(in_project).set_index("chip_id")
+    assert (chips.loc[feasible, "status"] == "skipped").all()
+
+    # --force retrains everything; the first chip now misses the constraint (accuracy forced to
+    # 0): its new version is registered without the alias, and the old champion stays.
+    real = fleet.train_chip
+    old_champion = next(v for v in _versions(in_project, feasible[0])
+                        if fleet.CHAMPION in v.aliases)
+
+    def worse_first(baseline, job, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        out = real(baseline, job, *args, **kwargs)
+        if job.chip_id == feasible[0]:
+            out.test_accuracy = 0.0
+        return out
+
+    monkeypatch.setattr(fleet, "train_chip", worse_first)
+    assert _fat(in_project, "--force") == 0
+    after = {c: _versions(in_project, c) for c in feasible}
+    assert {c: len(v) for c, v in after.items()} == {c: n + 1 for c, n in before.items()}
+    newest = after[feasible[0]][0]
+    assert newest.tags["constraint_met"] == "false" and fleet.CHAMPION not in newest.aliases
+    assert fleet.CHAMPION in after[feasible[0]][1].aliases
+    assert after[feasible[0]][1].version == old_champion.version
+    for chip_id in feasible[1:]:
+        if after[chip_id][0].tags["constraint_met"] == "true":
+            assert fleet.CHAMPION in after[chip_id][0].aliases
+    summary = json.loads((in_project / "results/fat/summary.json").read_text())
+    assert feasible[0] in summary["missed_constraint"]
+    assert summary["n_trained"] == len(feasible)
+
+
+def test_unknown_chip_id_is_one_line_naming_close_matches(
+        in_project: Path, capsys: pytest.CaptureFixture) -> None:
+    plan, _ = _plan(in_project)
+    known = plan.loc[plan["feasible"], "chip_id"].iloc[0]      # e.g. chip-000
+    typo = known.replace("-", "-0")                            # chip-0000
+    capsys.readouterr()
+    assert main(["fetch", typo, "--params", str(in_project / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert typo in err and known in err
+    with pytest.raises(TrackingError, match=known):
+        reduce_ops.load_chip_model(typo)
+
+
+# --------------------------------------------------------------------------- pieces
+
+def test_zero_planned_epochs_is_fault_aware_pruning_only(prepared_digits) -> None:
+    """Planned 0 epochs: no training, only the chip's faulty weights become 0 (biases kept)."""
+    torch.manual_seed(0)
+    baseline = build_model("lenet", prepared_digits.input_shape, prepared_digits.num_classes)
+    fault_map = uniform_fault_map(ArrayGeometry(16, 16), 0.3, seed=1, chip_id="c")
+    job = fleet.ChipJob("c", fault_map.fault_rate, 0.0, True, "", fault_map)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml").fat
+    out = fleet.train_chip(baseline, job, prepared_digits, cfg, ("conv", "linear"))
+    base = dict(baseline.named_parameters())
+    for name, param in out.model.named_parameters():
+        expected = base[name] * out.masks[name] if name in out.masks else base[name]
+        assert torch.equal(param, expected.detach()), name
+    assert out.pruned_fraction == pytest.approx(0.3, abs=0.05)
+    assert 0.0 <= out.test_accuracy <= 1.0 and not math.isnan(out.val_accuracy)
+
+
+def test_stale_plan_is_a_clear_error() -> None:
+    maps = [FaultMap("a", np.zeros((4, 4), bool)), FaultMap("b", np.ones((4, 4), bool))]
+    plan = pd.DataFrame({"chip_id": ["a", "c"], "fault_rate": [0.0, 1.0], "needed": [0.0, 0.0],
+                         "planned_epochs": [0.0, 0.0], "feasible": [True, True],
+                         "reason": ["", ""]})
+    with pytest.raises(DataError, match="does not match the fleet.*chips not in the fleet: c"):
+        fleet.chip_jobs(plan, maps, Path("plan.csv"))
+    plan["chip_id"] = ["a", "b"]
+    plan["fault_rate"] = [0.0, 0.5]
+    with pytest.raises(DataError, match="chip 'b' planned at fault rate 0.5, its map has 1"):
+        fleet.chip_jobs(plan, maps, Path("plan.csv"))
