@@ -184,7 +184,8 @@ def cmd_resilience(cfg: Config, args: argparse.Namespace) -> None:
                                             device, reusable, log_trial, bar)
         trials = resilience.trials_table(results)
         levels = sorted(set(res.accuracy_levels) | {round(level, 6)})
-        res_map = resilience_map(trials, levels, metric="test_accuracy")
+        res_map = resilience_map(trials, levels, metric=cfg.plan.metric,
+                                 crossing=cfg.plan.crossing)
         out_dir.mkdir(parents=True, exist_ok=True)
         reports.write_csv_atomic(trials, out_dir / "trials.csv")
         reports.write_csv_atomic(res_map, out_dir / "resilience_map.csv")
@@ -286,7 +287,7 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> None:
     granularity, base_acc = src.granularity, src.baseline_accuracy
     baseline_hash, dataset_hash = src.baseline_hash, src.dataset_hash
     result = make_plan(trials, chips, level, cfg.plan.statistic, cfg.plan.metric, granularity,
-                       cfg.plan.safety_margin)
+                       cfg.plan.safety_margin, cfg.plan.crossing)
     plan = result.plan
     out_dir = cfg.path("results") / "plan"
     with stage_run(cfg.root, "plan", cfg.tracking.experiment) as run:
@@ -407,7 +408,8 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     src = _resilience_source(cfg)
     plans = {f"reduce-{stat}": make_plan(src.trials, src.chips, src.level, stat, cfg.plan.metric,
-                                         src.granularity, cfg.plan.safety_margin).plan
+                                         src.granularity, cfg.plan.safety_margin,
+                                         cfg.plan.crossing).plan
              for stat in cfg.compare.statistics}
     chip_ids = [m.chip_id for m in src.fleet]
     policies = compare.policy_epochs(cfg.compare.fixed_epochs, plans, chip_ids)

@@ -141,6 +141,7 @@ class PlanConfig:
     statistic: str                    # max | mean | qP (P in (0, 1]), checked by planning
     safety_margin: float = _check(1.0, 100.0)
     metric: Literal["test_accuracy", "val_accuracy"]
+    crossing: Literal["sustained", "first"]
     resilience_run: str | None        # MLflow run id; null = latest finished matching run
 
 

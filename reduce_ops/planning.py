@@ -28,7 +28,10 @@ def constraint_level(kind: str, value: float, baseline_accuracy: float) -> float
     raise ConfigError(f"constraint.kind: expected absolute or drop, got {kind!r}")
 
 
-def retraining_needed(amounts, accuracies, level: float) -> float:
+CROSSINGS = ("sustained", "first")
+
+
+def retraining_needed(amounts, accuracies, level: float, crossing: str = "first") -> float:
     """Retraining amount at which one trial's curve first reaches `level` (linear in between).
 
     Returns the first checkpoint's amount (0.0 when amount 0 was measured) if it already reaches the
@@ -52,7 +55,17 @@ def retraining_needed(amounts, accuracies, level: float) -> float:
     reached = y >= level
     if not reached.any():
         return math.inf
-    i = int(np.argmax(reached))  # first checkpoint at/above the level
+    if crossing == "sustained":
+        # The amount from which the curve stays at/above the level: a noisy curve that pokes
+        # above the level and falls back does not count as reached there.
+        if not reached[-1]:
+            return math.inf
+        below = np.flatnonzero(~reached)
+        i = int(below[-1]) + 1 if below.size else 0
+    elif crossing == "first":
+        i = int(np.argmax(reached))  # first checkpoint at/above the level
+    else:
+        raise ConfigError(f"plan.crossing: expected one of {', '.join(CROSSINGS)}, got {crossing!r}")
     if i == 0:
         return float(x[0])
     # y[i-1] < level <= y[i], so the slope is positive
@@ -69,22 +82,25 @@ def _check_trials(trials: pd.DataFrame, metric: str) -> None:
         raise DataError("trials table: no rows")
 
 
-def trial_needs(trials: pd.DataFrame, level: float, metric: str = "val_accuracy") -> pd.DataFrame:
+def trial_needs(trials: pd.DataFrame, level: float, metric: str = "val_accuracy",
+                crossing: str = "first") -> pd.DataFrame:
     """Retraining needed to reach `level`, one row per trial (fault_rate, repetition, needed)."""
     _check_trials(trials, metric)
     rows = [
-        (rate, rep, retraining_needed(g["amount"].to_numpy(), g[metric].to_numpy(), level))
+        (rate, rep, retraining_needed(g["amount"].to_numpy(), g[metric].to_numpy(), level,
+                                      crossing))
         for (rate, rep), g in trials.groupby(TRIAL_KEYS, sort=True)
     ]
     out = pd.DataFrame(rows, columns=TRIAL_KEYS + ["needed"])
     return out.astype({"fault_rate": float, "needed": float})
 
 
-def resilience_map(trials: pd.DataFrame, levels, metric: str = "val_accuracy") -> pd.DataFrame:
+def resilience_map(trials: pd.DataFrame, levels, metric: str = "val_accuracy",
+                   crossing: str = "first") -> pd.DataFrame:
     """Per accuracy level and fault rate: min/mean/max need over the repetitions that reached it."""
     parts = []
     for level in np.atleast_1d(np.asarray(levels, dtype=float)):
-        needs = trial_needs(trials, float(level), metric)
+        needs = trial_needs(trials, float(level), metric, crossing)
         for rate, g in needs.groupby("fault_rate", sort=True):
             v = g["needed"].to_numpy()
             ok = v[np.isfinite(v)]
@@ -286,9 +302,10 @@ class PlanResult:
 
 
 def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic,
-              metric: str, granularity: float, safety_margin: float) -> PlanResult:
+              metric: str, granularity: float, safety_margin: float,
+              crossing: str = "first") -> PlanResult:
     """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for accuracy `level`."""
-    needs = trial_needs(trials, level, metric)
+    needs = trial_needs(trials, level, metric, crossing)
     points = aggregate_needs(needs, statistic)
     spread = needs.groupby("fault_rate")["needed"].agg(["min", "max"]).reset_index()
     points = points.merge(spread, on="fault_rate", how="left")

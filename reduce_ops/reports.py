@@ -308,6 +308,14 @@ def policy_figure(per_chip: pd.DataFrame, summary: pd.DataFrame, constraint_leve
                 label="not met")
         ax.axhline(constraint_level, color="black", ls="--", lw=1,
                    label=f"constraint ({constraint_level:.4g})")
+        if "rejected" in d.columns and d["rejected"].astype(bool).any():
+            # Chips the plan rejected were never retrained: marked along the bottom edge.
+            rej = d["rejected"].astype(bool).to_numpy()
+            lo, hi = ax.get_ylim()
+            ax.plot(d["fault_rate"][rej], np.full(int(rej.sum()), lo), "v", color="0.45",
+                    ms=5, clip_on=False, label="rejected (not retrained)")
+            ax.set_ylim(lo, hi)
+            ax.legend(fontsize=7, loc="lower left")
         count = f" ({row.n_met}/{row.n_chips})" if counts else ""
         ax.set_title(f"{row.policy}\npass {row.pass_rate:.0%}{count} · "
                      f"{_fmt(row.total_epochs)} epochs", fontsize=9)

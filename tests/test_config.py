@@ -102,3 +102,13 @@ def test_cli_reports_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert code == 2 and "run `reduce-ops prepare` first" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_paper_params_file_is_valid() -> None:
+    cfg = load_config(REPO / "params-paper.yaml")
+    assert (cfg.data.source, cfg.model.name) == ("cifar10", "vgg11")
+    assert (cfg.hardware.rows, cfg.hardware.cols) == (256, 256)
+    assert (cfg.constraint.kind, cfg.constraint.value) == ("absolute", 0.91)
+    # Same keys as params.yaml: nothing the default pipeline has is missing here.
+    assert set(flatten(cfg.to_dict())) == set(flatten(read_yaml(REPO / "params.yaml")))
+    assert cfg.path("results") != load_config(REPO / "params.yaml").path("results")

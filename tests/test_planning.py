@@ -303,3 +303,16 @@ def test_curve_is_a_frozen_dataclass(linear_curve):
     assert isinstance(linear_curve, MonotoneCurve)
     with pytest.raises(AttributeError):
         linear_curve.max_amount = 5.0
+
+
+def test_sustained_crossing_ignores_a_spike_above_the_level():
+    from reduce_ops.planning import retraining_needed
+
+    amounts = [0.0, 1.0, 2.0, 3.0, 4.0]
+    acc = [0.80, 0.97, 0.94, 0.95, 0.98]     # pokes above 0.96 at 1.0, stays above from ~3.33
+    assert retraining_needed(amounts, acc, 0.96, "first") == pytest.approx(0.0 + 0.16 / 0.17)
+    assert retraining_needed(amounts, acc, 0.96, "sustained") == pytest.approx(3.0 + 1 / 3)
+    assert retraining_needed(amounts[:3], [0.9, 0.97, 0.95], 0.96, "sustained") == math.inf
+    assert retraining_needed(amounts[:3], [0.97, 0.98, 0.99], 0.96, "sustained") == 0.0
+    with pytest.raises(ConfigError, match="plan.crossing"):
+        retraining_needed(amounts, acc, 0.96, "last")

@@ -130,7 +130,8 @@ def test_plan_from_mlflow_equals_plan_from_csv(project: Path,
     fleet = pd.read_csv(project / "data/fleet/fleet.csv")[["chip_id", "fault_rate"]]
     from_csv = make_plan(pd.read_csv(project / "results/resilience/trials.csv"), fleet,
                          summary["constraint_level"], cfg.plan.statistic, cfg.plan.metric,
-                         cfg.resilience.checkpoint_every, cfg.plan.safety_margin).plan
+                         cfg.resilience.checkpoint_every, cfg.plan.safety_margin,
+                         cfg.plan.crossing).plan
     cols = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible"]
     pd.testing.assert_frame_equal(from_mlflow[cols], from_csv[cols], check_dtype=False)
     assert len(from_mlflow) == cfg.faultmaps.n_chips
