@@ -315,7 +315,7 @@ def policy_figure(per_chip: pd.DataFrame, summary: pd.DataFrame, constraint_leve
             ax.plot(d["fault_rate"][rej], np.full(int(rej.sum()), lo), "v", color="0.45",
                     ms=5, clip_on=False, label="rejected (not retrained)")
             ax.set_ylim(lo, hi)
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=7, loc="upper right")
         count = f" ({row.n_met}/{row.n_chips})" if counts else ""
         ax.set_title(f"{row.policy}\npass {row.pass_rate:.0%}{count} · "
                      f"{_fmt(row.total_epochs)} epochs", fontsize=9)

@@ -150,8 +150,17 @@ def stage_run(root: Path, stage: str, experiment: str) -> Iterator[StageRun]:
                                run_name=stage)
     handle = StageRun(run.info.run_id, run.info.experiment_id, uri, client)
     handle.set_tags({STAGE_TAG: stage})
-    try:
+    with _ended_by_outcome():
         yield handle
+
+
+@contextmanager
+def _ended_by_outcome() -> Iterator[None]:
+    """End the active run as FINISHED, KILLED (Ctrl-C) or FAILED (any error), then re-raise."""
+    import mlflow
+
+    try:
+        yield
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
@@ -313,7 +322,7 @@ def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
                                tags={"mlflow.parentRunId": stage.run_id,
                                      **{k: str(v) for k, v in (tags or {}).items()}})
     child = ModelChildRun(run.info.run_id, stage)
-    try:
+    with _ended_by_outcome():
         if params:
             with stage._timed():
                 from mlflow.entities import Param
@@ -321,15 +330,6 @@ def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
                 stage.client.log_batch(child.run_id, params=[Param(k, _param_str(v))
                                                              for k, v in params.items()])
         yield child
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        with stage._timed():
-            mlflow.end_run("FINISHED")
 
 
 def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_id: str,

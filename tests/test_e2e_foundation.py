@@ -60,23 +60,58 @@ def test_mlflow_run_pretrain_logs_params_and_metrics(tmp_path: Path) -> None:
     assert (project / "models/baseline.pt").is_file()
 
 
+# Small enough for every stage of dvc.yaml to run in seconds on digits.
+TINY_PIPELINE = ["train.max_epochs=2", "resilience.fault_rates=[0.0, 0.3]",
+                 "resilience.repetitions=2", "resilience.max_epochs=0.5",
+                 "resilience.checkpoint_every=0.25", "compare.fixed_epochs=[0.25, 0.5]",
+                 "constraint.kind=drop", "constraint.value=0.2"]
+STAGES = ["prepare", "faultmaps", "pretrain", "resilience", "plan", "fat", "compare"]
+
+
 @pytest.mark.slow
 def test_dvc_repro_runs_stages_then_is_cached(tmp_path: Path) -> None:
     project = tmp_path / "project"
-    make_project(project, ["train.max_epochs=2"])
+    make_project(project, TINY_PIPELINE)
     env = _env(tmp_path)
+    env.pop("MLFLOW_TRACKING_URI")                  # the project's own mlflow.db
     _run(["git", "init", "-q"], project, env)
     _run([str(BIN / "dvc"), "init", "-q"], project, env)
     out = _run([str(BIN / "dvc"), "repro"], project, env).stdout
-    assert "Running stage 'prepare'" in out and "Running stage 'pretrain'" in out
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out, stage
     lock = (project / "dvc.lock").read_text()
     assert "data/prepared" in lock and "models/baseline.pt" in lock and "train:" in lock
-    shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], project, env).stdout
-    assert "test_accuracy" in shown
+    shown = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], project,
+                            env).stdout)
+    text = json.dumps(shown)
+    assert "test_accuracy" in text and "pass_rate" in text and "total_epochs" in text
     again = _run([str(BIN / "dvc"), "repro"], project, env).stdout
     assert "Running stage" not in again
-    # Changing a training parameter re-runs pretrain only.
+    # Changing only a plan parameter re-runs plan and what follows, nothing before it.
     params = project / "params.yaml"
-    params.write_text(params.read_text().replace("lr: 0.003", "lr: 0.002"))
+    params.write_text(params.read_text().replace("safety_margin: 1.0", "safety_margin: 1.5"))
     third = _run([str(BIN / "dvc"), "repro"], project, env).stdout
-    assert "Running stage 'pretrain'" in third and "Running stage 'prepare'" not in third
+    ran = [s for s in STAGES if f"Running stage '{s}'" in third]
+    assert ran == ["plan", "fat", "compare"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_chains_every_step_under_one_parent(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    project = tmp_path / "project"
+    make_project(project, TINY_PIPELINE)
+    env = _env(tmp_path)
+    _run([str(BIN / "mlflow"), "run", str(project), "-e", "main", "--env-manager", "local",
+          "--experiment-name", "pipeline"], project, env)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("pipeline")
+    parents = client.search_runs([exp.experiment_id], "tags.`reduce_ops.stage` = 'main'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    steps = client.search_runs([exp.experiment_id],
+                               f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    # prepare and faultmaps log nothing to MLflow (DVC versions their outputs).
+    assert sorted(r.data.tags["reduce_ops.stage"] for r in steps) == [
+        "compare", "fat", "plan", "pretrain", "resilience"]
+    assert all(r.info.status == "FINISHED" for r in steps)
+    assert (project / "results/compare/metrics.json").is_file()
