@@ -140,11 +140,15 @@ def stage_run(root: Path, stage: str, experiment: str) -> Iterator[StageRun]:
     env_run = os.environ.get("MLFLOW_RUN_ID")
     active = mlflow.active_run()
     if active is not None:
-        # A step of `reduce-ops main`: a child of the pipeline's run.
-        run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=stage,
-                               nested=True)
+        # A step of `reduce-ops main`: a child of the pipeline's run. Created explicitly, since
+        # start_run() would resume MLFLOW_RUN_ID (the parent) when `mlflow run` set it.
+        child = client.create_run(active.info.experiment_id, run_name=stage,
+                                  tags={"mlflow.parentRunId": active.info.run_id})
+        run = mlflow.start_run(run_id=child.info.run_id, nested=True)
     elif env_run:
         run = mlflow.start_run(run_id=env_run)
+        # Consumed: a later start_run(nested=True) must make a child, not resume this run.
+        os.environ.pop("MLFLOW_RUN_ID", None)
     else:
         run = mlflow.start_run(experiment_id=_experiment_id(client, experiment, uri),
                                run_name=stage)

@@ -114,4 +114,9 @@ def test_mlflow_run_main_chains_every_step_under_one_parent(tmp_path: Path) -> N
     assert sorted(r.data.tags["reduce_ops.stage"] for r in steps) == [
         "compare", "fat", "plan", "pretrain", "resilience"]
     assert all(r.info.status == "FINISHED" for r in steps)
+    # Per-chip runs sit beneath the fat step, not beneath (or instead of) the pipeline's run.
+    fat = next(r for r in steps if r.data.tags["reduce_ops.stage"] == "fat")
+    chips = client.search_runs([exp.experiment_id],
+                               f"tags.`mlflow.parentRunId` = '{fat.info.run_id}'")
+    assert len(chips) == 4
     assert (project / "results/compare/metrics.json").is_file()

@@ -29,7 +29,7 @@ from reduce_ops.training import evaluate
 
 # 4 chips with fault rates in [0, 0.6]; at rate 0.6 a 16x16 array kills LeNet on digits (accuracy
 # stays ~0.1), so the chip near 0.6 is infeasible and the others need at most 0.5 epochs.
-SETUP = ["train.max_epochs=4", "faultmaps.rate_max=0.6",
+SETUP = ["train.max_epochs=4", "faultmaps.rate_max=0.6", "fat.lr=0.01",
          "resilience.fault_rates=[0.0, 0.5, 0.6]", "resilience.repetitions=2",
          "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25",
          "resilience.accuracy_levels=[0.5]", "constraint.kind=absolute", "constraint.value=0.35"]
