@@ -485,13 +485,13 @@ def cmd_main(cfg: Config, args: argparse.Namespace) -> None:
 
 STAGES: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
     "prepare": (cmd_prepare, "read the dataset, write the seeded stratified split"),
+    "faultmaps": (cmd_faultmaps, "generate the fleet's fault maps, or `faultmaps import DIR`"),
     "pretrain": (cmd_pretrain, "train the baseline model to convergence"),
     "resilience": (cmd_resilience, "measure accuracy after k epochs of FAT at each fault rate"),
     "plan": (cmd_plan, "plan each chip's retraining from the logged resilience"),
+    "fat": (cmd_fat, "retrain every chip as planned, register one model per chip"),
     "compare": (cmd_compare, "fixed-epoch policies vs Reduce on the fleet (Fig. 3)"),
     "main": (cmd_main, "the whole pipeline, one MLflow run with a child per step"),
-    "faultmaps": (cmd_faultmaps, "generate the fleet's fault maps, or `faultmaps import DIR`"),
-    "fat": (cmd_fat, "retrain every chip as planned, register one model per chip"),
     "fetch": (cmd_fetch, "show a chip's champion model, `fetch CHIP_ID --out DIR` downloads it"),
 }
 
@@ -506,7 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one parameter, e.g. --set train.max_epochs=3 (repeatable)")
     common.add_argument("--overrides", default="", metavar="'K=V K=V'",
                         help="several overrides in one string (used by MLproject entry points)")
-    parser = argparse.ArgumentParser(prog="reduce-ops", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="reduce-ops",
+        description="Plan, run and track fault-aware retraining of one DNN for a fleet of faulty "
+                    "systolic-array chips. Every stage reads params.yaml; --set KEY=VALUE "
+                    "overrides any key.")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     parsers = {name: sub.add_parser(name, parents=[common], help=help_text,
                                     description=help_text)
