@@ -21,14 +21,6 @@ def _progress(**kwargs):  # noqa: ANN202 - a tqdm bar on stderr, quiet when not 
     return tqdm(file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kwargs)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to a temporary name, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------- stages
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
@@ -46,6 +38,7 @@ def cmd_pretrain(cfg: Config, args: argparse.Namespace) -> None:
     """Train the baseline until its validation accuracy plateaus; save it and log one run."""
     import torch
 
+    from reduce_ops import reports
     from reduce_ops.data import load_prepared
     from reduce_ops.models import build_model, save_checkpoint
     from reduce_ops.tracking import stage_run
@@ -85,7 +78,7 @@ def cmd_pretrain(cfg: Config, args: argparse.Namespace) -> None:
         baseline = cfg.path("baseline")
         save_checkpoint(model, arch, info, baseline)
         metrics_path = cfg.path("results") / "pretrain" / "metrics.json"
-        write_json_atomic(metrics_path, {**metrics, "dataset_hash": data.dataset_hash,
+        reports.write_json_atomic(metrics_path, {**metrics, "dataset_hash": data.dataset_hash,
                                          "model": cfg.model.name})
         run.log_artifact(metrics_path)
     print(f"baseline {cfg.model.name}: test accuracy {test_acc:.4f} after {len(result.history)} "
@@ -199,7 +192,7 @@ def cmd_resilience(cfg: Config, args: argparse.Namespace) -> None:
                    "constraint_level": level, "stage_seconds": seconds,
                    "tracking_seconds": run.tracking_seconds,
                    "tracking_fraction": run.tracking_seconds / seconds, "run_id": run.run_id}
-        write_json_atomic(out_dir / "summary.json", summary)
+        reports.write_json_atomic(out_dir / "summary.json", summary)
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         run.log_artifacts(out_dir)
     print(f"resilience: {len(specs)} trials ({reused} reused from an interrupted run) in "
@@ -310,7 +303,7 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> None:
         reports.write_csv_atomic(result.points, out_dir / "curve_points.csv")
         reports.plot_plan_curve(result.points, result.curve, plan, out_dir / "plan_curve.png",
                                 statistic=cfg.plan.statistic, constraint_level=level)
-        write_json_atomic(out_dir / "summary.json", summary)
+        reports.write_json_atomic(out_dir / "summary.json", summary)
         run.log_metrics({k: v for k, v in summary.items()
                          if isinstance(v, (int, float)) and abs(v) != float("inf")})
         run.log_artifacts(out_dir)
@@ -363,7 +356,7 @@ def cmd_fat(cfg: Config, args: argparse.Namespace) -> None:
                    "stage_seconds": seconds, "tracking_seconds": run.tracking_seconds}
         out_dir.mkdir(parents=True, exist_ok=True)
         reports.write_csv_atomic(fleet.chips_table(outcomes), out_dir / "chips.csv")
-        write_json_atomic(out_dir / "summary.json", summary)
+        reports.write_json_atomic(out_dir / "summary.json", summary)
         run.log_metrics({k: v for k, v in summary.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.log_artifacts(out_dir)
@@ -455,7 +448,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> None:
                                            "total_epochs": r.total_epochs,
                                            "n_rejected": r.n_rejected}
                                 for r in summary.itertuples(index=False)}}
-        write_json_atomic(out_dir / "metrics.json", metrics)
+        reports.write_json_atomic(out_dir / "metrics.json", metrics)
         run.log_metrics({"epochs_trained": trained, "epochs_if_one_run_per_policy": separate})
         run.log_artifacts(out_dir)
     lines = [f"  {r.policy:>14}: {r.n_met:>4}/{r.n_chips} chips meet {src.level:.4f} "

@@ -8,7 +8,6 @@ amount some policy uses.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +17,8 @@ import torch
 from torch import nn
 
 from reduce_ops.config import FatConfig, HardwareConfig
-from reduce_ops.hardware import FaultMap, build_masks
-from reduce_ops.training import evaluate, fault_aware_train
+from reduce_ops.hardware import FaultMap
+from reduce_ops.training import fap_then_fat, split_accuracies
 
 PER_CHIP_COLUMNS = ["policy", "chip_id", "fault_rate", "epochs", "accuracy", "met", "rejected",
                     "train_seconds"]
@@ -56,15 +55,10 @@ def run_chip(baseline: nn.Module, data: Any, fmap: FaultMap, amounts: list[float
              fat: FatConfig, hardware: HardwareConfig,
              device: torch.device | str = "cpu") -> ChipCurve:
     """FAT once up to max(amounts) with test accuracy at every amount (0 = FAP only)."""
-    model = copy.deepcopy(baseline).to(device)
-    masks = build_masks(model, fmap, hardware.layer_types)
     amounts = sorted(set(amounts))
-
-    def measure(m: nn.Module) -> dict[str, float]:
-        return {"test_accuracy": evaluate(m, data.x["test"], data.y["test"], device=device)[0]}
-
-    cps = fault_aware_train(model, masks, data, max(amounts), fat, device,
-                            checkpoints=amounts, evaluate_fn=measure)
+    _, _, cps = fap_then_fat(baseline, fmap, hardware.layer_types, data, max(amounts), fat,
+                             device, checkpoints=amounts,
+                             evaluate_fn=lambda m: split_accuracies(m, data, ("test",), device))
     return ChipCurve(fmap.chip_id, fmap.fault_rate,
                      {cp.amount: cp.metrics["test_accuracy"] for cp in cps},
                      {cp.amount: cp.seconds for cp in cps})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import math
@@ -21,7 +20,7 @@ from torch import nn
 from reduce_ops import tracking
 from reduce_ops.config import FatConfig
 from reduce_ops.errors import DataError, TrackingError
-from reduce_ops.hardware import FaultMap, build_masks, pruned_fraction
+from reduce_ops.hardware import FaultMap, pruned_fraction
 from reduce_ops.planning import PLAN_COLUMNS
 
 CHAMPION = "champion"               # alias of the version a chip ships with
@@ -128,16 +127,14 @@ class ChipTraining:
 def train_chip(baseline: nn.Module, job: ChipJob, data: Any, cfg: FatConfig,
                layer_types: Sequence[str], device: torch.device | str = "cpu") -> ChipTraining:
     """FAP with the chip's map, then FAT for the planned epochs (0 = none), then evaluate."""
-    from reduce_ops.training import evaluate, fault_aware_train
+    from reduce_ops.training import fap_then_fat, split_accuracies
 
     t0 = time.perf_counter()
-    model = copy.deepcopy(baseline).to(device)
-    masks = build_masks(model, job.fault_map, layer_types)
-    fault_aware_train(model, masks, data, job.planned_epochs, cfg, device)
-    test_acc, _ = evaluate(model, data.x["test"], data.y["test"], device=device)
-    val_acc, _ = evaluate(model, data.x["val"], data.y["val"], device=device)
-    return ChipTraining(model.cpu().eval(), masks, test_acc, val_acc, pruned_fraction(masks),
-                        time.perf_counter() - t0)
+    model, masks, _ = fap_then_fat(baseline, job.fault_map, layer_types, data,
+                                   job.planned_epochs, cfg, device)
+    acc = split_accuracies(model, data, device=device)
+    return ChipTraining(model.cpu().eval(), masks, acc["test_accuracy"], acc["val_accuracy"],
+                        pruned_fraction(masks), time.perf_counter() - t0)
 
 
 @dataclass
@@ -171,7 +168,6 @@ def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None
     if not done:
         return None
     champ = next((v for v in done if CHAMPION in v.aliases), None)
-    current = tracking.model_version_by_alias(uri, name, CHAMPION)
     mv = champ or done[0]
     tags = mv.tags
     return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs,
@@ -179,7 +175,7 @@ def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None
                        float(tags.get("val_accuracy", "nan")),
                        tags.get("constraint_met") == "true",
                        float(tags.get("pruned_fraction", "nan")), mv.version,
-                       current.version if current else "", mv.run_id, "skipped",
+                       _champion_version(uri, name), mv.run_id, "skipped",
                        tags.get("serialization_format", ""))
 
 

@@ -7,6 +7,7 @@ for inspection; `plot_*` saves it as PNG under a temporary name in the target fo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -49,6 +50,12 @@ def _atomic_write(path, write) -> Path:
 def save_figure(fig: Figure, path) -> Path:
     """Write `fig` as a PNG atomically (readers never see a half-written file)."""
     return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+
+
+def write_json_atomic(path, obj: object) -> Path:
+    """Write `obj` as indented, key-sorted JSON atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_csv_atomic(df: pd.DataFrame, path) -> Path:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,8 +15,8 @@ import torch
 from torch import nn
 
 from reduce_ops.config import FatConfig, HardwareConfig, ResilienceConfig
-from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap, build_masks, pruned_fraction
-from reduce_ops.training import evaluate, fault_aware_train
+from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap, pruned_fraction
+from reduce_ops.training import fap_then_fat, split_accuracies
 
 # Metric steps of a trial's curve are milli-epochs: step 250 = 0.25 epochs of retraining.
 STEPS_PER_EPOCH_UNIT = 1000
@@ -50,7 +49,6 @@ class TrialResult:
     test_accuracy: list[float]
     seconds: float
     reused_from: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_amounts(cfg: ResilienceConfig) -> list[float]:
@@ -92,18 +90,11 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     geometry = ArrayGeometry(hardware.rows, hardware.cols)
     fmap: FaultMap = GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
                                               f"trial-{spec.key}")
-    model = copy.deepcopy(baseline).to(device)
-    masks = build_masks(model, fmap, hardware.layer_types)
     # Batch order differs per repetition too, so repetitions sample both sources of variance.
     fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
-
-    def measure(m: nn.Module) -> dict[str, float]:
-        return {"val_accuracy": evaluate(m, data.x["val"], data.y["val"], device=device)[0],
-                "test_accuracy": evaluate(m, data.x["test"], data.y["test"], device=device)[0]}
-
-    amounts = checkpoint_amounts(res)
-    cps = fault_aware_train(model, masks, data, res.max_epochs, fat_cfg, device,
-                            checkpoints=amounts, evaluate_fn=measure)
+    _, masks, cps = fap_then_fat(baseline, fmap, hardware.layer_types, data, res.max_epochs,
+                                 fat_cfg, device, checkpoints=checkpoint_amounts(res),
+                                 evaluate_fn=lambda m: split_accuracies(m, data, device=device))
     return TrialResult(spec, fmap.n_faulty, pruned_fraction(masks), [c.amount for c in cps],
                        [c.metrics["val_accuracy"] for c in cps],
                        [c.metrics["test_accuracy"] for c in cps], time.perf_counter() - t0)

@@ -51,23 +51,14 @@ def _param_str(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_LEN else text[:MAX_PARAM_LEN - 3] + "..."
 
 
-@dataclass
-class StageRun:
-    """Handle on the stage's (parent) run; also counts the seconds spent in tracking calls."""
+class _RunLog:
+    """Logging calls on one run (`run_id` via `client`), each timed by `_timed()`."""
 
     run_id: str
-    experiment_id: str
-    uri: str
     client: Any
-    tracking_seconds: float = 0.0
 
-    @contextmanager
-    def _timed(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.tracking_seconds += time.perf_counter() - t0
+    def _timed(self) -> Any:  # a context manager adding to the stage's tracking_seconds
+        raise NotImplementedError
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -99,11 +90,30 @@ class StageRun:
         with self._timed():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
+
+@dataclass
+class StageRun(_RunLog):
+    """Handle on the stage's (parent) run; also counts the seconds spent in tracking calls."""
+
+    run_id: str
+    experiment_id: str
+    uri: str
+    client: Any
+    tracking_seconds: float = 0.0
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tracking_seconds += time.perf_counter() - t0
+
     def child_run(self, name: str, params: Mapping[str, Any],
                   metric_history: Mapping[str, Sequence[tuple[int, float]]],
                   tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> str:
         """One finished child run in one batch: params, metric histories (step, value), tags."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         with self._timed():
             all_tags = {"mlflow.parentRunId": self.run_id, "mlflow.runName": name,
@@ -259,30 +269,19 @@ def _version_info(mv: Any) -> ModelVersionInfo:
 
 
 @dataclass
-class ModelChildRun:
-    """A child run kept open (as MLflow's active run) while its metrics and model are logged."""
+class ModelChildRun(_RunLog):
+    """A child run kept open (as MLflow's active run) while its metrics and model are logged;
+    its tracking time counts towards the stage's."""
 
     run_id: str
     stage: StageRun
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
+    @property
+    def client(self) -> Any:
+        return self.stage.client
 
-        with self.stage._timed():
-            ts = int(time.time() * 1000)
-            self.stage.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0)
-                                                              for k, v in metrics.items()])
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        with self.stage._timed():
-            self.stage.client.log_batch(self.run_id,
-                                        tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        with self.stage._timed():
-            self.stage.client.log_artifact(self.run_id, str(path), artifact_path)
+    def _timed(self) -> Any:
+        return self.stage._timed()
 
     def log_pytorch_model(self, model: Any, input_example: Any, pip_requirements: Sequence[str],
                           name: str = "model") -> LoggedModel:
@@ -328,11 +327,7 @@ def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
     child = ModelChildRun(run.info.run_id, stage)
     with _ended_by_outcome():
         if params:
-            with stage._timed():
-                from mlflow.entities import Param
-
-                stage.client.log_batch(child.run_id, params=[Param(k, _param_str(v))
-                                                             for k, v in params.items()])
+            child.log_params(params)
         yield child
 
 

@@ -7,11 +7,20 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from reduce_ops.config import FatConfig, TrainConfig
+from reduce_ops.hardware import build_masks
+
+
+class PreparedDataLike(Protocol):
+    """Anything with x/y dicts of tensors keyed by split name (reduce_ops.data.PreparedData)."""
+
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,7 +130,7 @@ class PretrainResult:
     stopped_early: bool = False
 
 
-def pretrain(model: nn.Module, data: "PreparedDataLike", cfg: TrainConfig,
+def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
              device: torch.device | str = "cpu",
              on_epoch: Callable[[EpochRecord], None] | None = None) -> PretrainResult:
     """Train until validation accuracy plateaus (patience) or max_epochs; keeps the best weights."""
@@ -157,13 +166,6 @@ def pretrain(model: nn.Module, data: "PreparedDataLike", cfg: TrainConfig,
                 break
     model.load_state_dict(best_state)
     return result
-
-
-class PreparedDataLike:  # pragma: no cover - typing aid only
-    """Anything with x/y dicts of tensors keyed by split name (reduce_ops.data.PreparedData)."""
-
-    x: dict[str, torch.Tensor]
-    y: dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- fault-aware training
@@ -268,3 +270,26 @@ def fault_aware_train(model: nn.Module, masks: dict[str, torch.Tensor], data: Pr
         train_seconds += time.perf_counter() - t0
     model.eval()
     return out
+
+
+def split_accuracies(model: nn.Module, data: PreparedDataLike,
+                     splits: Sequence[str] = ("val", "test"),
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """{'<split>_accuracy': accuracy} per split: what trials, chips and policies report."""
+    return {f"{s}_accuracy": evaluate(model, data.x[s], data.y[s], device=device)[0]
+            for s in splits}
+
+
+def fap_then_fat(baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
+                 data: PreparedDataLike, epochs: float, cfg: FatConfig,
+                 device: torch.device | str = "cpu", checkpoints: Sequence[float] = (),
+                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                 ) -> tuple[nn.Module, dict[str, torch.Tensor], list[FatCheckpoint]]:
+    """A copy of the baseline pruned by `fault_map` (FAP), then fault-aware trained (FAT).
+
+    The baseline itself is left untouched. Returns (model, keep-masks, checkpoints).
+    """
+    model = copy.deepcopy(baseline).to(device)
+    masks = build_masks(model, fault_map, layer_types)
+    cps = fault_aware_train(model, masks, data, epochs, cfg, device, checkpoints, evaluate_fn)
+    return model, masks, cps
