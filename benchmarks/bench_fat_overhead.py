@@ -22,10 +22,10 @@ from torch import nn
 
 from reduce_ops.config import FatConfig, load_config
 from reduce_ops.data import PreparedData, load_prepared, prepare
-from reduce_ops.hardware import ArrayGeometry, build_masks, pruned_fraction, uniform_fault_map
+from reduce_ops.hardware import (ArrayGeometry, MaskedWeights, build_masks, pruned_fraction,
+                                 uniform_fault_map)
 from reduce_ops.models import build_model
 from reduce_ops.training import (
-    apply_fault_masks,
     batches,
     fault_aware_train,
     make_optimizer,
@@ -77,17 +77,15 @@ def mask_ops_ms_per_step(model: nn.Module, masks: dict[str, torch.Tensor], reps:
     """Milliseconds of the work FAT adds to one optimizer step, timed alone (low noise): the
     gradient multiply before the step and the weight multiply after it, as in training.py."""
     model = copy.deepcopy(model)
-    params = dict(model.named_parameters())
-    pairs = [(params[name], mask.to(params[name].dtype)) for name, mask in masks.items()]
-    for p, _ in pairs:
+    masked = MaskedWeights(model, masks)
+    for p in model.parameters():
         p.grad = torch.randn_like(p)
     times = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(reps):
-            for p, keep in pairs:
-                p.grad.mul_(keep)
-            apply_fault_masks(pairs)
+            masked.zero_grads()
+            masked.apply()
         times.append((time.perf_counter() - start) / reps * 1e3)
     return statistics.median(times)
 

@@ -9,7 +9,7 @@ amount some policy uses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -18,7 +18,9 @@ from torch import nn
 
 from reduce_ops.config import FatConfig, HardwareConfig
 from reduce_ops.hardware import FaultMap
-from reduce_ops.training import fap_then_fat, split_accuracies
+from reduce_ops.names import TEST_ACCURACY
+from reduce_ops.progress import Progress
+from reduce_ops.fault_aware import FatCurve, fat_curve
 
 PER_CHIP_COLUMNS = ["policy", "chip_id", "fault_rate", "epochs", "accuracy", "met", "rejected",
                     "train_seconds"]
@@ -41,42 +43,38 @@ def policy_epochs(fixed: list[float], reduce_plans: dict[str, pd.DataFrame],
     return out
 
 
-@dataclass
-class ChipCurve:
-    """One chip's single FAT run: accuracy and training seconds at each measured amount."""
-
-    chip_id: str
-    fault_rate: float
-    accuracy: dict[float, float]
-    seconds: dict[float, float]
-
-
-def run_chip(baseline: nn.Module, data: Any, fmap: FaultMap, amounts: list[float],
-             fat: FatConfig, hardware: HardwareConfig,
-             device: torch.device | str = "cpu") -> ChipCurve:
-    """FAT once up to max(amounts) with test accuracy at every amount (0 = FAP only)."""
-    amounts = sorted(set(amounts))
-    _, _, cps = fap_then_fat(baseline, fmap, hardware.layer_types, data, max(amounts), fat,
-                             device, checkpoints=amounts,
-                             evaluate_fn=lambda m: split_accuracies(m, data, ("test",), device))
-    return ChipCurve(fmap.chip_id, fmap.fault_rate,
-                     {cp.amount: cp.metrics["test_accuracy"] for cp in cps},
-                     {cp.amount: cp.seconds for cp in cps})
+def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
+              amounts: dict[str, list[float]], fat: FatConfig, hardware: HardwareConfig,
+              device: torch.device | str = "cpu",
+              progress: Progress | None = None) -> list[tuple[FaultMap, FatCurve]]:
+    """Each chip fine-tuned ONCE up to its largest amount, test accuracy at every amount."""
+    out = []
+    for fmap in fleet:
+        if progress is not None:
+            progress.start(f"chip {fmap.chip_id}")
+        curve = fat_curve(baseline, fmap, hardware.layer_types, data, amounts[fmap.chip_id], fat,
+                          device, splits=("test",))
+        out.append((fmap, curve))
+        if progress is not None:
+            progress.done(f"chip {fmap.chip_id}", f"fault rate {fmap.fault_rate:.3f}, "
+                          f"{max(curve.amounts):g} epochs")
+    return out
 
 
-def per_chip_table(curves: list[ChipCurve], policies: dict[str, dict[str, float]],
-                   level: float) -> pd.DataFrame:
+def per_chip_table(curves: Sequence[tuple[FaultMap, FatCurve]],
+                   policies: dict[str, dict[str, float]], level: float) -> pd.DataFrame:
     """One row per (policy, chip): epochs given, accuracy reached, constraint met, rejected."""
     rows = []
     for policy, epochs_by_chip in policies.items():
-        for c in curves:
-            e = epochs_by_chip[c.chip_id]
+        for fmap, curve in curves:
+            e = epochs_by_chip[fmap.chip_id]
             if math.isnan(e):   # Reduce rejected the chip: no retraining, not shipped
-                rows.append((policy, c.chip_id, c.fault_rate, 0.0, math.nan, False, True, 0.0))
+                rows.append((policy, fmap.chip_id, fmap.fault_rate, 0.0, math.nan, False, True,
+                             0.0))
                 continue
-            acc = c.accuracy[e]
-            rows.append((policy, c.chip_id, c.fault_rate, e, acc, bool(acc >= level), False,
-                         c.seconds[e]))
+            acc = curve.at(e, TEST_ACCURACY)
+            rows.append((policy, fmap.chip_id, fmap.fault_rate, e, acc, bool(acc >= level), False,
+                         curve.train_seconds[curve.amounts.index(e)]))
     return pd.DataFrame(rows, columns=PER_CHIP_COLUMNS)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from reduce_ops.errors import ConfigError
+from reduce_ops.names import safe_name_problem
 
 DEFAULT_PARAMS = "params.yaml"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _check(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -90,8 +89,11 @@ class HardwareConfig:
 
 @dataclass(frozen=True)
 class FaultMapsConfig:
-    """The generated fleet: how many chips, which defect model, which fault rates."""
+    """The fleet: imported from a test floor's maps, or generated (how many chips, which defect
+    model, which fault rates)."""
 
+    source: Literal["generate", "import"]
+    import_dir: str                       # the maps read when source is import (a DVC dep)
     n_chips: int = _check(1, 100000)
     generator: Literal["uniform", "clustered"]
     rate_distribution: Literal["uniform", "beta"]
@@ -324,9 +326,9 @@ def _cross_checks(cfg: Config, where: str) -> None:
             parse_statistic(stat)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {key}: {str(exc).split(': ', 1)[1]}") from None
-    if not _SAFE_NAME.fullmatch(cfg.registry.prefix):
-        raise ConfigError(f"{where}: registry.prefix: only letters, digits, '_', '.', '-' "
-                          f"(1-64 characters), got {cfg.registry.prefix!r}")
+    problem = safe_name_problem(cfg.registry.prefix)
+    if problem:
+        raise ConfigError(f"{where}: registry.prefix: {problem}")
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith(("cuda", "mps")):
         raise ConfigError(f"{where}: train.device: expected auto, cpu, cuda[:N] or mps, "
                           f"got {cfg.train.device!r}")
@@ -415,6 +417,33 @@ def from_dict(raw: dict[str, Any], root: Path = Path("."), where: str = DEFAULT_
     cfg = dataclasses.replace(cfg, root=Path(root).resolve(), source=where)
     _cross_checks(cfg, where)
     return cfg
+
+
+def set_params(path: Path, values: dict[str, Any]) -> None:
+    """Write `values` ({'section.key': value}) into the params file, keeping its comments and
+    layout (a round-trip YAML edit, written atomically); the result must still validate."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from reduce_ops.atomic import write_file
+
+    doc_yaml = YAML()
+    doc_yaml.preserve_quotes = True
+    doc = doc_yaml.load(path.read_text())
+    for key, value in values.items():
+        node = doc
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"{path}: {key}: unknown key")
+        node[leaf] = value
+    buffer = io.StringIO()
+    doc_yaml.dump(doc, buffer)
+    text = buffer.getvalue()
+    from_dict(yaml.safe_load(text), root=path.resolve().parent, where=str(path))  # still valid
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def load_config(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:

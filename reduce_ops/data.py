@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reduce_ops.atomic import atomic_dir
 from reduce_ops.config import DataConfig
 from reduce_ops.errors import DataError
 
@@ -194,19 +192,11 @@ def build_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[s
 def write_prepared(splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str, Any],
                    out_dir: Path) -> None:
     """Write arrays + meta.json into a temporary sibling folder, then swap it in."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         arrays = {f"{kind}_{name}": arr for name, (x, y) in splits.items()
                   for kind, arr in (("x", x), ("y", y))}
         np.savez(tmp / ARRAYS_FILE, **arrays)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def prepare(cfg: DataConfig, raw: Path, out_dir: Path) -> dict[str, Any]:

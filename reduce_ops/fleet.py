@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,24 +17,20 @@ import pandas as pd
 import torch
 from torch import nn
 
-from reduce_ops import tracking
+from reduce_ops import names, tracking
 from reduce_ops.config import FatConfig
 from reduce_ops.errors import DataError, TrackingError
-from reduce_ops.hardware import FaultMap, pruned_fraction
+from reduce_ops.hardware import FaultMap
+from reduce_ops.names import CHAMPION, TEST_ACCURACY, VAL_ACCURACY, registered_name
 from reduce_ops.planning import PLAN_COLUMNS
+from reduce_ops.progress import Progress
+from reduce_ops.fault_aware import fat_curve
 
-CHAMPION = "champion"               # alias of the version a chip ships with
 CHIP_MODEL_FILE = "chip_model.pt"   # state_dict + arch (save_checkpoint), trainable
-PLAN_ID_TAG = "plan_run_id"         # version tag that makes a rerun skip a chip
 CHIP_COLUMNS = ("chip_id", "fault_rate", "planned_epochs", "test_accuracy", "val_accuracy",
                 "constraint_met", "pruned_fraction", "model_version", "champion_version",
                 "run_id", "status", "serialization_format", "train_seconds", "log_model_seconds")
 RATE_TOL = 1e-9             # plan vs fleet fault rates: the same float, up to repr
-
-
-def registered_name(prefix: str, chip_id: str) -> str:
-    """The registered model of a chip: <prefix>-<chip_id>."""
-    return f"{prefix}-{chip_id}"
 
 
 # --------------------------------------------------------------------------- plan -> jobs
@@ -113,31 +109,6 @@ def chip_jobs(plan: pd.DataFrame, fleet: Sequence[FaultMap], plan_path: Path) ->
 # --------------------------------------------------------------------------- one chip
 
 @dataclass
-class ChipTraining:
-    """A chip's retrained model (on the CPU, eval mode), its masks and accuracy."""
-
-    model: nn.Module
-    masks: dict[str, torch.Tensor]
-    test_accuracy: float
-    val_accuracy: float
-    pruned_fraction: float
-    seconds: float             # FAT + evaluation wall time
-
-
-def train_chip(baseline: nn.Module, job: ChipJob, data: Any, cfg: FatConfig,
-               layer_types: Sequence[str], device: torch.device | str = "cpu") -> ChipTraining:
-    """FAP with the chip's map, then FAT for the planned epochs (0 = none), then evaluate."""
-    from reduce_ops.training import fap_then_fat, split_accuracies
-
-    t0 = time.perf_counter()
-    model, masks, _ = fap_then_fat(baseline, job.fault_map, layer_types, data,
-                                   job.planned_epochs, cfg, device)
-    acc = split_accuracies(model, data, device=device)
-    return ChipTraining(model.cpu().eval(), masks, acc["test_accuracy"], acc["val_accuracy"],
-                        pruned_fraction(masks), time.perf_counter() - t0)
-
-
-@dataclass
 class ChipOutcome:
     """One row of chips.csv."""
 
@@ -164,19 +135,19 @@ def _pip_requirements() -> list[str]:
 
 def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None:
     """The outcome of a chip already registered for this plan, or None when it still needs FAT."""
-    done = tracking.find_model_versions(uri, name, {PLAN_ID_TAG: plan_id})
+    done = tracking.find_model_versions(uri, name, {names.VTAG_PLAN_RUN: plan_id})
     if not done:
         return None
     champ = next((v for v in done if CHAMPION in v.aliases), None)
     mv = champ or done[0]
     tags = mv.tags
     return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs,
-                       float(tags.get("test_accuracy", "nan")),
-                       float(tags.get("val_accuracy", "nan")),
-                       tags.get("constraint_met") == "true",
-                       float(tags.get("pruned_fraction", "nan")), mv.version,
+                       float(tags.get(names.VTAG_TEST_ACCURACY, "nan")),
+                       float(tags.get(names.VTAG_VAL_ACCURACY, "nan")),
+                       tags.get(names.VTAG_CONSTRAINT_MET) == "true",
+                       float(tags.get(names.VTAG_PRUNED_FRACTION, "nan")), mv.version,
                        _champion_version(uri, name), mv.run_id, "skipped",
-                       tags.get("serialization_format", ""))
+                       tags.get(names.VTAG_SERIALIZATION, ""))
 
 
 def _reject(stage: tracking.StageRun, job: ChipJob, plan_id: str) -> ChipOutcome:
@@ -184,8 +155,8 @@ def _reject(stage: tracking.StageRun, job: ChipJob, plan_id: str) -> ChipOutcome
     params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate, "plan_run_id": plan_id,
               "reason": job.reason or "infeasible"}
     run_id = stage.child_run(f"chip {job.chip_id}", params, {},
-                             {"reduce_ops.chip_id": job.chip_id, "reduce_ops.rejected": "true",
-                              "reduce_ops.plan_run_id": plan_id})
+                             {names.TAG_CHIP: job.chip_id, names.TAG_REJECTED: "true",
+                              names.TAG_PLAN_RUN: plan_id})
     return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, run_id=run_id,
                        status="rejected")
 
@@ -195,49 +166,58 @@ def _train_and_register(stage: tracking.StageRun, job: ChipJob, baseline: nn.Mod
     """FAT one chip, log it as a child run with its model, register it (+ champion if it passes)."""
     from reduce_ops.models import save_checkpoint
 
-    trained = train_chip(baseline, job, data, ctx.fat, ctx.layer_types, ctx.device)
-    met = trained.test_accuracy >= ctx.plan.constraint_level
+    # FAP with the chip's map, then FAT for the planned epochs (0 = none), then evaluate
+    trained = fat_curve(baseline, job.fault_map, ctx.layer_types, data, [job.planned_epochs],
+                        ctx.fat, ctx.device)
+    model = trained.session.model.cpu().eval()
+    test_acc = trained.at(job.planned_epochs, TEST_ACCURACY)
+    val_acc = trained.at(job.planned_epochs, VAL_ACCURACY)
+    pruned = trained.session.pruned_fraction
+    met = test_acc >= ctx.plan.constraint_level
     name = registered_name(ctx.prefix, job.chip_id)
     params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-              "n_faulty": job.fault_map.n_faulty, "pruned_fraction": trained.pruned_fraction,
+              "n_faulty": job.fault_map.n_faulty, "pruned_fraction": pruned,
               "planned_epochs": job.planned_epochs, "plan_run_id": ctx.plan.run_id,
               "constraint_level": ctx.plan.constraint_level}
-    tags = {"reduce_ops.chip_id": job.chip_id, "reduce_ops.plan_run_id": ctx.plan.run_id}
+    tags = {names.TAG_CHIP: job.chip_id, names.TAG_PLAN_RUN: ctx.plan.run_id}
     with tracking.model_child_run(stage, f"chip {job.chip_id}", params, tags) as child:
-        child.log_metrics({"test_accuracy": trained.test_accuracy,
-                           "val_accuracy": trained.val_accuracy,
+        child.log_metrics({TEST_ACCURACY: test_acc, VAL_ACCURACY: val_acc,
                            "constraint_met": float(met), "wall_seconds": trained.seconds})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CHIP_MODEL_FILE
             info = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-                    "planned_epochs": job.planned_epochs, "test_accuracy": trained.test_accuracy,
+                    "planned_epochs": job.planned_epochs, "test_accuracy": test_acc,
                     "plan_run_id": ctx.plan.run_id, "dataset_hash": ctx.plan.dataset_hash,
                     "run_id": child.run_id}
-            save_checkpoint(trained.model, ctx.arch, info, path)
+            save_checkpoint(model, ctx.arch, info, path)
             child.log_artifact(path)
-        logged = child.log_pytorch_model(trained.model, ctx.input_example, _pip_requirements())
+        logged = child.log_pytorch_model(model, ctx.input_example, _pip_requirements())
         child.log_metrics({"log_model_seconds": logged.seconds})
-        child.set_tags({"reduce_ops.serialization_format": logged.serialization_format,
-                        **({"reduce_ops.pt2_fallback": logged.fallback_reason}
+        child.set_tags({names.TAG_SERIALIZATION: logged.serialization_format,
+                        **({names.TAG_PT2_FALLBACK: logged.fallback_reason}
                            if logged.fallback_reason else {})})
-        version_tags = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-                        "planned_epochs": job.planned_epochs,
-                        "test_accuracy": trained.test_accuracy,
-                        "val_accuracy": trained.val_accuracy,
-                        "pruned_fraction": trained.pruned_fraction,
-                        "constraint_level": ctx.plan.constraint_level,
-                        PLAN_ID_TAG: ctx.plan.run_id, "constraint_met": str(met).lower(),
-                        "serialization_format": logged.serialization_format}
-        version = tracking.register_model_version(stage, name, logged, child.run_id,
-                                                  version_tags, CHAMPION if met else None)
+        version_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
+                        names.VTAG_PLANNED_EPOCHS: job.planned_epochs,
+                        names.VTAG_TEST_ACCURACY: test_acc, names.VTAG_VAL_ACCURACY: val_acc,
+                        names.VTAG_PRUNED_FRACTION: pruned,
+                        names.VTAG_CONSTRAINT_LEVEL: ctx.plan.constraint_level,
+                        names.VTAG_PLAN_RUN: ctx.plan.run_id,
+                        names.VTAG_CONSTRAINT_MET: str(met).lower(),
+                        names.VTAG_SERIALIZATION: logged.serialization_format}
+        model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
+                      "n_faulty_pes": job.fault_map.n_faulty}
+        version = tracking.register_model_version(
+            stage, name, logged, child.run_id, version_tags, CHAMPION if met else None,
+            model_tags=model_tags,
+            description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): "
+                        f"the baseline fault-aware retrained for its fault map.")
     if logged.fallback_reason:
         ctx.warn(f"chip {job.chip_id}: pt2 export failed ({logged.fallback_reason}); "
                  f"model logged in the pickle format")
     champion = version if met else _champion_version(ctx.uri, name)
-    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, trained.test_accuracy,
-                       trained.val_accuracy, met, trained.pruned_fraction, version, champion,
-                       child.run_id, "trained", logged.serialization_format, trained.seconds,
-                       logged.seconds)
+    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, test_acc, val_acc, met,
+                       pruned, version, champion, child.run_id, "trained",
+                       logged.serialization_format, trained.seconds, logged.seconds)
 
 
 def _champion_version(uri: str, name: str) -> str:
@@ -264,13 +244,13 @@ class FleetContext:
 
 
 def run_fleet(stage: tracking.StageRun, jobs: Sequence[ChipJob], baseline: nn.Module, data: Any,
-              ctx: FleetContext, bar: Any = None) -> list[ChipOutcome]:
+              ctx: FleetContext, progress: Progress | None = None) -> list[ChipOutcome]:
     """Every chip in turn: skip if registered for this plan (unless force), reject if
-    infeasible, else FAT + child run + registered version. `bar`: a tqdm-like progress bar."""
+    infeasible, else FAT + child run + registered version."""
     outcomes = []
     for job in jobs:
-        if bar is not None:
-            bar.set_postfix_str(job.chip_id)
+        if progress is not None:
+            progress.start(f"chip {job.chip_id}")
         name = registered_name(ctx.prefix, job.chip_id)
         outcome = None
         if not job.feasible:
@@ -280,8 +260,12 @@ def run_fleet(stage: tracking.StageRun, jobs: Sequence[ChipJob], baseline: nn.Mo
         if outcome is None:
             outcome = _train_and_register(stage, job, baseline, data, ctx)
         outcomes.append(outcome)
-        if bar is not None:
-            bar.update(1)
+        if progress is not None:
+            what = (f"rejected ({job.reason})" if outcome.status == "rejected" else
+                    f"{outcome.status}, {job.planned_epochs:g} epochs, test "
+                    f"{outcome.test_accuracy:.4f} "
+                    f"({'meets' if outcome.constraint_met else 'misses'} the constraint)")
+            progress.done(f"chip {job.chip_id}", what)
     return outcomes
 
 
@@ -315,23 +299,39 @@ def fleet_summary(outcomes: Sequence[ChipOutcome], plan: PlanInfo) -> dict[str, 
 
 # --------------------------------------------------------------------------- fetch
 
-def champion(uri: str, prefix: str, chip_id: str) -> tracking.ModelVersionInfo:
-    """The chip's champion version, or one TrackingError line (with close chip ids if unknown)."""
-    name = registered_name(prefix, chip_id)
-    found = tracking.model_version_by_alias(uri, name, CHAMPION)
-    if found is not None:
-        return found
-    versions = tracking.find_model_versions(uri, name)
-    if versions:
-        raise TrackingError(f"chip {chip_id!r}: {len(versions)} version(s) of {name!r}, none met "
-                            f"the accuracy constraint (no {CHAMPION!r} alias) in {uri}")
-    rejected = tracking.find_runs(uri, {"reduce_ops.chip_id": chip_id,
-                                        "reduce_ops.rejected": "true"})
+def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
+    """The registered model of a chip: <prefix>-<chip_id>, or (no prefix given) the one model
+    tagged with the chip id; None when there is none."""
+    if prefix is not None:
+        return registered_name(prefix, chip_id)
+    found = [n for n, c in tracking.registered_model_tags(uri, names.VTAG_CHIP).items()
+             if c == chip_id]
+    if len(found) > 1:
+        raise TrackingError(f"chip {chip_id!r}: several registered models in {uri} "
+                            f"({', '.join(sorted(found))}); give the registry prefix")
+    return found[0] if found else None
+
+
+def champion(uri: str, chip_id: str, prefix: str | None = None) -> tracking.ModelVersionInfo:
+    """The chip's champion version, or one TrackingError line saying why there is none (no
+    version met the constraint, the plan rejected the chip, or an unknown id: close matches)."""
+    name = _model_name(uri, chip_id, prefix)
+    if name is not None:
+        found = tracking.model_version_by_alias(uri, name, CHAMPION)
+        if found is not None:
+            return found
+        versions = tracking.find_model_versions(uri, name)
+        if versions:
+            raise TrackingError(f"chip {chip_id!r}: {len(versions)} version(s) of {name!r}, "
+                                f"none met the accuracy constraint (no {CHAMPION!r} alias) "
+                                f"in {uri}")
+    rejected = tracking.find_runs(uri, {names.TAG_CHIP: chip_id, names.TAG_REJECTED: "true"})
     if rejected:
-        reason = rejected[0].data.params.get("reason", "infeasible")
+        reason = rejected[0].params.get("reason", "infeasible")
         raise TrackingError(f"chip {chip_id!r} has no model: the plan found it infeasible "
                             f"({reason})")
-    known = [n[len(prefix) + 1:] for n in tracking.registered_model_names(uri, f"{prefix}-")]
+    chips = tracking.registered_model_tags(uri, names.VTAG_CHIP)
+    known = sorted(c for n, c in chips.items() if prefix is None or n.startswith(f"{prefix}-"))
     close = difflib.get_close_matches(chip_id, known, n=3, cutoff=0.6)
     if close:
         hint = f"; close matches: {', '.join(close)}"
@@ -339,30 +339,26 @@ def champion(uri: str, prefix: str, chip_id: str) -> tracking.ModelVersionInfo:
         hint = f"; {len(known)} chips registered, e.g. {', '.join(known[:3])}"
     else:
         hint = "; no chip is registered yet: run `reduce-ops fat`"
-    raise TrackingError(f"unknown chip id {chip_id!r}: no registered model {name!r} in {uri}{hint}")
-
-
-def _prefix_from_params(root: Path) -> str:
-    from reduce_ops.config import load_config
-
-    return load_config(root / "params.yaml").registry.prefix
+    what = f"no registered model {name!r}" if name else "no registered model for it"
+    raise TrackingError(f"unknown chip id {chip_id!r}: {what} in {uri}{hint}")
 
 
 def load_chip_model(chip_id: str, tracking_uri: str | None = None,
                     prefix: str | None = None) -> nn.Module:
     """The chip's champion as a trainable nn.Module in eval mode (built from chip_model.pt).
 
-    Defaults: the tracking URI and registry.prefix of the project whose params.yaml is in the
-    current folder. `mlflow.pytorch.load_model("models:/<prefix>-<chip_id>@champion")` gives
-    the same model as a pt2 GraphModule (inference only).
+    Works from any folder: the tracking URI is `tracking_uri` or MLFLOW_TRACKING_URI, and the
+    chip's registered model is found by its chip_id tag (give `prefix` when several registry
+    prefixes share one server). `mlflow.pytorch.load_model("models:/<prefix>-<chip_id>@champion")`
+    gives the same model as a pt2 GraphModule (inference only).
     """
     from reduce_ops.models import load_checkpoint
 
-    root = Path.cwd()
-    if prefix is None:
-        prefix = _prefix_from_params(root)
-    uri = tracking_uri or tracking.tracking_uri(root)
-    version = champion(uri, prefix, chip_id)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise TrackingError("load_chip_model: give tracking_uri= or set MLFLOW_TRACKING_URI "
+                            "(e.g. sqlite:////path/to/project/mlflow.db or http://host:5000)")
+    version = champion(uri, chip_id, prefix)
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_run_artifact(uri, version.run_id, CHIP_MODEL_FILE, Path(tmp))
         model, _ = load_checkpoint(path)

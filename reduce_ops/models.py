@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from reduce_ops.errors import DataError
+from reduce_ops.atomic import write_file
+from reduce_ops.errors import ConfigError, DataError
 
 MODEL_NAMES = ("lenet", "mlp", "vgg11", "resnet18")
 
@@ -82,17 +83,15 @@ def build_model(name: str, input_shape: tuple[int, ...] | list[int], num_classes
         return _vgg11(c, num_classes, min(h, w))
     if name == "resnet18":
         return _resnet18(c, num_classes)
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
 
 
 def save_checkpoint(model: nn.Module, arch: dict[str, Any], info: dict[str, Any],
                     path: Path) -> None:
     """Write {state_dict, arch, info} atomically; loadable with torch.load(weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "arch": arch, "info": info}, tmp)
-    tmp.replace(path)
+    write_file(path, lambda tmp: torch.save({"state_dict": state, "arch": arch, "info": info},
+                                            tmp))
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

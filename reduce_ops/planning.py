@@ -241,7 +241,8 @@ def _check_plan_params(granularity: float, safety_margin: float) -> None:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     if not (number(granularity) and granularity > 0):
-        raise ConfigError(f"plan.granularity: expected a number of epochs > 0, got {granularity!r}")
+        raise ConfigError(f"resilience.checkpoint_every: expected a number of epochs > 0, "
+                          f"got {granularity!r}")
     if not (number(safety_margin) and safety_margin >= 1):
         raise ConfigError(f"plan.safety_margin: expected a number >= 1, got {safety_margin!r}")
 

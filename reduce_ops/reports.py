@@ -1,15 +1,13 @@
-"""Tables and figures of the Reduce method (paper Figs. 2a, 2b, 3 and the plan), written atomically.
+"""Figures of the Reduce method (paper Figs. 2a, 2b, 3 and the plan), written atomically.
 
 Figures are built on `matplotlib.figure.Figure` directly (Agg canvas, no pyplot state), so building
 one has no global side effect. Every `plot_*` function has a `*_figure` twin that returns the Figure
-for inspection; `plot_*` saves it as PNG under a temporary name in the target folder, then renames.
+for inspection; `plot_*` saves it as PNG through reduce_ops.atomic (temporary name, then rename).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
+from reduce_ops.atomic import write_file
 from reduce_ops.errors import DataError
 from reduce_ops.planning import MAP_COLUMNS, NEED_COLUMNS
 
@@ -31,36 +30,9 @@ _TOP = 1.12  # y limit of the epoch axes as a multiple of max_amount; the top ba
 
 # ---- writing ------------------------------------------------------------------------------------
 
-def _atomic_write(path, write) -> Path:
-    """Call write(tmp) on a temporary file next to `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # same folder (so the rename is atomic), pid in the name (so two writers never share a temp)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_figure(fig: Figure, path) -> Path:
     """Write `fig` as a PNG atomically (readers never see a half-written file)."""
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
-
-
-def write_json_atomic(path, obj: object) -> Path:
-    """Write `obj` as indented, key-sorted JSON atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_csv_atomic(df: pd.DataFrame, path) -> Path:
-    """Write `df` as CSV (no index, floats at full repr precision) atomically."""
-    return _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    return write_file(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 def _require(df: pd.DataFrame, columns, what: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +14,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from reduce_ops import tracking
 from reduce_ops.config import FatConfig, HardwareConfig, ResilienceConfig
-from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap, pruned_fraction
-from reduce_ops.training import fap_then_fat, split_accuracies
+from reduce_ops.errors import TrackingError
+from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap
+from reduce_ops.names import (RETRAINING_EPOCHS, TAG_REUSED_FROM, TAG_TRIAL, TEST_ACCURACY,
+                               TRIAL_SECONDS, VAL_ACCURACY)
+from reduce_ops.progress import Progress
+from reduce_ops.fault_aware import FatCheckpoint, fat_curve
 
 # Metric steps of a trial's curve are milli-epochs: step 250 = 0.25 epochs of retraining.
 STEPS_PER_EPOCH_UNIT = 1000
@@ -83,21 +88,19 @@ def grid_hash(res: ResilienceConfig, fat: FatConfig, hardware: HardwareConfig,
 
 
 def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceConfig,
-              fat: FatConfig, hardware: HardwareConfig,
-              device: torch.device | str = "cpu") -> TrialResult:
+              fat: FatConfig, hardware: HardwareConfig, device: torch.device | str = "cpu",
+              on_checkpoint: Callable[[FatCheckpoint], None] | None = None) -> TrialResult:
     """Draw the trial's fault map, prune (FAP), then FAT once with accuracy at every checkpoint."""
-    t0 = time.perf_counter()
     geometry = ArrayGeometry(hardware.rows, hardware.cols)
     fmap: FaultMap = GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
                                               f"trial-{spec.key}")
     # Batch order differs per repetition too, so repetitions sample both sources of variance.
     fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
-    _, masks, cps = fap_then_fat(baseline, fmap, hardware.layer_types, data, res.max_epochs,
-                                 fat_cfg, device, checkpoints=checkpoint_amounts(res),
-                                 evaluate_fn=lambda m: split_accuracies(m, data, device=device))
-    return TrialResult(spec, fmap.n_faulty, pruned_fraction(masks), [c.amount for c in cps],
-                       [c.metrics["val_accuracy"] for c in cps],
-                       [c.metrics["test_accuracy"] for c in cps], time.perf_counter() - t0)
+    curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
+                      fat_cfg, device, on_checkpoint=on_checkpoint)
+    return TrialResult(spec, fmap.n_faulty, curve.session.pruned_fraction, curve.amounts,
+                       curve.accuracy[VAL_ACCURACY], curve.accuracy[TEST_ACCURACY],
+                       curve.seconds)
 
 
 def trials_table(results: list[TrialResult]) -> pd.DataFrame:
@@ -117,50 +120,68 @@ def trial_run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
               "fault_seed": r.spec.fault_seed, "n_faulty": r.n_faulty,
               "pruned_fraction": r.pruned_fraction, "step_unit": "milli-epochs"}
     steps = [int(round(a * STEPS_PER_EPOCH_UNIT)) for a in r.amounts]
-    history = {"val_accuracy": list(zip(steps, r.val_accuracy)),
-               "test_accuracy": list(zip(steps, r.test_accuracy)),
-               "retraining_epochs": list(zip(steps, r.amounts)),
-               "trial_seconds": [(0, r.seconds)]}
-    tags = {"reduce_ops.trial": r.spec.key}
+    history = {VAL_ACCURACY: list(zip(steps, r.val_accuracy)),
+               TEST_ACCURACY: list(zip(steps, r.test_accuracy)),
+               RETRAINING_EPOCHS: list(zip(steps, r.amounts)),
+               TRIAL_SECONDS: [(0, r.seconds)]}
+    tags = {TAG_TRIAL: r.spec.key}
     if r.reused_from:
-        tags["reduce_ops.reused_from"] = r.reused_from
+        tags[TAG_REUSED_FROM] = r.reused_from
     return params, history, tags
 
 
 def trial_from_run(child: dict[str, Any]) -> TrialResult:
     """Rebuild a TrialResult from a child run read back by tracking.read_children."""
     p, h = child["params"], child["histories"]
-    val = sorted(h["val_accuracy"])
-    test = dict(h["test_accuracy"])
+    val = sorted(h[VAL_ACCURACY])
+    test = dict(h[TEST_ACCURACY])
     spec = TrialSpec(float(p["fault_rate"]), int(p["repetition"]), int(p["fault_seed"]))
-    seconds = h.get("trial_seconds", [(0, 0.0)])[-1][1]
+    seconds = h.get(TRIAL_SECONDS, [(0, 0.0)])[-1][1]
     return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]),
                        [s / STEPS_PER_EPOCH_UNIT for s, _ in val], [v for _, v in val],
                        [test[s] for s, _ in val], float(seconds), reused_from=child["run_id"])
 
 
+TRIAL_METRICS = [VAL_ACCURACY, TEST_ACCURACY, TRIAL_SECONDS]   # what trial_from_run reads
+
+
+def logged_trials(uri: str, run_id: str) -> pd.DataFrame:
+    """The trials table of a logged resilience run, read back from its finished child runs."""
+    children = tracking.read_children(uri, run_id, TRIAL_METRICS)
+    if not children:
+        raise TrackingError(f"resilience run {run_id} has no finished trials")
+    return trials_table([trial_from_run(c) for c in children])
+
+
 def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: ResilienceConfig,
                fat: FatConfig, hardware: HardwareConfig, device: torch.device | str,
-               reusable: dict[str, TrialResult],
-               on_trial: Any = None, progress: Any = None) -> list[TrialResult]:
+               reusable: dict[str, TrialResult], on_trial: Any = None,
+               progress: Progress | None = None) -> list[TrialResult]:
     """All trials of the grid, reusing finished ones (by key) from an interrupted run.
 
-    `on_trial(result)` is called as each trial finishes (to log it) and `progress` (a tqdm-like
-    bar over trials) is advanced with the current fault rate shown.
+    `on_trial(result)` is called as each trial finishes (to log it); `progress` hears of every
+    trial and of every checkpoint inside one.
     """
     results = []
     for spec in specs:
         if progress is not None:
-            progress.set_postfix(rate=f"{spec.fault_rate:g}", rep=spec.repetition,
-                                 reused=len([r for r in results if r.reused_from]))
+            progress.start(f"trial {spec.key}")
         prior = reusable.get(spec.key)
         if prior is not None and prior.spec == spec:
             result = prior
         else:
-            result = run_trial(baseline, data, spec, res, fat, hardware, device)
+            on_cp = None
+            if progress is not None:
+                def on_cp(cp: FatCheckpoint) -> None:
+                    progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
+                                    f"val {cp.metrics[VAL_ACCURACY]:.4f}")
+            result = run_trial(baseline, data, spec, res, fat, hardware, device, on_cp)
         results.append(result)
         if on_trial is not None:
             on_trial(result)
         if progress is not None:
-            progress.update(1)
+            reused = " (reused)" if result.reused_from else ""
+            progress.done(f"trial {spec.key}{reused}",
+                          f"val {result.val_accuracy[0]:.4f} -> {result.val_accuracy[-1]:.4f} "
+                          f"after {result.amounts[-1]:g} epochs")
     return results

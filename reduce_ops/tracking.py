@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -10,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reduce_ops import names
 from reduce_ops.errors import TrackingError
 
-STAGE_TAG = "reduce_ops.stage"
 MAX_PARAM_LEN = 6000
+DIGEST_LEN = 16           # MLflow's dataset digest column holds at most 36 characters
+MLFLOW_DATASET_CONTEXT = "mlflow.data.context"   # input tag: what the dataset was used for
 
 
 def tracking_uri(root: Path) -> str:
@@ -43,12 +47,32 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={names.TAG_EXPERIMENT_KIND: names.EXPERIMENT_KIND})
+
+
+def _mark_model_training(client: Any, experiment_id: str) -> None:
+    """Tag the experiment as model training, so the UI opens on its runs (not GenAI traces);
+    covers experiments made by `mlflow run --experiment-name` or MLflow's Default."""
+    exp = client.get_experiment(experiment_id)
+    if (exp.tags or {}).get(names.TAG_EXPERIMENT_KIND) != names.EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, names.TAG_EXPERIMENT_KIND,
+                                  names.EXPERIMENT_KIND)
 
 
 def _param_str(value: Any) -> str:
     text = str(value)
     return text if len(text) <= MAX_PARAM_LEN else text[:MAX_PARAM_LEN - 3] + "..."
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset as MLflow records a run's input: name, digest (content hash), source, profile."""
+
+    name: str
+    digest: str
+    source: str
+    profile: dict[str, Any]
 
 
 class _RunLog:
@@ -81,6 +105,23 @@ class _RunLog:
 
         with self._timed():
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_numbers(self, summary: Mapping[str, Any]) -> None:
+        """Log the finite numbers of a summary dict as metrics (bools, text, inf skipped)."""
+        self.log_metrics({k: v for k, v in summary.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)
+                          and math.isfinite(v)})
+
+    def log_dataset(self, ref: DatasetRef, context: str = "training") -> None:
+        """A dataset as the run's dataset input (the UI's Dataset column)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=ref.name, digest=ref.digest[:DIGEST_LEN], source_type="local",
+                          source=json.dumps({"uri": ref.source}),
+                          profile=json.dumps(ref.profile))
+        with self._timed():
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+                dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         with self._timed():
@@ -116,7 +157,7 @@ class StageRun(_RunLog):
         from mlflow.entities import Metric, Param
 
         with self._timed():
-            all_tags = {"mlflow.parentRunId": self.run_id, "mlflow.runName": name,
+            all_tags = {names.TAG_PARENT: self.run_id, names.TAG_RUN_NAME: name,
                         **{k: str(v) for k, v in (tags or {}).items()}}
             run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
             child_id = run.info.run_id
@@ -132,9 +173,10 @@ class StageRun(_RunLog):
 
 
 @contextmanager
-def stage_run(root: Path, stage: str, experiment: str) -> Iterator[StageRun]:
+def stage_run(root: Path, stage: str, experiment: str,
+              dataset: DatasetRef | None = None) -> Iterator[StageRun]:
     """The stage's MLflow run: a child of an active run (`reduce-ops main`), the one
-    `mlflow run` made (MLFLOW_RUN_ID), or a new one.
+    `mlflow run` made (MLFLOW_RUN_ID), or a new one; `dataset` is logged as its input.
 
     Never calls set_experiment. On Ctrl-C the run is marked KILLED, on an error FAILED.
     """
@@ -153,7 +195,7 @@ def stage_run(root: Path, stage: str, experiment: str) -> Iterator[StageRun]:
         # A step of `reduce-ops main`: a child of the pipeline's run. Created explicitly, since
         # start_run() would resume MLFLOW_RUN_ID (the parent) when `mlflow run` set it.
         child = client.create_run(active.info.experiment_id, run_name=stage,
-                                  tags={"mlflow.parentRunId": active.info.run_id})
+                                  tags={names.TAG_PARENT: active.info.run_id})
         run = mlflow.start_run(run_id=child.info.run_id, nested=True)
     elif env_run:
         run = mlflow.start_run(run_id=env_run)
@@ -163,8 +205,12 @@ def stage_run(root: Path, stage: str, experiment: str) -> Iterator[StageRun]:
         run = mlflow.start_run(experiment_id=_experiment_id(client, experiment, uri),
                                run_name=stage)
     handle = StageRun(run.info.run_id, run.info.experiment_id, uri, client)
-    handle.set_tags({STAGE_TAG: stage})
     with _ended_by_outcome():
+        with handle._timed():
+            _mark_model_training(client, run.info.experiment_id)
+        handle.set_tags({names.TAG_STAGE: stage})
+        if dataset is not None:
+            handle.log_dataset(dataset)
         yield handle
 
 
@@ -185,13 +231,30 @@ def _ended_by_outcome() -> Iterator[None]:
         mlflow.end_run("FINISHED")
 
 
-def get_run(uri: str, run_id: str) -> Any:
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as plain data (no MLflow types leave this module)."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.experiment_id, run.info.status,
+                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+
+
+def get_run(uri: str, run_id: str) -> RunRecord:
     """Fetch a run by id, or a one-line TrackingError."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
-        return MlflowClient(uri).get_run(run_id)
+        return _record(MlflowClient(uri).get_run(run_id))
     except MlflowException:
         raise TrackingError(f"MLflow run {run_id!r} not found in {uri}") from None
 
@@ -201,7 +264,7 @@ def _all_experiment_ids(client: Any) -> list[str]:
 
 
 def find_runs(uri: str, tags: Mapping[str, str], statuses: Sequence[str] | None = None,
-              exclude: str | None = None) -> list[Any]:
+              exclude: str | None = None) -> list[RunRecord]:
     """Runs in any experiment carrying all `tags`, newest first (optionally of given statuses)."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -211,7 +274,7 @@ def find_runs(uri: str, tags: Mapping[str, str], statuses: Sequence[str] | None 
     runs = client.search_runs(_all_experiment_ids(client), " and ".join(filters),
                               run_view_type=ViewType.ACTIVE_ONLY,
                               order_by=["attributes.start_time DESC"], max_results=200)
-    return [r for r in runs if (statuses is None or r.info.status in statuses)
+    return [_record(r) for r in runs if (statuses is None or r.info.status in statuses)
             and r.info.run_id != exclude]
 
 
@@ -223,8 +286,8 @@ def read_children(uri: str, parent_run_id: str, metric_keys: Sequence[str],
 
     client = MlflowClient(uri)
     parent = get_run(uri, parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+    children = client.search_runs([parent.experiment_id],
+                                  f"tags.`{names.TAG_PARENT}` = '{parent_run_id}'",
                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
     out = []
     for run in children:
@@ -322,7 +385,7 @@ def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
 
     with stage._timed():
         run = mlflow.start_run(experiment_id=stage.experiment_id, run_name=name, nested=True,
-                               tags={"mlflow.parentRunId": stage.run_id,
+                               tags={names.TAG_PARENT: stage.run_id,
                                      **{k: str(v) for k, v in (tags or {}).items()}})
     child = ModelChildRun(run.info.run_id, stage)
     with _ended_by_outcome():
@@ -332,18 +395,24 @@ def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
 
 
 def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_id: str,
-                           tags: Mapping[str, Any], alias: str | None = None) -> str:
-    """Register a logged model as a new version of `name` (created if new), tags set in the same
-    call; `alias` (e.g. champion) then moves to it. Returns the version number."""
+                           tags: Mapping[str, Any], alias: str | None = None,
+                           model_tags: Mapping[str, Any] | None = None,
+                           description: str = "") -> str:
+    """Register a logged model as a new version of `name` (created if new, with `model_tags` and
+    `description` on the registered model itself, which the UI's models page shows), version
+    tags set in the same call; `alias` (e.g. champion) then moves to it. Returns the version."""
     from mlflow.exceptions import MlflowException
 
     client = stage.client
+    model_tags = {k: str(v) for k, v in (model_tags or {}).items()}
     with stage._timed():
         try:
-            client.create_registered_model(name)
+            client.create_registered_model(name, tags=model_tags, description=description)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+            for key, value in model_tags.items():
+                client.set_registered_model_tag(name, key, value)
         mv = client.create_model_version(name, logged.model_uri, run_id=run_id,
                                          tags={k: str(v) for k, v in tags.items()},
                                          model_id=logged.model_id)
@@ -385,19 +454,19 @@ def find_model_versions(uri: str, name: str,
     return sorted(out, key=lambda v: -int(v.version))
 
 
-def registered_model_names(uri: str, prefix: str) -> list[str]:
-    """Names of all registered models that start with `prefix` (every page of the search)."""
+def registered_model_tags(uri: str, key: str) -> dict[str, str]:
+    """{registered model name: value of its tag `key`} for every model carrying that tag."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri, registry_uri=uri)
-    names: list[str] = []
+    found: dict[str, str] = {}
     token = None
     while True:
         page = client.search_registered_models(max_results=1000, page_token=token)
-        names += [m.name for m in page if m.name.startswith(prefix)]
+        found.update({m.name: m.tags[key] for m in page if key in (m.tags or {})})
         token = page.token
         if not token:
-            return sorted(names)
+            return found
 
 
 def download_model_version(uri: str, version: ModelVersionInfo, artifact: str,

@@ -1,4 +1,4 @@
-"""Train / evaluate loops, baseline training with early stopping, and fault-aware training."""
+"""Train / evaluate loops and baseline training with early stopping (pretrain)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from reduce_ops.config import FatConfig, TrainConfig
-from reduce_ops.hardware import build_masks
 
 
 class PreparedDataLike(Protocol):
@@ -168,128 +167,9 @@ def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
     return result
 
 
-# --------------------------------------------------------------------------- fault-aware training
-
-def _masked_params(model: nn.Module, masks: dict[str, torch.Tensor],
-                   device: torch.device | str) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    params = dict(model.named_parameters())
-    unknown = set(masks) - set(params)
-    if unknown:
-        raise KeyError(f"masks name parameters the model does not have: {sorted(unknown)[:3]}")
-    # Float keep-masks (1 = keep, 0 = faulty PE): one in-place multiply per tensor per step.
-    return [(params[name], m.to(device=device, dtype=params[name].dtype))
-            for name, m in masks.items()]
-
-
-@torch.no_grad()
-def apply_fault_masks(pairs: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
-    """FAP: weights on faulty PEs become exactly 0."""
-    for p, keep in pairs:
-        p.mul_(keep)
-
-
-@dataclass
-class FatCheckpoint:
-    amount: float          # retraining epochs done when measured
-    step: int              # optimizer steps done
-    metrics: dict[str, float]
-    seconds: float         # wall time of training so far (evaluation excluded)
-
-
-def checkpoint_steps(amounts: Sequence[float], n_per_epoch: int) -> list[int]:
-    """Retraining amounts (epochs, fractional) -> optimizer-step counts (rounded)."""
-    return [int(round(a * n_per_epoch)) for a in amounts]
-
-
-def fault_aware_train(model: nn.Module, masks: dict[str, torch.Tensor], data: PreparedDataLike,
-                      epochs: float, cfg: FatConfig, device: torch.device | str = "cpu",
-                      checkpoints: Sequence[float] = (),
-                      evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                      on_checkpoint: Callable[[FatCheckpoint], None] | None = None,
-                      ) -> list[FatCheckpoint]:
-    """Fine-tune with masked weights held at exactly zero (FAT), for `epochs` (fractional).
-
-    The masked weights are zeroed before training, their gradients are zeroed before every step
-    (so momentum buffers, Adam moments and weight decay never move them) and the weights are
-    re-zeroed after every step. `evaluate_fn(model)` runs at every amount in `checkpoints`
-    (epochs, 0 allowed) within this ONE run, giving the accuracy curve without retraining.
-    """
-    # Checked before the model is touched: a rejected call leaves the caller's weights as they were.
-    n_per_epoch = steps_per_epoch(len(data.y["train"]), cfg.batch_size)
-    total = int(round(epochs * n_per_epoch))
-    marks = sorted(set(zip(checkpoint_steps(checkpoints, n_per_epoch), checkpoints)))
-    if any(s > total for s, _ in marks):
-        raise ValueError(f"a checkpoint lies beyond the {epochs} epochs of training")
-    if any(a < 0 for a in checkpoints):
-        raise ValueError(f"a checkpoint amount is negative: {sorted(checkpoints)[0]}")
-    model.to(device)
-    pairs = _masked_params(model, masks, device)
-    apply_fault_masks(pairs)
-
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    stream = batches(len(data.y["train"]), cfg.batch_size, gen)
-    optimizer = make_optimizer(model, cfg)
-
-    def zero_masked_grads() -> None:
-        for p, keep in pairs:
-            if p.grad is not None:
-                p.grad.mul_(keep)
-
-    def rezero() -> None:
-        apply_fault_masks(pairs)
-
-    out: list[FatCheckpoint] = []
-    done, train_seconds = 0, 0.0
-
-    def measure(step: int, amount: float) -> None:
-        metrics = evaluate_fn(model) if evaluate_fn is not None else {}
-        cp = FatCheckpoint(amount, step, metrics, train_seconds)
-        out.append(cp)
-        if on_checkpoint is not None:
-            on_checkpoint(cp)
-
-    for step, amount in marks:
-        if out and out[-1].step == step:
-            # Another amount that rounds to the same optimizer step: same model, same metrics.
-            cp = FatCheckpoint(amount, step, dict(out[-1].metrics), train_seconds)
-            out.append(cp)
-            if on_checkpoint is not None:
-                on_checkpoint(cp)
-            continue
-        t0 = time.perf_counter()
-        train_steps(model, optimizer, data.x["train"], data.y["train"], stream, step - done,
-                    device, zero_masked_grads, rezero)
-        train_seconds += time.perf_counter() - t0
-        done = step
-        measure(step, amount)
-    if done < total:
-        t0 = time.perf_counter()
-        train_steps(model, optimizer, data.x["train"], data.y["train"], stream, total - done,
-                    device, zero_masked_grads, rezero)
-        train_seconds += time.perf_counter() - t0
-    model.eval()
-    return out
-
-
 def split_accuracies(model: nn.Module, data: PreparedDataLike,
                      splits: Sequence[str] = ("val", "test"),
                      device: torch.device | str = "cpu") -> dict[str, float]:
     """{'<split>_accuracy': accuracy} per split: what trials, chips and policies report."""
     return {f"{s}_accuracy": evaluate(model, data.x[s], data.y[s], device=device)[0]
             for s in splits}
-
-
-def fap_then_fat(baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
-                 data: PreparedDataLike, epochs: float, cfg: FatConfig,
-                 device: torch.device | str = "cpu", checkpoints: Sequence[float] = (),
-                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                 ) -> tuple[nn.Module, dict[str, torch.Tensor], list[FatCheckpoint]]:
-    """A copy of the baseline pruned by `fault_map` (FAP), then fault-aware trained (FAT).
-
-    The baseline itself is left untouched. Returns (model, keep-masks, checkpoints).
-    """
-    model = copy.deepcopy(baseline).to(device)
-    masks = build_masks(model, fault_map, layer_types)
-    cps = fault_aware_train(model, masks, data, epochs, cfg, device, checkpoints, evaluate_fn)
-    return model, masks, cps

@@ -29,7 +29,7 @@ TINY = [
 
 # What a copy of the project needs to run its stages (code, pipeline, entry points).
 PROJECT_FILES = ["params.yaml", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
-                 "pyproject.toml", "reduce_ops"]
+                 "pyproject.toml", "reduce_ops", "data/fault_maps"]
 
 
 def tiny_params(overrides: list[str] | None = None) -> dict:
@@ -57,12 +57,31 @@ def make_project(dest: Path, overrides: list[str] | None = None) -> Path:
     for name in PROJECT_FILES:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"),
+                            dirs_exist_ok=True)
         else:
             shutil.copy2(src, dest / name)
     params = dest / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
     return params
+
+
+def clone_project(src: Path, dest: Path) -> Path:
+    """A copy of a project folder (its MLflow store included) for a test that changes it; the
+    copy's runs still write artifacts under `src`, so `src` must outlive the copy."""
+    shutil.copytree(src, dest)
+    return dest
+
+
+def run_stages(root: Path, *stages: str) -> None:
+    """Run stages on a project with its own mlflow.db (MLFLOW_TRACKING_URI unset meanwhile)."""
+    from reduce_ops.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own mlflow.db
+        mp.chdir(root)                                     # MLflow artifacts under the project
+        for stage in stages:
+            assert main([stage, "--params", str(root / "params.yaml")]) == 0, stage
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from conftest import tiny_params
-from reduce_ops import training
+from reduce_ops import fault_aware
 from reduce_ops.config import Config, FatConfig, from_dict
+from reduce_ops.errors import ConfigError
 from reduce_ops.hardware import (
     ArrayGeometry,
     apply_masks,
@@ -22,10 +23,10 @@ from reduce_ops.hardware import (
     uniform_fault_map,
 )
 from reduce_ops.models import build_model
+from reduce_ops.fault_aware import fault_aware_train
 from reduce_ops.training import (
     batches,
     evaluate,
-    fault_aware_train,
     make_optimizer,
     pretrain,
     steps_per_epoch,
@@ -79,7 +80,7 @@ def spy_optimizer(monkeypatch: pytest.MonkeyPatch):
         steps = 0
         after_step: list = []
 
-    real = training.make_optimizer
+    real = fault_aware.make_optimizer
 
     def wrapped(model: nn.Module, cfg) -> torch.optim.Optimizer:
         opt = real(model, cfg)
@@ -94,7 +95,7 @@ def spy_optimizer(monkeypatch: pytest.MonkeyPatch):
         return opt
 
     Spy.optimizers, Spy.steps, Spy.after_step = [], 0, []
-    monkeypatch.setattr(training, "make_optimizer", wrapped)
+    monkeypatch.setattr(fault_aware, "make_optimizer", wrapped)
     return Spy
 
 
@@ -222,7 +223,7 @@ def test_checkpoints_come_from_one_run(tiny_cfg: Config, prepared_digits, baseli
 def test_checkpoint_outside_training_is_an_error(tiny_cfg: Config, prepared_digits, baseline,
                                                  checkpoints) -> None:
     model = fresh(baseline)
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(ConfigError, match="checkpoint"):
         fault_aware_train(model, faulty_masks(model, 0.3), prepared_digits, 0.5, tiny_cfg.fat,
                           checkpoints=checkpoints, evaluate_fn=lambda m: {})
     # rejected before anything happened: the caller's model is untouched (no FAP applied)
@@ -279,7 +280,7 @@ def test_rate_zero_is_plain_fine_tuning(tiny_cfg: Config, prepared_digits, basel
 def test_amounts_on_the_same_step_each_get_a_checkpoint(tiny_cfg, prepared_digits) -> None:
     """Amounts that round to one optimizer step are all reported, measured once."""
     from reduce_ops.models import build_model
-    from reduce_ops.training import fault_aware_train
+    from reduce_ops.fault_aware import fault_aware_train
 
     model = build_model("lenet", prepared_digits.input_shape, prepared_digits.num_classes)
     calls = []

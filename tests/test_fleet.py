@@ -1,7 +1,8 @@
 """Per-chip FAT (`reduce-ops fat`): a child run and a registered model per chip, resume, skip,
 --force, and fetching a chip's model by id (same logits as the pt2 export, faulty weights 0).
 
-The stage tests share one project and run in file order (interrupt+resume, checks, rerun/force).
+Two module fixtures hold a planned project and a clone of it after one `fat` run; tests that
+change a project work on a clone of their own, so the tests run in any order.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import pytest
 import torch
 
 import reduce_ops
-from conftest import make_project
+from conftest import clone_project, make_project, run_stages
 from reduce_ops import fleet, tracking
 from reduce_ops.cli import main
 from reduce_ops.config import load_config
 from reduce_ops.data import load_prepared
 from reduce_ops.errors import DataError, TrackingError
+from reduce_ops.fault_aware import fat_curve
 from reduce_ops.hardware import ArrayGeometry, FaultMap, build_masks, uniform_fault_map
 from reduce_ops.models import build_model
 from reduce_ops.tracking import find_model_versions, find_runs, tracking_uri
@@ -37,23 +39,38 @@ PREFIX = "reduce-ops"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def planned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project with prepared digits, baseline, fleet, resilience trials and a plan."""
     root = tmp_path_factory.mktemp("fleet")
-    params = make_project(root, SETUP)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own mlflow.db
-        mp.chdir(root)                                     # MLflow artifacts under the project
-        for stage in ("prepare", "pretrain", "faultmaps", "resilience", "plan"):
-            assert main([stage, "--params", str(params)]) == 0
+    make_project(root, SETUP)
+    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience", "plan")
     return root
 
 
-@pytest.fixture
-def in_project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+@pytest.fixture(scope="module")
+def trained(planned: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clone of the planned project after one `fat` run (tests only read it)."""
+    root = clone_project(planned, tmp_path_factory.mktemp("trained") / "project")
+    run_stages(root, "fat")
+    return root
+
+
+def _enter(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(project)
     return project
+
+
+@pytest.fixture
+def in_planned(planned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clone of the planned project of this test's own, as the current folder."""
+    return _enter(clone_project(planned, tmp_path / "project"), monkeypatch)
+
+
+@pytest.fixture
+def in_trained(trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The trained project as the current folder (read only)."""
+    return _enter(trained, monkeypatch)
 
 
 def _fat(project: Path, *extra: str) -> int:
@@ -78,8 +95,9 @@ def _chips(project: Path) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- the stage
 
-def test_interrupted_fleet_is_killed_then_resumes(in_project: Path,
+def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    in_project = in_planned
     plan, plan_id = _plan(in_project)
     feasible = plan.loc[plan["feasible"], "chip_id"].tolist()
     assert 2 <= len(feasible) < len(plan)        # the setup gives both kinds of chips
@@ -98,15 +116,15 @@ def test_interrupted_fleet_is_killed_then_resumes(in_project: Path,
     (killed,) = find_runs(uri, {"reduce_ops.stage": "fat"}, statuses=("KILLED",))
     assert not (in_project / "results/fat/chips.csv").exists()       # nothing half-written
     assert [len(_versions(in_project, c)) for c in feasible] == [1] + [0] * (len(feasible) - 1)
-    children = {r.data.tags["reduce_ops.chip_id"]: r.info.status
-                for r in find_runs(uri, {"mlflow.parentRunId": killed.info.run_id})}
+    children = {r.tags["reduce_ops.chip_id"]: r.status
+                for r in find_runs(uri, {"mlflow.parentRunId": killed.run_id})}
     assert children == {feasible[0]: "FINISHED", feasible[1]: "KILLED"}
 
     monkeypatch.setattr(tracking, "register_model_version", real_register)
-    real = fleet.train_chip
+    real = fleet.fat_curve
     calls: list[str] = []
-    monkeypatch.setattr(fleet, "train_chip", lambda b, job, *a, **k: (calls.append(job.chip_id),
-                                                                       real(b, job, *a, **k))[1])
+    monkeypatch.setattr(fleet, "fat_curve", lambda b, fmap, *a, **k: (calls.append(fmap.chip_id),
+                                                                       real(b, fmap, *a, **k))[1])
     assert _fat(in_project) == 0
     assert calls == feasible[1:]                  # the chip done before Ctrl-C is not retrained
     assert all(len(_versions(in_project, c)) == 1 for c in feasible)
@@ -115,25 +133,26 @@ def test_interrupted_fleet_is_killed_then_resumes(in_project: Path,
     assert (chips.loc[feasible[1:], "status"] == "trained").all()
 
 
-def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_project: Path) -> None:
+def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_trained: Path) -> None:
+    in_project = in_trained
     plan, plan_id = _plan(in_project)
     uri = tracking_uri(in_project)
     chips = _chips(in_project).set_index("chip_id")
     summary = json.loads((in_project / "results/fat/summary.json").read_text())
     children = {}
     for run in find_runs(uri, {"reduce_ops.plan_run_id": plan_id}, statuses=("FINISHED",)):
-        if "mlflow.parentRunId" in run.data.tags:     # the chip runs, not the stage runs
-            children.setdefault(run.data.tags["reduce_ops.chip_id"], []).append(run)
+        if "mlflow.parentRunId" in run.tags:     # the chip runs, not the stage runs
+            children.setdefault(run.tags["reduce_ops.chip_id"], []).append(run)
     for row in plan.itertuples():
         if not row.feasible:
             (run,) = children[row.chip_id]             # one rejection (chip not reached before)
-            assert run.data.tags["reduce_ops.rejected"] == "true"
-            assert run.data.params["reason"] and "test_accuracy" not in run.data.metrics
+            assert run.tags["reduce_ops.rejected"] == "true"
+            assert run.params["reason"] and "test_accuracy" not in run.metrics
             assert _versions(in_project, row.chip_id) == []
             assert chips.loc[row.chip_id, "status"] == "rejected"
             continue
-        (run,) = [r for r in children[row.chip_id] if "test_accuracy" in r.data.metrics]
-        p, m = run.data.params, run.data.metrics
+        (run,) = [r for r in children[row.chip_id] if "test_accuracy" in r.metrics]
+        p, m = run.params, run.metrics
         assert p["chip_id"] == row.chip_id and p["plan_run_id"] == plan_id
         assert float(p["fault_rate"]) == row.fault_rate
         assert float(p["planned_epochs"]) == row.planned_epochs
@@ -142,7 +161,7 @@ def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_proj
         assert m["wall_seconds"] > 0 and 0.0 <= m["val_accuracy"] <= 1.0
         (version,) = _versions(in_project, row.chip_id)
         tags = version.tags
-        assert version.run_id == run.info.run_id
+        assert version.run_id == run.run_id
         assert tags["chip_id"] == row.chip_id and tags["plan_run_id"] == plan_id
         assert float(tags["test_accuracy"]) == m["test_accuracy"]
         assert float(tags["fault_rate"]) == row.fault_rate
@@ -158,20 +177,29 @@ def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_proj
 
 
 def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
-        in_project: Path, tmp_path: Path) -> None:
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
 
+    in_project = trained
     cfg = load_config(in_project / "params.yaml")
     data = load_prepared(cfg.path("prepared"))
-    uri = tracking_uri(in_project)
+    uri = f"sqlite:///{in_project / 'mlflow.db'}"        # the project's own store
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # Any folder will do, given only the tracking URI: no params.yaml is read.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     chips = _chips(in_project)
     champions = chips.loc[chips["constraint_met"] == True, "chip_id"].tolist()  # noqa: E712
     assert champions
     x = data.x["test"][:16]
     for chip_id in champions:
-        model = reduce_ops.load_chip_model(chip_id)              # defaults: ./params.yaml
+        model = reduce_ops.load_chip_model(chip_id)              # found by its chip_id tag
+        registered = MlflowClient(uri).get_registered_model(f"{PREFIX}-{chip_id}")
+        assert registered.tags["chip_id"] == chip_id             # shown on the models page
+        assert float(registered.tags["fault_rate"]) == chips.set_index("chip_id").loc[
+            chip_id, "fault_rate"]
         assert isinstance(model, torch.nn.Module) and not model.training
         assert all(p.requires_grad for p in model.parameters())  # trainable, not a graph
         exported = mlflow.pytorch.load_model(f"models:/{PREFIX}-{chip_id}@champion")
@@ -198,8 +226,15 @@ def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
         assert torch.equal(ckpt["state_dict"][key], value)
 
 
+def test_load_chip_model_needs_a_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(TrackingError, match="tracking_uri= or set MLFLOW_TRACKING_URI"):
+        reduce_ops.load_chip_model("chip-000")
+
+
 def test_rerun_registers_nothing_and_force_makes_new_versions(
-        in_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    in_project = _enter(clone_project(trained, tmp_path / "project"), monkeypatch)
     plan, _ = _plan(in_project)
     feasible = plan.loc[plan["feasible"], "chip_id"].tolist()
     before = {c: len(_versions(in_project, c)) for c in feasible}
@@ -210,17 +245,17 @@ def test_rerun_registers_nothing_and_force_makes_new_versions(
 
     # --force retrains everything; the first chip now misses the constraint (accuracy forced to
     # 0): its new version is registered without the alias, and the old champion stays.
-    real = fleet.train_chip
+    real = fleet.fat_curve
     old_champion = next(v for v in _versions(in_project, feasible[0])
                         if fleet.CHAMPION in v.aliases)
 
-    def worse_first(baseline, job, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        out = real(baseline, job, *args, **kwargs)
-        if job.chip_id == feasible[0]:
-            out.test_accuracy = 0.0
+    def worse_first(baseline, fmap, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        out = real(baseline, fmap, *args, **kwargs)
+        if fmap.chip_id == feasible[0]:
+            out.accuracy["test_accuracy"] = [0.0] * len(out.amounts)
         return out
 
-    monkeypatch.setattr(fleet, "train_chip", worse_first)
+    monkeypatch.setattr(fleet, "fat_curve", worse_first)
     assert _fat(in_project, "--force") == 0
     after = {c: _versions(in_project, c) for c in feasible}
     assert {c: len(v) for c, v in after.items()} == {c: n + 1 for c, n in before.items()}
@@ -237,7 +272,8 @@ def test_rerun_registers_nothing_and_force_makes_new_versions(
 
 
 def test_unknown_chip_id_is_one_line_naming_close_matches(
-        in_project: Path, capsys: pytest.CaptureFixture) -> None:
+        in_trained: Path, capsys: pytest.CaptureFixture) -> None:
+    in_project = in_trained
     plan, _ = _plan(in_project)
     known = plan.loc[plan["feasible"], "chip_id"].iloc[0]      # e.g. chip-000
     typo = known.replace("-", "-0")                            # chip-0000
@@ -247,7 +283,7 @@ def test_unknown_chip_id_is_one_line_naming_close_matches(
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert typo in err and known in err
     with pytest.raises(TrackingError, match=known):
-        reduce_ops.load_chip_model(typo)
+        reduce_ops.load_chip_model(typo, tracking_uri=tracking_uri(in_project))
 
 
 # --------------------------------------------------------------------------- pieces
@@ -257,15 +293,16 @@ def test_zero_planned_epochs_is_fault_aware_pruning_only(prepared_digits) -> Non
     torch.manual_seed(0)
     baseline = build_model("lenet", prepared_digits.input_shape, prepared_digits.num_classes)
     fault_map = uniform_fault_map(ArrayGeometry(16, 16), 0.3, seed=1, chip_id="c")
-    job = fleet.ChipJob("c", fault_map.fault_rate, 0.0, True, "", fault_map)
     cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml").fat
-    out = fleet.train_chip(baseline, job, prepared_digits, cfg, ("conv", "linear"))
+    out = fat_curve(baseline, fault_map, ("conv", "linear"), prepared_digits, [0.0], cfg)
+    masks = out.session.masks
     base = dict(baseline.named_parameters())
-    for name, param in out.model.named_parameters():
-        expected = base[name] * out.masks[name] if name in out.masks else base[name]
+    for name, param in out.session.model.named_parameters():
+        expected = base[name] * masks[name] if name in masks else base[name]
         assert torch.equal(param, expected.detach()), name
-    assert out.pruned_fraction == pytest.approx(0.3, abs=0.05)
-    assert 0.0 <= out.test_accuracy <= 1.0 and not math.isnan(out.val_accuracy)
+    assert out.session.pruned_fraction == pytest.approx(0.3, abs=0.05)
+    assert 0.0 <= out.at(0.0, "test_accuracy") <= 1.0
+    assert not math.isnan(out.at(0.0, "val_accuracy"))
 
 
 def test_stale_plan_is_a_clear_error() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reduce_ops.errors import DataError
+from reduce_ops.errors import ConfigError, DataError
 from reduce_ops.models import MODEL_NAMES, build_model, load_checkpoint, save_checkpoint
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
@@ -32,7 +32,7 @@ def test_vgg11_keeps_torchvision_structure_for_cifar() -> None:
 
 
 def test_unknown_model() -> None:
-    with pytest.raises(ValueError, match="unknown model 'vgg16'"):
+    with pytest.raises(ConfigError, match="model.name: unknown model 'vgg16'"):
         build_model("vgg16", (1, 8, 8), 10)
 
 

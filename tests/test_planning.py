@@ -283,8 +283,8 @@ def test_plan_from_trials_end_to_end(trials):
 
 
 @pytest.mark.parametrize("kwargs, key", [
-    (dict(granularity=0.0), "plan.granularity"),
-    (dict(granularity=-1.0), "plan.granularity"),
+    (dict(granularity=0.0), "resilience.checkpoint_every"),
+    (dict(granularity=-1.0), "resilience.checkpoint_every"),
     (dict(granularity=0.25, safety_margin=0.9), "plan.safety_margin"),
     (dict(granularity=0.25, safety_margin=math.nan), "plan.safety_margin"),
 ])

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reduce_ops import reports
+from reduce_ops import atomic, reports
 from reduce_ops.errors import DataError
 from reduce_ops.planning import MAP_COLUMNS, fit_monotone_curve, plan_fleet
 
@@ -217,7 +217,7 @@ def test_write_csv_round_trips_exactly(tmp_path):
                            fault_rate=[0.1 + 0.2, 1 / 3, 1e-17],
                            planned_epochs=[math.pi * 1e10, 2.0 / 7, math.nan],
                            feasible=[True, False, True]))
-    out = reports.write_csv_atomic(df, tmp_path / "sub" / "plan.csv")
+    out = atomic.write_csv(df, tmp_path / "sub" / "plan.csv")
     assert out == tmp_path / "sub" / "plan.csv"
     back = pd.read_csv(out)
     pd.testing.assert_frame_equal(back, df, check_exact=True)
@@ -226,7 +226,7 @@ def test_write_csv_round_trips_exactly(tmp_path):
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
-    path = reports.write_csv_atomic(pd.DataFrame(dict(a=[1])), tmp_path / "t.csv")
+    path = atomic.write_csv(pd.DataFrame(dict(a=[1])), tmp_path / "t.csv")
     old = path.read_text()
 
     def broken(self, target, **kw):
@@ -236,6 +236,6 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
     with pytest.raises(OSError):
-        reports.write_csv_atomic(pd.DataFrame(dict(a=[2])), path)
+        atomic.write_csv(pd.DataFrame(dict(a=[2])), path)
     assert path.read_text() == old
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +13,7 @@ from reduce_ops.cli import main
 from reduce_ops.config import load_config
 from reduce_ops.tracking import find_runs, read_children, tracking_uri
 
-from conftest import make_project
+from conftest import clone_project, make_project, run_stages
 
 GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25",
@@ -23,17 +22,11 @@ GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project with prepared digits and a briefly trained baseline."""
+    """A tiny project with prepared digits, a briefly trained baseline, a fleet and one finished
+    resilience run; tests that add runs that change what later stages read work on a clone."""
     root = tmp_path_factory.mktemp("res")
-    params = make_project(root, GRID + ["train.max_epochs=4"])
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)      # the project's own mlflow.db
-    try:
-        assert main(["prepare", "--params", str(params)]) == 0
-        assert main(["pretrain", "--params", str(params)]) == 0
-    finally:
-        if old is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = old
+    make_project(root, GRID + ["train.max_epochs=4"])
+    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience")
     return root
 
 
@@ -44,7 +37,7 @@ def _run(project: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
 
 def test_trials_logged_as_children_and_csv_agrees(project: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _run(project, monkeypatch) == 0
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own mlflow.db
     cfg = load_config(project / "params.yaml")
     uri = tracking_uri(project)
     summary = json.loads((project / "results/resilience/summary.json").read_text())
@@ -79,8 +72,9 @@ def test_trials_logged_as_children_and_csv_agrees(project: Path,
         assert (project / "results/resilience" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_interrupted_run_is_killed_and_resumed(project: Path,
+def test_interrupted_run_is_killed_and_resumed(project: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    project = clone_project(project, tmp_path / "clone")
     real = resilience.run_trial
     calls: list[str] = []
 
@@ -97,7 +91,7 @@ def test_interrupted_run_is_killed_and_resumed(project: Path,
     uri = tracking_uri(project)
     killed = find_runs(uri, {"reduce_ops.stage": "resilience"}, statuses=("KILLED",))
     assert len(killed) == 1
-    assert len(read_children(uri, killed[0].info.run_id, ["val_accuracy"])) == 2
+    assert len(read_children(uri, killed[0].run_id, ["val_accuracy"])) == 2
     # Nothing half-written: the previous outputs are untouched.
     assert (project / "results/resilience/trials.csv").read_bytes() == before
 
@@ -118,9 +112,7 @@ def test_plan_from_mlflow_equals_plan_from_csv(project: Path,
     from reduce_ops.planning import make_plan
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = str(project / "params.yaml")
-    assert main(["faultmaps", "--params", params]) == 0
-    assert main(["plan", "--params", params]) == 0
+    assert main(["plan", "--params", str(project / "params.yaml")]) == 0
     cfg = load_config(project / "params.yaml")
     summary = json.loads((project / "results/plan/summary.json").read_text())
     res_summary = json.loads((project / "results/resilience/summary.json").read_text())
@@ -153,13 +145,11 @@ def test_compare_arithmetic_and_reuse_is_honest(project: Path,
     from reduce_ops.data import load_prepared
     from reduce_ops.hardware import ArrayGeometry, build_masks, load_fleet
     from reduce_ops.models import load_checkpoint
-    from reduce_ops.training import evaluate, fault_aware_train
+    from reduce_ops.fault_aware import fault_aware_train
+    from reduce_ops.training import evaluate
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = str(project / "params.yaml")
-    if not (project / "data/fleet/fleet.csv").exists():
-        assert main(["faultmaps", "--params", params]) == 0
-    assert main(["compare", "--params", params]) == 0
+    assert main(["compare", "--params", str(project / "params.yaml")]) == 0
     out = project / "results/compare"
     per_chip = pd.read_csv(out / "per_chip.csv")
     summary = pd.read_csv(out / "summary.csv")

@@ -21,6 +21,7 @@ from reduce_ops.hardware.fleetio import (
 from reduce_ops.hardware.geometry import ArrayGeometry
 from reduce_ops.hardware.mapping import (
     LAYER_TYPES,
+    MaskedWeights,
     apply_masks,
     build_masks,
     layer_keep_mask,
@@ -32,6 +33,7 @@ __all__ = [
     "GENERATORS",
     "LAYER_TYPES",
     "MANIFEST",
+    "MaskedWeights",
     "RATE_DISTRIBUTIONS",
     "ArrayGeometry",
     "FaultMap",

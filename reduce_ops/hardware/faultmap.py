@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,24 +10,17 @@ import numpy as np
 
 from reduce_ops.errors import FaultMapError
 from reduce_ops.hardware.geometry import ArrayGeometry
+from reduce_ops.names import safe_name_problem
 
 # A seed is an int, a SeedSequence or an already-built Generator (used as is).
 Seed = int | np.random.SeedSequence | np.random.Generator | None
 
-_CHIP_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
 def validate_chip_id(chip_id: str, source: str = "") -> str:
     """Return chip_id if safe as a file name and registry suffix; else raise one clear line."""
-    where = f"{source}: " if source else ""
-    if not isinstance(chip_id, str):
-        raise FaultMapError(f"{where}chip id must be a string, got {chip_id!r}")
-    if not _CHIP_ID_RE.fullmatch(chip_id):
-        raise FaultMapError(
-            f"{where}unsafe chip id {chip_id!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
-        )
-    if chip_id.startswith((".", "-")):
-        raise FaultMapError(f"{where}unsafe chip id {chip_id!r}: must not start with '.' or '-'")
+    problem = safe_name_problem(chip_id)
+    if problem:
+        where = f"{source}: " if source else ""
+        raise FaultMapError(f"{where}unsafe chip id {chip_id!r}: {problem}")
     return chip_id
 
 

@@ -6,13 +6,12 @@ import csv
 import hashlib
 import io
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from reduce_ops.atomic import atomic_dir
 from reduce_ops.errors import FaultMapError
 from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
 from reduce_ops.hardware.geometry import ArrayGeometry
@@ -63,11 +62,8 @@ def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike) -> Path:
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise FaultMapError(f"{out_dir}: exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp_dir = _sibling(out_dir, "tmp")
-    tmp_dir.mkdir()  # default permissions (mkdtemp would leave the fleet readable by owner only)
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         with open(tmp_dir / MANIFEST, "w", newline="", encoding="utf-8") as manifest:
             writer = csv.writer(manifest)
             writer.writerow(MANIFEST_COLUMNS)
@@ -82,31 +78,7 @@ def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike) -> Path:
                     "" if fault_map.seed is None else fault_map.seed,
                     hashlib.sha256(data).hexdigest(),
                 ])
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _sibling(out_dir: Path, tag: str) -> Path:
-    """A unique hidden name next to out_dir, on the same filesystem so renames are atomic."""
-    return out_dir.parent / f".{out_dir.name}.{tag}-{uuid.uuid4().hex[:12]}"
-
-
-def _replace_dir(new_dir: Path, out_dir: Path) -> None:
-    """Move new_dir to out_dir; an old out_dir is moved aside first, restored if the move fails."""
-    if not out_dir.exists():
-        os.replace(new_dir, out_dir)
-        return
-    old_dir = _sibling(out_dir, "old")
-    os.replace(out_dir, old_dir)
-    try:
-        os.replace(new_dir, out_dir)
-    except BaseException:
-        os.replace(old_dir, out_dir)
-        raise
-    shutil.rmtree(old_dir, ignore_errors=True)
 
 
 def load_fleet(fleet_dir: str | os.PathLike, geometry: ArrayGeometry) -> list[FaultMap]:

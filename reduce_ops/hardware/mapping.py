@@ -146,17 +146,42 @@ def pruned_fraction(masks: Mapping[str, torch.Tensor]) -> float:
     return (total - kept) / total
 
 
-@torch.no_grad()
+class MaskedWeights:
+    """The mapped weights of one model and their keep-masks, checked once; FAP in place.
+
+    Masks (bool, True = keep) become float multipliers on the weight's device and dtype, so
+    zeroing the faulty weights (and, in fault-aware training, their gradients) is one in-place
+    multiply per tensor.
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for name, mask in masks.items():
+            if name not in params:
+                raise FaultMapError(f"mask for {name!r} matches no parameter of the model")
+            param = params[name]
+            if mask.shape != param.shape:
+                raise FaultMapError(
+                    f"mask for {name!r} has shape {tuple(mask.shape)}, "
+                    f"the parameter {tuple(param.shape)}"
+                )
+            self.pairs.append((param, mask.to(device=param.device, dtype=param.dtype)))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """FAP: every weight on a faulty PE becomes exactly 0."""
+        for param, keep in self.pairs:
+            param.mul_(keep)
+
+    def zero_grads(self) -> None:
+        """Zero the faulty weights' gradients, so momentum, Adam moments and weight decay never
+        move them."""
+        for param, keep in self.pairs:
+            if param.grad is not None:
+                param.grad.mul_(keep)
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the masked weights in place (FAP): weight *= mask for every masked parameter."""
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in params:
-            raise FaultMapError(f"mask for {name!r} matches no parameter of the model")
-        param = params[name]
-        if mask.shape != param.shape:
-            raise FaultMapError(
-                f"mask for {name!r} has shape {tuple(mask.shape)}, "
-                f"the parameter {tuple(param.shape)}"
-            )
-        param.mul_(mask.to(param.device, non_blocking=True))
+    MaskedWeights(model, masks).apply()

@@ -1,0 +1,173 @@
+"""Fault-aware training (FAT): fine-tuning with the weights on faulty PEs held at exactly zero."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from reduce_ops.config import FatConfig
+from reduce_ops.errors import ConfigError
+from reduce_ops.hardware import MaskedWeights, build_masks, pruned_fraction
+from reduce_ops.training import (PreparedDataLike, batches, make_optimizer, split_accuracies,
+                                 steps_per_epoch, train_steps)
+
+
+@dataclass
+class FatCheckpoint:
+    amount: float          # retraining epochs done when measured
+    step: int              # optimizer steps done
+    metrics: dict[str, float]
+    seconds: float         # wall time of training so far (evaluation excluded)
+
+
+def checkpoint_steps(amounts: Sequence[float], n_per_epoch: int) -> list[int]:
+    """Retraining amounts (epochs, fractional) -> optimizer-step counts (rounded)."""
+    return [int(round(a * n_per_epoch)) for a in amounts]
+
+
+class FatSession:
+    """Fault-aware training (FAT) of one model that can be continued.
+
+    The masked weights are zeroed at the start (FAP), their gradients are zeroed before every
+    step (so momentum buffers, Adam moments and weight decay never move them) and the weights are
+    re-zeroed after every step. `advance(amount)` trains up to `amount` epochs (fractional:
+    0.25 = a quarter of an epoch's optimizer steps) and can be called again: advancing to 1 and
+    then to 2 epochs gives exactly the model of one 2-epoch run (same batches, same optimizer
+    state), so a trial or a chip can be measured, then continued.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], data: PreparedDataLike,
+                 cfg: FatConfig, device: torch.device | str = "cpu") -> None:
+        self.model = model.to(device)
+        self.masks = masks
+        self.data, self.cfg, self.device = data, cfg, device
+        self.masked = MaskedWeights(self.model, masks)
+        self.masked.apply()
+        self.n_per_epoch = steps_per_epoch(len(data.y["train"]), cfg.batch_size)
+        torch.manual_seed(cfg.seed)
+        self._stream = batches(len(data.y["train"]), cfg.batch_size,
+                               torch.Generator().manual_seed(cfg.seed))
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.steps = 0
+        self.train_seconds = 0.0
+
+    @classmethod
+    def from_baseline(cls, baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
+                      data: PreparedDataLike, cfg: FatConfig,
+                      device: torch.device | str = "cpu") -> FatSession:
+        """A copy of the baseline pruned by `fault_map` (the baseline itself is untouched)."""
+        model = copy.deepcopy(baseline).to(device)
+        return cls(model, build_masks(model, fault_map, layer_types), data, cfg, device)
+
+    @property
+    def amount(self) -> float:
+        """Epochs of FAT done so far."""
+        return self.steps / self.n_per_epoch
+
+    @property
+    def pruned_fraction(self) -> float:
+        return pruned_fraction(self.masks)
+
+    def advance(self, amount: float) -> None:
+        """Train on until `amount` epochs of FAT are done in all."""
+        target = int(round(amount * self.n_per_epoch))
+        if amount < 0 or target < self.steps:
+            raise ConfigError(f"retraining amount {amount:g} epochs: FAT is already at "
+                              f"{self.amount:g} epochs and cannot go back")
+        if target == self.steps:
+            return
+        t0 = time.perf_counter()
+        train_steps(self.model, self.optimizer, self.data.x["train"], self.data.y["train"],
+                    self._stream, target - self.steps, self.device, self.masked.zero_grads,
+                    self.masked.apply)
+        self.train_seconds += time.perf_counter() - t0
+        self.steps = target
+        self.model.eval()
+
+    def accuracies(self, splits: Sequence[str]) -> dict[str, float]:
+        """{'<split>_accuracy': accuracy} of the model as it is now."""
+        return split_accuracies(self.model, self.data, splits, self.device)
+
+    def checkpoints(self, amounts: Sequence[float],
+                    evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                    on_checkpoint: Callable[[FatCheckpoint], None] | None = None,
+                    ) -> list[FatCheckpoint]:
+        """Advance through `amounts` (ascending), calling evaluate_fn(model) at each one.
+
+        Amounts that round to the same optimizer step are all reported, measured once.
+        """
+        out: list[FatCheckpoint] = []
+        for step, amount in sorted(set(zip(checkpoint_steps(amounts, self.n_per_epoch),
+                                           amounts))):
+            if out and out[-1].step == step:
+                metrics = dict(out[-1].metrics)
+            else:
+                self.advance(amount)
+                metrics = evaluate_fn(self.model) if evaluate_fn is not None else {}
+            cp = FatCheckpoint(amount, step, metrics, self.train_seconds)
+            out.append(cp)
+            if on_checkpoint is not None:
+                on_checkpoint(cp)
+        return out
+
+
+def fault_aware_train(model: nn.Module, masks: dict[str, torch.Tensor], data: PreparedDataLike,
+                      epochs: float, cfg: FatConfig, device: torch.device | str = "cpu",
+                      checkpoints: Sequence[float] = (),
+                      evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                      on_checkpoint: Callable[[FatCheckpoint], None] | None = None,
+                      ) -> list[FatCheckpoint]:
+    """Fine-tune `model` in place with masked weights held at exactly zero, for `epochs`.
+
+    `evaluate_fn(model)` runs at every amount in `checkpoints` (epochs, 0 allowed) within this
+    ONE run, giving the accuracy curve without retraining.
+    """
+    # Checked before the model is touched: a rejected call leaves the caller's weights as they were.
+    if any(a < 0 for a in checkpoints):
+        raise ConfigError(f"a checkpoint amount is negative: {sorted(checkpoints)[0]:g} epochs")
+    n_per_epoch = steps_per_epoch(len(data.y["train"]), cfg.batch_size)
+    if any(s > int(round(epochs * n_per_epoch))
+           for s in checkpoint_steps(checkpoints, n_per_epoch)):
+        raise ConfigError(f"a checkpoint lies beyond the {epochs:g} epochs of training")
+    session = FatSession(model, masks, data, cfg, device)
+    cps = session.checkpoints(checkpoints, evaluate_fn, on_checkpoint)
+    session.advance(epochs)
+    model.eval()
+    return cps
+
+
+@dataclass
+class FatCurve:
+    """A fault map's FAP + FAT run measured at several amounts: what a resilience trial, a chip
+    and a compared policy each read (the session can be continued)."""
+
+    session: FatSession
+    amounts: list[float]
+    accuracy: dict[str, list[float]]   # '<split>_accuracy' -> accuracy at each amount
+    train_seconds: list[float]         # FAT wall time done at each amount
+    seconds: float                     # FAP + FAT + evaluation wall time
+
+    def at(self, amount: float, key: str) -> float:
+        """Accuracy `key` (e.g. 'test_accuracy') at one of the measured amounts."""
+        return self.accuracy[key][self.amounts.index(amount)]
+
+
+def fat_curve(baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
+              data: PreparedDataLike, amounts: Sequence[float], cfg: FatConfig,
+              device: torch.device | str = "cpu", splits: Sequence[str] = ("val", "test"),
+              on_checkpoint: Callable[[FatCheckpoint], None] | None = None) -> FatCurve:
+    """FAP a copy of the baseline with `fault_map`, then ONE FAT run up to max(amounts) with the
+    accuracy of every split in `splits` measured at each amount (0 = FAP only)."""
+    t0 = time.perf_counter()
+    session = FatSession.from_baseline(baseline, fault_map, layer_types, data, cfg, device)
+    cps = session.checkpoints(sorted(set(amounts)),
+                              lambda m: split_accuracies(m, data, splits, device), on_checkpoint)
+    return FatCurve(session, [c.amount for c in cps],
+                    {f"{s}_accuracy": [c.metrics[f"{s}_accuracy"] for c in cps] for s in splits},
+                    [c.seconds for c in cps], time.perf_counter() - t0)

@@ -1,0 +1,69 @@
+"""Names shared by several modules: safe ids, registered model names, MLflow tag and metric keys.
+
+Every tag and metric key the project writes or searches for is spelled here once; tracking.py
+(the only module that imports MLflow) and the stage modules refer to these constants.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Chip ids and the registry prefix become file names and registered-model names.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SAFE_NAME_HELP = "1-64 characters from A-Z a-z 0-9 _ . -"
+
+
+def safe_name_problem(value: object) -> str | None:
+    """Why `value` cannot be a chip id / registry prefix, or None when it can."""
+    if not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    if not SAFE_NAME.fullmatch(value):
+        return f"use {SAFE_NAME_HELP}, got {value!r}"
+    if value.startswith((".", "-")):
+        return f"must not start with '.' or '-', got {value!r}"
+    return None
+
+
+def registered_name(prefix: str, chip_id: str) -> str:
+    """The registered model of a chip: <prefix>-<chip_id>."""
+    return f"{prefix}-{chip_id}"
+
+
+CHAMPION = "champion"                    # alias of the version a chip ships with
+
+# --------------------------------------------------------------------------- run tags
+TAG_PARENT = "mlflow.parentRunId"        # MLflow's own: a child run's parent
+TAG_RUN_NAME = "mlflow.runName"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"   # the UI opens on runs, not GenAI traces
+EXPERIMENT_KIND = "custom_model_development"
+TAG_STAGE = "reduce_ops.stage"
+TAG_GRID_HASH = "reduce_ops.grid_hash"
+TAG_BASELINE_HASH = "reduce_ops.baseline_hash"
+TAG_DATASET_HASH = "reduce_ops.dataset_hash"
+TAG_RESILIENCE_RUN = "reduce_ops.resilience_run"
+TAG_PLAN_RUN = "reduce_ops.plan_run_id"
+TAG_CHIP = "reduce_ops.chip_id"
+TAG_REJECTED = "reduce_ops.rejected"
+TAG_TRIAL = "reduce_ops.trial"
+TAG_REUSED_FROM = "reduce_ops.reused_from"
+TAG_POLICY = "reduce_ops.policy"
+TAG_SERIALIZATION = "reduce_ops.serialization_format"
+TAG_PT2_FALLBACK = "reduce_ops.pt2_fallback"
+
+# --------------------------------------------------------------------------- model version tags
+VTAG_CHIP = "chip_id"                    # also on the registered model itself
+VTAG_FAULT_RATE = "fault_rate"           # also on the registered model itself
+VTAG_PLAN_RUN = "plan_run_id"            # a rerun skips chips registered for this plan
+VTAG_TEST_ACCURACY = "test_accuracy"
+VTAG_VAL_ACCURACY = "val_accuracy"
+VTAG_CONSTRAINT_MET = "constraint_met"
+VTAG_CONSTRAINT_LEVEL = "constraint_level"
+VTAG_PLANNED_EPOCHS = "planned_epochs"
+VTAG_PRUNED_FRACTION = "pruned_fraction"
+VTAG_SERIALIZATION = "serialization_format"
+
+# --------------------------------------------------------------------------- metric keys
+VAL_ACCURACY = "val_accuracy"
+TEST_ACCURACY = "test_accuracy"
+RETRAINING_EPOCHS = "retraining_epochs"
+TRIAL_SECONDS = "trial_seconds"

@@ -1,0 +1,91 @@
+"""Provenance: which baseline, dataset and resilience run a result comes from, and whether the
+current files are the ones it was made for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from reduce_ops import names, tracking
+from reduce_ops.config import Config
+from reduce_ops.errors import DataError, ReduceOpsError, TrackingError
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The baseline and dataset a result was made for (None: not recorded)."""
+
+    baseline_hash: str | None
+    dataset_hash: str
+
+    def require_match(self, current: Identity, what: str, remedy: str) -> None:
+        """One clear line when `what` (made for self) does not fit the current files."""
+        differs = [name for name, mine, now in (("baseline", self.baseline_hash,
+                                                 current.baseline_hash),
+                                                ("dataset", self.dataset_hash,
+                                                 current.dataset_hash))
+                   if mine is not None and mine != now]
+        if differs:
+            raise ReduceOpsError(f"{what} was made for another {' and '.join(differs)}; {remedy}")
+
+
+def dataset_meta(cfg: Config) -> dict:
+    """meta.json of the prepared dataset, or one line saying to run `prepare`."""
+    from reduce_ops.data import META_FILE
+
+    path = cfg.path("prepared") / META_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no prepared dataset; run `reduce-ops prepare` first")
+    return json.loads(path.read_text())
+
+
+def current_identity(cfg: Config) -> Identity:
+    """sha256 of the current baseline file and hash of the current prepared dataset."""
+    baseline = cfg.path("baseline")
+    if not baseline.is_file():
+        raise DataError(f"{baseline}: no baseline model; run `reduce-ops pretrain` first")
+    return Identity(file_sha256(baseline), dataset_meta(cfg)["dataset_hash"])
+
+
+def dataset_ref(cfg: Config) -> tracking.DatasetRef:
+    """The prepared dataset as an MLflow dataset input (name, digest, source, profile)."""
+    meta = dataset_meta(cfg)
+    return tracking.DatasetRef(meta["source"], meta["dataset_hash"],
+                               str(cfg.path("prepared").resolve()),
+                               {"split_sizes": meta["split_sizes"],
+                                "input_shape": meta["input_shape"],
+                                "num_classes": meta["num_classes"]})
+
+
+def identity_tags(identity: Identity) -> dict[str, str]:
+    """The run tags that say which baseline and dataset a run was made for."""
+    tags = {names.TAG_DATASET_HASH: identity.dataset_hash}
+    if identity.baseline_hash is not None:
+        tags[names.TAG_BASELINE_HASH] = identity.baseline_hash
+    return tags
+
+
+def resilience_run(cfg: Config, identity: Identity) -> tracking.RunRecord:
+    """The resilience run a plan reads: plan.resilience_run, or the latest finished run for the
+    current baseline and dataset."""
+    uri = tracking.tracking_uri(cfg.root)
+    if cfg.plan.resilience_run:
+        return tracking.get_run(uri, cfg.plan.resilience_run)
+    found = tracking.find_runs(uri, {names.TAG_STAGE: "resilience", **identity_tags(identity)},
+                               statuses=("FINISHED",))
+    if not found:
+        raise TrackingError(f"no finished resilience run for this baseline and dataset in "
+                            f"{uri}; run `reduce-ops resilience` first (or set "
+                            f"plan.resilience_run)")
+    return found[0]

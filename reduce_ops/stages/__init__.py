@@ -1,0 +1,30 @@
+"""The pipeline's stages, one module each with a `run(cfg, ...)` that a test can call.
+
+Stage modules wire config, files and tracking to the library modules; the `reduce-ops` command
+only parses arguments and dispatches here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+# Every stage, in pipeline order, with the one line `reduce-ops --help` shows for it.
+STAGES: dict[str, str] = {
+    "prepare": "read the dataset, write the seeded stratified split",
+    "faultmaps": "generate the fleet's fault maps, or `faultmaps import DIR`",
+    "pretrain": "train the baseline model to convergence",
+    "resilience": "measure accuracy after k epochs of FAT at each fault rate",
+    "plan": "plan each chip's retraining from the logged resilience",
+    "fat": "retrain every chip as planned, register one model per chip",
+    "compare": "fixed-epoch policies vs Reduce on the fleet (Fig. 3)",
+    "main": "the whole pipeline, one MLflow run with a child per step",
+    "fetch": "show a chip's champion model, `fetch CHIP_ID --out DIR` downloads it",
+}
+PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "fat", "compare")
+
+
+def runner(stage: str) -> Callable[..., Any]:
+    """The stage's `run` function (its module is imported only when it runs)."""
+    return importlib.import_module(f"reduce_ops.stages.{stage}").run

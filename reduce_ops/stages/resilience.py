@@ -1,0 +1,94 @@
+"""`reduce-ops resilience`: Step 1 of Reduce, every (fault rate, repetition) trial as an MLflow
+child run, then the trials table, the resilience map and Figs. 2a/2b."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from reduce_ops import atomic, names, provenance, reports, resilience, tracking
+from reduce_ops.config import Config, flatten
+from reduce_ops.data import load_prepared
+from reduce_ops.models import load_checkpoint
+from reduce_ops.planning import constraint_level, resilience_map
+from reduce_ops.progress import Progress
+from reduce_ops.training import evaluate, resolve_device
+
+
+def _reusable(uri: str, grid_hash: str) -> dict[str, resilience.TrialResult]:
+    """Finished trials of interrupted runs with the same grid, baseline and data, by key."""
+    reusable: dict[str, resilience.TrialResult] = {}
+    for old in tracking.find_runs(uri, {names.TAG_GRID_HASH: grid_hash},
+                                  statuses=("KILLED", "FAILED")):
+        for child in tracking.read_children(uri, old.run_id, resilience.TRIAL_METRICS):
+            trial = resilience.trial_from_run(child)
+            reusable.setdefault(trial.spec.key, trial)
+    return reusable
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Write results/resilience/ (trials, map, figures, summary); returns the summary."""
+    t0 = time.perf_counter()
+    data = load_prepared(cfg.path("prepared"))
+    device = resolve_device(cfg.train.device)
+    baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
+    provenance.Identity(None, ckpt["info"].get("dataset_hash")).require_match(
+        provenance.Identity(None, data.dataset_hash), str(cfg.path("baseline")),
+        "run `reduce-ops pretrain` again")
+    identity = provenance.current_identity(cfg)
+    base_test, _ = evaluate(baseline, data.x["test"], data.y["test"], device=device)
+    base_val, _ = evaluate(baseline, data.x["val"], data.y["val"], device=device)
+    level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_test)
+    res = cfg.resilience
+    specs = resilience.trial_grid(res)
+    ghash = resilience.grid_hash(res, cfg.fat, cfg.hardware, identity.baseline_hash,
+                                 identity.dataset_hash)
+    uri = tracking.tracking_uri(cfg.root)
+    tracking.ensure_store(uri)
+    reusable = _reusable(uri, ghash)
+
+    out_dir = cfg.path("results") / "resilience"
+    with tracking.stage_run(cfg.root, "resilience", cfg.tracking.experiment,
+                            provenance.dataset_ref(cfg)) as stage:
+        stage.set_tags({names.TAG_GRID_HASH: ghash, **provenance.identity_tags(identity)})
+        stage.log_params(flatten({k: cfg.to_dict()[k] for k in
+                                  ("resilience", "fat", "hardware", "constraint")}))
+        stage.log_params({"baseline_hash": identity.baseline_hash,
+                          "dataset_hash": identity.dataset_hash, "n_trials": len(specs),
+                          "checkpoints": resilience.checkpoint_amounts(res),
+                          "device": str(device)})
+        stage.log_metrics({"baseline_test_accuracy": base_test, "baseline_val_accuracy": base_val,
+                           "constraint_level": level})
+
+        def log_trial(result: resilience.TrialResult) -> None:
+            params, history, tags = resilience.trial_run_payload(result)
+            stage.child_run(f"trial {result.spec.key}", params, history, tags)
+
+        reused = sum(1 for s in specs if s.key in reusable)
+        with Progress(len(specs), "resilience", "trial") as progress:
+            results = resilience.run_trials(baseline, data, specs, res, cfg.fat, cfg.hardware,
+                                            device, reusable, log_trial, progress)
+        trials = resilience.trials_table(results)
+        levels = sorted(set(res.accuracy_levels) | {round(level, 6)})
+        res_map = resilience_map(trials, levels, metric=cfg.plan.metric,
+                                 crossing=cfg.plan.crossing)
+        atomic.write_csv(trials, out_dir / "trials.csv")
+        atomic.write_csv(res_map, out_dir / "resilience_map.csv")
+        reports.plot_accuracy_vs_fault_rate(trials, out_dir / "accuracy_vs_fault_rate.png",
+                                            metric="test_accuracy", baseline=base_test,
+                                            constraint=level)
+        reports.plot_retraining_needed(res_map, out_dir / "retraining_needed.png",
+                                       max_amount=res.max_epochs, constraint_level=level)
+        seconds = time.perf_counter() - t0
+        summary = {"n_trials": len(specs), "n_reused": reused, "baseline_test_accuracy": base_test,
+                   "constraint_level": level, "stage_seconds": seconds,
+                   "tracking_seconds": stage.tracking_seconds,
+                   "tracking_fraction": stage.tracking_seconds / seconds, "run_id": stage.run_id}
+        atomic.write_json(out_dir / "summary.json", summary)
+        stage.log_numbers(summary)
+        stage.log_artifacts(out_dir)
+    print(f"resilience: {len(specs)} trials ({reused} reused from an interrupted run) in "
+          f"{seconds:.0f} s, MLflow logging {100 * stage.tracking_seconds / seconds:.1f}% of it; "
+          f"baseline test accuracy {base_test:.4f}, constraint {level:.4f} -> {out_dir}; "
+          f"MLflow run {stage.run_id}")
+    return summary
