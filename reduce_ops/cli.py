@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("chip_id", help="chip id as in the fleet, e.g. chip-007")
     fetch.add_argument("--out", metavar="DIR", type=Path,
                        help="download the champion's MLflow model and chip_model.pt into DIR")
+    ui = parsers["ui"]
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     return parser
 
 
@@ -55,6 +58,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         runner("fat")(cfg, force=args.force)
     elif args.stage == "fetch":
         runner("fetch")(cfg, args.chip_id, args.out)
+    elif args.stage == "ui":
+        runner("ui")(cfg, args.host, args.port)
     else:
         runner(args.stage)(cfg)
 

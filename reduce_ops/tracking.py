@@ -248,6 +248,25 @@ def _record(run: Any) -> RunRecord:
                      dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
 
 
+def experiment_page(base_url: str, uri: str, experiment: str) -> str:
+    """The UI address of an experiment's training runs. MLflow 3's UI opens on its GenAI view
+    unless told otherwise (a global switch, remembered by the browser), hence workflowType."""
+    from mlflow.tracking import MlflowClient
+
+    ensure_store(uri)
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    where = f"experiments/{exp.experiment_id}" if exp is not None else "experiments"
+    return f"{base_url.rstrip('/')}/#/{where}?workflowType=machine_learning"
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """`mlflow ui` serving a local store (for a tracking server, open its address instead)."""
+    import sys
+
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+            "--port", str(port), "--workers", "1"]      # one browser needs no more
+
+
 def get_run(uri: str, run_id: str) -> RunRecord:
     """Fetch a run by id, or a one-line TrackingError."""
     from mlflow.exceptions import MlflowException

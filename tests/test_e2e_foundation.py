@@ -128,3 +128,76 @@ def test_mlflow_run_main_chains_every_step_under_one_parent(tmp_path: Path) -> N
                                f"tags.`mlflow.parentRunId` = '{fat.info.run_id}'")
     assert len(chips) == 4
     assert (project / "results/compare/metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_imported_fleet_survives_dvc_repro_and_is_reimported_when_it_changes(
+        tmp_path: Path) -> None:
+    import numpy as np
+
+    project = tmp_path / "project"
+    params_file = make_project(project)
+    params_file.write_text(params_file.read_text().replace("faultmaps:\n",
+                                                           "faultmaps:   # our fleet\n"))
+    env = _env(tmp_path)
+    _run(["git", "init", "-q"], project, env)
+    _run([str(BIN / "dvc"), "init", "-q"], project, env)
+    floor = project / "floor"
+    floor.mkdir()
+    maps = {f"die-{i}": np.random.default_rng(i).random((16, 16)) < 0.1 * (i + 1)
+            for i in range(3)}
+    for chip_id, faulty in maps.items():
+        np.save(floor / f"{chip_id}.npy", faulty)
+
+    _run([str(BIN / "reduce-ops"), "faultmaps", "import", "floor"], project, env)
+    params = (project / "params.yaml").read_text()
+    assert "source: import" in params and "import_dir: floor" in params
+    assert "faultmaps:   # our fleet" in params           # the file's comments are kept
+
+    def fleet_ids() -> list[str]:
+        lines = (project / "data/fleet/fleet.csv").read_text().splitlines()[1:]
+        return sorted(line.split(",")[0] for line in lines)
+
+    out = _run([str(BIN / "dvc"), "repro", "faultmaps"], project, env).stdout
+    assert "Running stage 'faultmaps'" in out and "imported from floor" in out
+    assert fleet_ids() == sorted(maps)                       # not a generated fleet
+    assert "Running stage" not in _run([str(BIN / "dvc"), "repro", "faultmaps"], project,
+                                       env).stdout
+    # A re-tested die: repro sees the changed folder and imports it again.
+    np.save(floor / "die-0.npy", np.ones((16, 16), dtype=bool))
+    out = _run([str(BIN / "dvc"), "repro", "faultmaps"], project, env).stdout
+    assert "Running stage 'faultmaps'" in out
+    assert np.load(project / "data/fleet/die-0.npy").all()
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_and_prints_the_training_runs_page(tmp_path: Path) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    project = tmp_path / "project"
+    make_project(project)
+    env = _env(tmp_path)
+    env.pop("MLFLOW_TRACKING_URI")                  # the project's own mlflow.db
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(BIN / "reduce-ops"), "ui", "--port", str(port)], cwd=project,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments" in first
+        assert "?workflowType=machine_learning" in first     # not MLflow's GenAI overview
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert r.read() == b"OK"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "compare": "fixed-epoch policies vs Reduce on the fleet (Fig. 3)",
     "main": "the whole pipeline, one MLflow run with a child per step",
     "fetch": "show a chip's champion model, `fetch CHIP_ID --out DIR` downloads it",
+    "ui": "the MLflow UI on this project's runs (prints the address of its training runs)",
 }
 PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "fat", "compare")
 
