@@ -10,6 +10,7 @@ from reduce_ops import atomic, provenance
 from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.models import build_model, save_checkpoint
+from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
 from reduce_ops.progress import Progress
 from reduce_ops.tracking import stage_run
 from reduce_ops.training import EpochRecord, evaluate, pretrain, resolve_device
@@ -31,7 +32,7 @@ def run(cfg: Config) -> dict[str, float]:
         stage.set_tags(provenance.identity_tags(provenance.Identity(None, data.dataset_hash)))
         with Progress(cfg.train.max_epochs, f"pretrain {cfg.model.name}", "epoch") as progress:
             def on_epoch(rec: EpochRecord) -> None:
-                stage.log_metrics({"train_loss": rec.train_loss, "val_accuracy": rec.val_accuracy,
+                stage.log_metrics({"train_loss": rec.train_loss, VAL_ACCURACY: rec.val_accuracy,
                                    "val_loss": rec.val_loss, "epoch_seconds": rec.seconds},
                                   step=rec.epoch)
                 progress.done(f"epoch {rec.epoch}", f"train loss {rec.train_loss:.3f}, "
@@ -40,13 +41,13 @@ def run(cfg: Config) -> dict[str, float]:
             result = pretrain(model, data, cfg.train, device, on_epoch)
         test_acc, test_loss = evaluate(model, data.x["test"], data.y["test"], device=device)
         seconds = time.perf_counter() - t0
-        metrics = {"test_accuracy": test_acc, "test_loss": test_loss,
+        metrics = {TEST_ACCURACY: test_acc, "test_loss": test_loss,
                    "best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                    "epochs_trained": len(result.history), "train_seconds": seconds}
         stage.log_metrics(metrics)
         arch = {"name": cfg.model.name, "input_shape": list(data.input_shape),
                 "num_classes": data.num_classes}
-        info = {"dataset_hash": data.dataset_hash, "test_accuracy": test_acc,
+        info = {"dataset_hash": data.dataset_hash, TEST_ACCURACY: test_acc,
                 "best_epoch": result.best_epoch, "run_id": stage.run_id}
         baseline = cfg.path("baseline")
         save_checkpoint(model, arch, info, baseline)

@@ -75,7 +75,7 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic.write_csv(trials, out_dir / "trials.csv")
         atomic.write_csv(res_map, out_dir / "resilience_map.csv")
         reports.plot_accuracy_vs_fault_rate(trials, out_dir / "accuracy_vs_fault_rate.png",
-                                            metric="test_accuracy", baseline=base_test,
+                                            metric=names.TEST_ACCURACY, baseline=base_test,
                                             constraint=level)
         reports.plot_retraining_needed(res_map, out_dir / "retraining_needed.png",
                                        max_amount=res.max_epochs, constraint_level=level)
