@@ -8,6 +8,7 @@ existing target is left as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -38,9 +39,20 @@ def write_file(path: Path | str, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers (DVC's metrics reader agrees)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path | str, obj: object) -> Path:
-    """`obj` as indented, key-sorted JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    """`obj` as indented, key-sorted JSON (NaN and infinities as null), atomically."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
     return write_file(path, lambda tmp: tmp.write_text(text))
 
 

@@ -126,6 +126,8 @@ class ResilienceConfig:
     generator: Literal["uniform", "clustered"]
     seed: int = _check(0)
     accuracy_levels: list[float] = _check(0.0, 1.0)
+    confirm_epochs: float = _check(0.0, 1000.0)   # a trial past the grid stops this long after
+                                                  # its monotone fit reached the level
 
 
 @dataclass(frozen=True)
@@ -142,9 +144,17 @@ class PlanConfig:
 
     statistic: str                    # max | mean | qP (P in (0, 1]), checked by planning
     safety_margin: float = _check(1.0, 100.0)
-    metric: Literal["test_accuracy", "val_accuracy"]
-    crossing: Literal["sustained", "first"]
-    resilience_run: str | None        # MLflow run id; null = latest finished matching run
+    budget_cap: float = _check(0.0, 1000.0, lo_open=True)   # most epochs of FAT for one chip
+    resilience_run: str | None        # MLflow run id; null = the run the resilience stage wrote
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Every chip's model is checked on the validation split before it ships."""
+
+    margin: float = _check(0.0, 1.0)              # ship at val accuracy >= level + margin
+    step: float = _check(0.0, 1000.0, lo_open=True)   # a miss trains on in steps of this many
+                                                      # epochs, up to plan.budget_cap
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,7 @@ class Config:
     resilience: ResilienceConfig
     constraint: ConstraintConfig
     plan: PlanConfig
+    verify: VerifyConfig
     compare: CompareConfig
     registry: RegistryConfig
     tracking: TrackingConfig
@@ -315,6 +326,10 @@ def _cross_checks(cfg: Config, where: str) -> None:
     if res.checkpoint_every > res.max_epochs:
         raise ConfigError(f"{where}: resilience.checkpoint_every ({res.checkpoint_every:g}) must "
                           f"be <= resilience.max_epochs ({res.max_epochs:g})")
+    if cfg.plan.budget_cap < res.max_epochs:
+        raise ConfigError(f"{where}: plan.budget_cap ({cfg.plan.budget_cap:g}) must be >= "
+                          f"resilience.max_epochs ({res.max_epochs:g}): trials run at least "
+                          f"that far")
     if len(set(res.fault_rates)) != len(res.fault_rates):
         raise ConfigError(f"{where}: resilience.fault_rates: duplicate rates in {res.fault_rates}")
     from reduce_ops.planning import parse_statistic

@@ -145,9 +145,10 @@ def fault_aware_train(model: nn.Module, masks: dict[str, torch.Tensor], data: Pr
 @dataclass
 class FatCurve:
     """A fault map's FAP + FAT run measured at several amounts: what a resilience trial, a chip
-    and a compared policy each read (the session can be continued)."""
+    and a compared policy each read. `extend` continues the same run."""
 
     session: FatSession
+    splits: tuple[str, ...]
     amounts: list[float]
     accuracy: dict[str, list[float]]   # '<split>_accuracy' -> accuracy at each amount
     train_seconds: list[float]         # FAT wall time done at each amount
@@ -156,6 +157,20 @@ class FatCurve:
     def at(self, amount: float, key: str) -> float:
         """Accuracy `key` (e.g. 'test_accuracy') at one of the measured amounts."""
         return self.accuracy[key][self.amounts.index(amount)]
+
+    def extend(self, amounts: Sequence[float],
+               on_checkpoint: Callable[[FatCheckpoint], None] | None = None) -> None:
+        """Train on from the last measured amount, measuring at each of `amounts` (ascending,
+        beyond the last): the same model as one run measured at all of them."""
+        t0 = time.perf_counter()
+        s = self.session
+        for cp in s.checkpoints(amounts, lambda m: split_accuracies(m, s.data, self.splits,
+                                                                      s.device), on_checkpoint):
+            self.amounts.append(cp.amount)
+            for key in self.accuracy:
+                self.accuracy[key].append(cp.metrics[key])
+            self.train_seconds.append(cp.seconds)
+        self.seconds += time.perf_counter() - t0
 
 
 def fat_curve(baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
@@ -166,8 +181,7 @@ def fat_curve(baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
     accuracy of every split in `splits` measured at each amount (0 = FAP only)."""
     t0 = time.perf_counter()
     session = FatSession.from_baseline(baseline, fault_map, layer_types, data, cfg, device)
-    cps = session.checkpoints(sorted(set(amounts)),
-                              lambda m: split_accuracies(m, data, splits, device), on_checkpoint)
-    return FatCurve(session, [c.amount for c in cps],
-                    {f"{s}_accuracy": [c.metrics[f"{s}_accuracy"] for c in cps] for s in splits},
-                    [c.seconds for c in cps], time.perf_counter() - t0)
+    curve = FatCurve(session, tuple(splits), [], {f"{s}_accuracy": [] for s in splits}, [], 0.0)
+    curve.extend(sorted(set(amounts)), on_checkpoint)
+    curve.seconds = time.perf_counter() - t0
+    return curve

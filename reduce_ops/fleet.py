@@ -18,18 +18,16 @@ import torch
 from torch import nn
 
 from reduce_ops import names, tracking
+from reduce_ops.binomial import wilson_interval
 from reduce_ops.config import FatConfig
 from reduce_ops.errors import DataError, TrackingError
+from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import FaultMap
 from reduce_ops.names import CHAMPION, TEST_ACCURACY, VAL_ACCURACY, registered_name
-from reduce_ops.planning import PLAN_COLUMNS
+from reduce_ops.planning import PLAN_COLUMNS, verify
 from reduce_ops.progress import Progress
-from reduce_ops.fault_aware import fat_curve
 
 CHIP_MODEL_FILE = "chip_model.pt"   # state_dict + arch (save_checkpoint), trainable
-CHIP_COLUMNS = ("chip_id", "fault_rate", "planned_epochs", "test_accuracy", "val_accuracy",
-                "constraint_met", "pruned_fraction", "model_version", "champion_version",
-                "run_id", "status", "serialization_format", "train_seconds", "log_model_seconds")
 RATE_TOL = 1e-9             # plan vs fleet fault rates: the same float, up to repr
 
 
@@ -40,7 +38,9 @@ class PlanInfo:
     """What `fat` needs from the plan stage's summary.json."""
 
     run_id: str
-    constraint_level: float
+    decision_level: float      # validation accuracy a chip must reach to ship
+    constraint_level: float    # test accuracy it is judged against (reported, not decided on)
+    budget_cap: float          # epochs
     baseline_hash: str
     dataset_hash: str
 
@@ -67,7 +67,8 @@ def read_plan(plan_dir: Path) -> tuple[pd.DataFrame, PlanInfo]:
         plan = pd.read_csv(csv_path, dtype={"chip_id": str, "reason": str},
                            keep_default_na=False, na_values=[""])
         summary = json.loads(summary_path.read_text())
-        info = PlanInfo(str(summary["run_id"]), float(summary["constraint_level"]),
+        info = PlanInfo(str(summary["run_id"]), float(summary["decision_level"]),
+                        float(summary["constraint_level"]), float(summary["budget_cap"]),
                         str(summary.get("baseline_hash", "")), str(summary.get("dataset_hash", "")))
     except (ValueError, KeyError, TypeError, OSError, pd.errors.ParserError) as exc:
         raise DataError(f"{plan_dir}: unreadable plan ({type(exc).__name__}: {exc})") from None
@@ -108,24 +109,36 @@ def chip_jobs(plan: pd.DataFrame, fleet: Sequence[FaultMap], plan_path: Path) ->
 
 # --------------------------------------------------------------------------- one chip
 
+SHIPPED, REJECTED = "shipped", "rejected"
+
+
 @dataclass
 class ChipOutcome:
     """One row of chips.csv."""
 
     chip_id: str
     fault_rate: float
-    planned_epochs: float
-    test_accuracy: float = math.nan
+    planned_epochs: float      # NaN when the plan rejected the chip
+    status: str = ""           # shipped (verified on validation) | rejected
+    reason: str = ""           # why a chip was rejected
+    actual_epochs: float = 0.0  # FAT done: planned + extensions (the cap when it never passed)
+    n_checks: int = 0          # validation checks (1 = passed at the planned amount)
     val_accuracy: float = math.nan
-    constraint_met: bool = False
+    test_accuracy: float = math.nan      # reported only: nothing is decided on it
+    test_ci_low: float = math.nan
+    test_ci_high: float = math.nan
+    meets_on_test: bool = False          # test accuracy >= the constraint level on test
     pruned_fraction: float = math.nan
     model_version: str = ""
     champion_version: str = ""
     run_id: str = ""
-    status: str = ""           # trained | skipped | rejected
+    trained: bool = False      # False: rejected by the plan, or registered for it already
     serialization_format: str = ""
     train_seconds: float = 0.0
     log_model_seconds: float = 0.0
+
+
+CHIP_COLUMNS = tuple(ChipOutcome.__dataclass_fields__)
 
 
 def _pip_requirements() -> list[str]:
@@ -133,60 +146,97 @@ def _pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
+def _num(tags: dict[str, str], key: str) -> float:
+    return float(tags.get(key, "nan"))
+
+
 def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None:
     """The outcome of a chip already registered for this plan, or None when it still needs FAT."""
     done = tracking.find_model_versions(uri, name, {names.VTAG_PLAN_RUN: plan_id})
     if not done:
         return None
-    champ = next((v for v in done if CHAMPION in v.aliases), None)
-    mv = champ or done[0]
+    mv = next((v for v in done if CHAMPION in v.aliases), None) or done[0]
     tags = mv.tags
     return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs,
-                       float(tags.get(names.VTAG_TEST_ACCURACY, "nan")),
-                       float(tags.get(names.VTAG_VAL_ACCURACY, "nan")),
-                       tags.get(names.VTAG_CONSTRAINT_MET) == "true",
-                       float(tags.get(names.VTAG_PRUNED_FRACTION, "nan")), mv.version,
-                       _champion_version(uri, name), mv.run_id, "skipped",
+                       SHIPPED if tags.get(names.VTAG_VERIFIED) == "true" else REJECTED,
+                       tags.get(names.VTAG_REASON, ""), _num(tags, names.VTAG_ACTUAL_EPOCHS),
+                       int(_num(tags, names.VTAG_N_CHECKS)), _num(tags, names.VTAG_VAL_ACCURACY),
+                       _num(tags, names.VTAG_TEST_ACCURACY), _num(tags, "test_ci_low"),
+                       _num(tags, "test_ci_high"), tags.get(names.VTAG_CONSTRAINT_MET) == "true",
+                       _num(tags, names.VTAG_PRUNED_FRACTION), mv.version,
+                       _champion_version(uri, name), mv.run_id, False,
                        tags.get(names.VTAG_SERIALIZATION, ""))
 
 
-def _reject(stage: tracking.StageRun, job: ChipJob, plan_id: str) -> ChipOutcome:
-    """An infeasible chip: a finished child run that says why, no training, no model."""
-    params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate, "plan_run_id": plan_id,
-              "reason": job.reason or "infeasible"}
+def _withdraw(stage: tracking.StageRun, name: str, reason: str) -> None:
+    """A rejected chip loses its champion (one of an older plan, baseline or constraint) and
+    its registered model says why; nothing to do when it was never registered."""
+    tracking.withdraw_alias(stage, name, CHAMPION, {names.MTAG_STATUS: REJECTED,
+                                                     names.MTAG_REASON: reason})
+
+
+def _reject(stage: tracking.StageRun, job: ChipJob, ctx: FleetContext) -> ChipOutcome:
+    """A chip the plan found infeasible: a finished child run that says why, no training."""
+    reason = job.reason or "infeasible"
+    params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
+              "plan_run_id": ctx.plan.run_id, "reason": reason}
     run_id = stage.child_run(f"chip {job.chip_id}", params, {},
                              {names.TAG_CHIP: job.chip_id, names.TAG_REJECTED: "true",
-                              names.TAG_PLAN_RUN: plan_id})
-    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, run_id=run_id,
-                       status="rejected")
+                              names.TAG_PLAN_RUN: ctx.plan.run_id})
+    _withdraw(stage, registered_name(ctx.prefix, job.chip_id), f"plan: {reason}")
+    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, REJECTED,
+                       f"plan: {reason}", run_id=run_id)
 
 
 def _train_and_register(stage: tracking.StageRun, job: ChipJob, baseline: nn.Module, data: Any,
-                        ctx: FleetContext) -> ChipOutcome:
-    """FAT one chip, log it as a child run with its model, register it (+ champion if it passes)."""
+                        ctx: FleetContext, progress: Progress | None) -> ChipOutcome:
+    """FAT one chip for its planned epochs, verify it on validation data (training on in
+    steps up to the cap while it misses), log a child run with its model and register it;
+    only a verified model becomes the champion."""
     from reduce_ops.models import save_checkpoint
 
-    # FAP with the chip's map, then FAT for the planned epochs (0 = none), then evaluate
-    trained = fat_curve(baseline, job.fault_map, ctx.layer_types, data, [job.planned_epochs],
-                        ctx.fat, ctx.device)
-    model = trained.session.model.cpu().eval()
-    test_acc = trained.at(job.planned_epochs, TEST_ACCURACY)
-    val_acc = trained.at(job.planned_epochs, VAL_ACCURACY)
-    pruned = trained.session.pruned_fraction
-    met = test_acc >= ctx.plan.constraint_level
+    session = FatSession.from_baseline(baseline, job.fault_map, ctx.layer_types, data, ctx.fat,
+                                       ctx.device)
+
+    def measure(amount: float) -> float:
+        session.advance(amount)
+        val = session.accuracies(("val",))[VAL_ACCURACY]
+        if progress is not None:
+            progress.inside(f"{amount:g} epochs, val {val:.4f}")
+        return val
+
+    check = verify(measure, job.planned_epochs, ctx.plan.decision_level, ctx.margin, ctx.step,
+                   ctx.plan.budget_cap)
+    model = session.model.cpu().eval()
+    session.device = "cpu"
+    val_acc = check.checks[-1][1]
+    test_acc = session.accuracies(("test",))[TEST_ACCURACY]      # reported, never decided on
+    ci = wilson_interval(test_acc, len(data.y["test"]))
+    meets = test_acc >= ctx.plan.constraint_level
+    status = SHIPPED if check.passed else REJECTED
+    reason = "" if check.passed else (
+        f"validation accuracy {val_acc:.4f} < {ctx.plan.decision_level + ctx.margin:.4f} "
+        f"(level + margin) after {check.epochs:g} epochs, the budget cap")
     name = registered_name(ctx.prefix, job.chip_id)
     params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-              "n_faulty": job.fault_map.n_faulty, "pruned_fraction": pruned,
+              "n_faulty": job.fault_map.n_faulty, "pruned_fraction": session.pruned_fraction,
               "planned_epochs": job.planned_epochs, "plan_run_id": ctx.plan.run_id,
-              "constraint_level": ctx.plan.constraint_level}
+              "decision_level": ctx.plan.decision_level, "verify_margin": ctx.margin,
+              "constraint_level": ctx.plan.constraint_level, "budget_cap": ctx.plan.budget_cap}
     tags = {names.TAG_CHIP: job.chip_id, names.TAG_PLAN_RUN: ctx.plan.run_id}
     with tracking.model_child_run(stage, f"chip {job.chip_id}", params, tags) as child:
-        child.log_metrics({TEST_ACCURACY: test_acc, VAL_ACCURACY: val_acc,
-                           "constraint_met": float(met), "wall_seconds": trained.seconds})
+        for amount, accuracy in check.checks:       # the verification, step = milli-epochs
+            child.log_metrics({VAL_ACCURACY: accuracy}, step=int(round(amount * 1000)))
+        child.log_metrics({TEST_ACCURACY: test_acc, "test_ci_low": ci[0], "test_ci_high": ci[1],
+                           "actual_epochs": check.epochs, "n_checks": len(check.checks),
+                           "plan_error_epochs": check.epochs - job.planned_epochs,
+                           "verified": float(check.passed), "constraint_met": float(meets),
+                           "train_seconds": session.train_seconds})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CHIP_MODEL_FILE
             info = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-                    "planned_epochs": job.planned_epochs, "test_accuracy": test_acc,
+                    "planned_epochs": job.planned_epochs, "actual_epochs": check.epochs,
+                    "verified": check.passed, "test_accuracy": test_acc,
                     "plan_run_id": ctx.plan.run_id, "dataset_hash": ctx.plan.dataset_hash,
                     "run_id": child.run_id}
             save_checkpoint(model, ctx.arch, info, path)
@@ -198,26 +248,36 @@ def _train_and_register(stage: tracking.StageRun, job: ChipJob, baseline: nn.Mod
                            if logged.fallback_reason else {})})
         version_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
                         names.VTAG_PLANNED_EPOCHS: job.planned_epochs,
-                        names.VTAG_TEST_ACCURACY: test_acc, names.VTAG_VAL_ACCURACY: val_acc,
-                        names.VTAG_PRUNED_FRACTION: pruned,
+                        names.VTAG_ACTUAL_EPOCHS: check.epochs,
+                        names.VTAG_N_CHECKS: len(check.checks),
+                        names.VTAG_VERIFIED: str(check.passed).lower(),
+                        names.VTAG_REASON: reason,
+                        names.VTAG_TEST_ACCURACY: test_acc, "test_ci_low": ci[0],
+                        "test_ci_high": ci[1], names.VTAG_VAL_ACCURACY: val_acc,
+                        names.VTAG_PRUNED_FRACTION: session.pruned_fraction,
+                        names.VTAG_DECISION_LEVEL: ctx.plan.decision_level,
                         names.VTAG_CONSTRAINT_LEVEL: ctx.plan.constraint_level,
                         names.VTAG_PLAN_RUN: ctx.plan.run_id,
-                        names.VTAG_CONSTRAINT_MET: str(met).lower(),
+                        names.VTAG_CONSTRAINT_MET: str(meets).lower(),
                         names.VTAG_SERIALIZATION: logged.serialization_format}
         model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
-                      "n_faulty_pes": job.fault_map.n_faulty}
+                      "n_faulty_pes": job.fault_map.n_faulty, names.MTAG_STATUS: status,
+                      names.MTAG_REASON: reason}
         version = tracking.register_model_version(
-            stage, name, logged, child.run_id, version_tags, CHAMPION if met else None,
+            stage, name, logged, child.run_id, version_tags, CHAMPION if check.passed else None,
             model_tags=model_tags,
             description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): "
                         f"the baseline fault-aware retrained for its fault map.")
+    if not check.passed:
+        _withdraw(stage, name, reason)
     if logged.fallback_reason:
         ctx.warn(f"chip {job.chip_id}: pt2 export failed ({logged.fallback_reason}); "
                  f"model logged in the pickle format")
-    champion = version if met else _champion_version(ctx.uri, name)
-    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, test_acc, val_acc, met,
-                       pruned, version, champion, child.run_id, "trained",
-                       logged.serialization_format, trained.seconds, logged.seconds)
+    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, status, reason,
+                       check.epochs, len(check.checks), val_acc, test_acc, ci[0], ci[1], meets,
+                       session.pruned_fraction, version, version if check.passed else "",
+                       child.run_id, True, logged.serialization_format, session.train_seconds,
+                       logged.seconds)
 
 
 def _champion_version(uri: str, name: str) -> str:
@@ -229,7 +289,7 @@ def _champion_version(uri: str, name: str) -> str:
 
 @dataclass
 class FleetContext:
-    """Everything every chip shares: plan, training config, registry prefix, model arch."""
+    """Everything every chip shares: plan, training config, verification, registry prefix."""
 
     plan: PlanInfo
     fat: FatConfig
@@ -239,14 +299,16 @@ class FleetContext:
     uri: str
     arch: dict[str, Any]                  # build_model arguments, saved in chip_model.pt
     input_example: np.ndarray             # [2, C, H, W] float32 test images (pt2 tracing)
+    margin: float                         # verify.margin
+    step: float                           # verify.step, epochs
     force: bool = False
     warn: Callable[[str], None] = print
 
 
 def run_fleet(stage: tracking.StageRun, jobs: Sequence[ChipJob], baseline: nn.Module, data: Any,
               ctx: FleetContext, progress: Progress | None = None) -> list[ChipOutcome]:
-    """Every chip in turn: skip if registered for this plan (unless force), reject if
-    infeasible, else FAT + child run + registered version."""
+    """Every chip in turn: reject if the plan found it infeasible, skip if registered for this
+    plan already (unless force), else FAT + verification + child run + registered version."""
     outcomes = []
     for job in jobs:
         if progress is not None:
@@ -254,19 +316,24 @@ def run_fleet(stage: tracking.StageRun, jobs: Sequence[ChipJob], baseline: nn.Mo
         name = registered_name(ctx.prefix, job.chip_id)
         outcome = None
         if not job.feasible:
-            outcome = _reject(stage, job, ctx.plan.run_id)
+            outcome = _reject(stage, job, ctx)
         elif not ctx.force:
             outcome = _skip(job, name, ctx.uri, ctx.plan.run_id)
         if outcome is None:
-            outcome = _train_and_register(stage, job, baseline, data, ctx)
+            outcome = _train_and_register(stage, job, baseline, data, ctx, progress)
         outcomes.append(outcome)
         if progress is not None:
-            what = (f"rejected ({job.reason})" if outcome.status == "rejected" else
-                    f"{outcome.status}, {job.planned_epochs:g} epochs, test "
-                    f"{outcome.test_accuracy:.4f} "
-                    f"({'meets' if outcome.constraint_met else 'misses'} the constraint)")
-            progress.done(f"chip {job.chip_id}", what)
+            progress.done(f"chip {job.chip_id}", _describe(outcome))
     return outcomes
+
+
+def _describe(o: ChipOutcome) -> str:
+    """One progress line for a finished chip."""
+    if o.status == REJECTED and math.isnan(o.planned_epochs):
+        return f"rejected ({o.reason})"
+    how = "" if o.trained else " (registered for this plan before)"
+    return (f"{o.status} after {o.actual_epochs:g} epochs (planned {o.planned_epochs:g}), "
+            f"val {o.val_accuracy:.4f}, test {o.test_accuracy:.4f}{how}")
 
 
 def chips_table(outcomes: Sequence[ChipOutcome]) -> pd.DataFrame:
@@ -275,25 +342,34 @@ def chips_table(outcomes: Sequence[ChipOutcome]) -> pd.DataFrame:
 
 
 def fleet_summary(outcomes: Sequence[ChipOutcome], plan: PlanInfo) -> dict[str, Any]:
-    """Counts, epochs and the chips that ship without a champion from this plan."""
-    feasible = [o for o in outcomes if o.status != "rejected"]
-    trained = [o for o in outcomes if o.status == "trained"]
-    missed = [o.chip_id for o in feasible if not o.constraint_met]
+    """Chips shipped and rejected, how many shipped chips meet the constraint on test, epochs
+    planned and trained, and the plan's error (actual - planned) over the chips it planned."""
+    planned = [o for o in outcomes if not math.isnan(o.planned_epochs)]
+    shipped = [o for o in outcomes if o.status == SHIPPED]
+    trained = [o for o in outcomes if o.trained]
+    errors = np.array([o.actual_epochs - o.planned_epochs for o in planned])
     log_s = sum(o.log_model_seconds for o in trained)
     return {
-        "plan_run_id": plan.run_id, "constraint_level": plan.constraint_level,
-        "n_chips": len(outcomes), "n_feasible": len(feasible),
-        "n_passed": sum(o.constraint_met for o in feasible), "n_missed": len(missed),
-        "n_trained": len(trained), "n_skipped": sum(o.status == "skipped" for o in outcomes),
-        "n_rejected": len(outcomes) - len(feasible),
-        "total_planned_epochs": float(sum(o.planned_epochs for o in feasible)),
-        "trained_epochs": float(sum(o.planned_epochs for o in trained)),
+        "plan_run_id": plan.run_id, "decision_level": plan.decision_level,
+        "constraint_level": plan.constraint_level, "budget_cap": plan.budget_cap,
+        "n_chips": len(outcomes), "n_planned": len(planned), "n_shipped": len(shipped),
+        "n_rejected_by_plan": len(outcomes) - len(planned),
+        "n_rejected_at_cap": len(planned) - len(shipped),
+        "n_meet_on_test": sum(o.meets_on_test for o in shipped),
+        "shipped_meet_rate": (sum(o.meets_on_test for o in shipped) / len(shipped)
+                              if shipped else math.nan),
+        "total_planned_epochs": float(sum(o.planned_epochs for o in planned)),
+        "total_epochs": float(sum(o.actual_epochs for o in planned)),
+        "plan_error_mean": float(errors.mean()) if errors.size else 0.0,
+        "plan_error_mean_abs": float(np.abs(errors).mean()) if errors.size else 0.0,
+        "n_extended": sum(o.n_checks > 1 for o in planned),
+        "n_trained": len(trained), "n_skipped": len(planned) - len(trained),
+        "trained_epochs": float(sum(o.actual_epochs for o in trained)),
         "train_seconds": sum(o.train_seconds for o in trained),
         "log_model_seconds": log_s,
         "log_model_seconds_per_chip": log_s / len(trained) if trained else 0.0,
-        "missed_constraint": missed,
-        "without_champion": [o.chip_id for o in feasible if not o.champion_version],
-        "rejected": [o.chip_id for o in outcomes if o.status == "rejected"],
+        "shipped_missing_on_test": [o.chip_id for o in shipped if not o.meets_on_test],
+        "rejected": [o.chip_id for o in outcomes if o.status == REJECTED],
     }
 
 
@@ -320,11 +396,14 @@ def champion(uri: str, chip_id: str, prefix: str | None = None) -> tracking.Mode
         found = tracking.model_version_by_alias(uri, name, CHAMPION)
         if found is not None:
             return found
+        tags = tracking.registered_model_tags_of(uri, name)
+        if tags.get(names.MTAG_STATUS) == REJECTED:
+            raise TrackingError(f"chip {chip_id!r} has no champion: the current plan rejected "
+                                f"it ({tags.get(names.MTAG_REASON) or 'no reason recorded'})")
         versions = tracking.find_model_versions(uri, name)
         if versions:
             raise TrackingError(f"chip {chip_id!r}: {len(versions)} version(s) of {name!r}, "
-                                f"none met the accuracy constraint (no {CHAMPION!r} alias) "
-                                f"in {uri}")
+                                f"none verified (no {CHAMPION!r} alias) in {uri}")
     rejected = tracking.find_runs(uri, {names.TAG_CHIP: chip_id, names.TAG_REJECTED: "true"})
     if rejected:
         reason = rejected[0].params.get("reason", "infeasible")

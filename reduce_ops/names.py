@@ -61,6 +61,15 @@ VTAG_CONSTRAINT_LEVEL = "constraint_level"
 VTAG_PLANNED_EPOCHS = "planned_epochs"
 VTAG_PRUNED_FRACTION = "pruned_fraction"
 VTAG_SERIALIZATION = "serialization_format"
+VTAG_ACTUAL_EPOCHS = "actual_epochs"     # planned + verification extensions
+VTAG_N_CHECKS = "n_checks"
+VTAG_VERIFIED = "verified"               # passed the validation check (only those are champion)
+VTAG_REASON = "reason"
+VTAG_DECISION_LEVEL = "decision_level"
+
+# --------------------------------------------------------------------------- registered model tags
+MTAG_STATUS = "status"                   # shipped | rejected, under the current plan
+MTAG_REASON = "reason"                   # why the current plan rejected the chip
 
 # --------------------------------------------------------------------------- metric keys
 VAL_ACCURACY = "val_accuracy"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.interpolate import PchipInterpolator
 from sklearn.isotonic import IsotonicRegression
 
 from reduce_ops.errors import ConfigError, DataError
@@ -17,6 +17,7 @@ MAP_COLUMNS = ["level", "fault_rate", "n_reps", "n_reached", "n_never", "min", "
 NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never"]
 PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
 _STATISTIC_HELP = "expected 'max', 'mean' or 'qP' with 0<P<=1"
+DECISION_METRIC = "val_accuracy"     # every decision reads the validation split
 
 
 def constraint_level(kind: str, value: float, baseline_accuracy: float) -> float:
@@ -28,17 +29,11 @@ def constraint_level(kind: str, value: float, baseline_accuracy: float) -> float
     raise ConfigError(f"constraint.kind: expected absolute or drop, got {kind!r}")
 
 
-CROSSINGS = ("sustained", "first")
-
-
-def retraining_needed(amounts, accuracies, level: float, crossing: str = "first") -> float:
-    """Retraining amount at which one trial's curve first reaches `level` (linear in between).
-
-    Returns the first checkpoint's amount (0.0 when amount 0 was measured) if it already reaches the
-    level, `math.inf` if no checkpoint does. Checkpoints with a NaN accuracy were not measured and
-    are skipped. If the smallest measured amount is above 0 and already reaches the level, that
-    amount (not 0) is returned: nothing shows that less would do, and under-training is the costly
-    mistake.
+def monotone_fit(amounts, accuracies) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted amounts, isotonic fit): the non-decreasing curve closest to one trial's measured
+    accuracies (least squares). Fine-tuning does not make a model worse in expectation, so
+    what the fit removes is measurement noise: a checkpoint that dips below its neighbours is
+    pooled with them instead of counting on its own. NaN checkpoints (not measured) are dropped.
     """
     x = np.asarray(amounts, dtype=float).ravel()
     y = np.asarray(accuracies, dtype=float).ravel()
@@ -48,29 +43,37 @@ def retraining_needed(amounts, accuracies, level: float, crossing: str = "first"
         raise DataError("retraining curve: amounts must be non-negative numbers")
     keep = ~np.isnan(y)
     x, y = x[keep], y[keep]
-    if x.size == 0:
-        return math.inf
     order = np.argsort(x, kind="stable")
     x, y = x[order], y[order]
-    reached = y >= level
+    if x.size < 2:
+        return x, y
+    return x, np.asarray(IsotonicRegression(increasing=True).fit_transform(x, y), dtype=float)
+
+
+def retraining_needed(amounts, accuracies, level: float) -> float:
+    """Retraining one trial needs to reach `level`: where its monotone fit first reaches it.
+
+    Linear between checkpoints. The first measured amount (0.0 when amount 0 was measured) if
+    the fit is at the level from the start; `math.inf` if it never gets there within the
+    measured amounts. If the smallest measured amount is above 0 and already reaches the level,
+    that amount (not 0) is returned: nothing shows that less would do.
+    """
+    x, fit = monotone_fit(amounts, accuracies)
+    reached = fit >= level
     if not reached.any():
         return math.inf
-    if crossing == "sustained":
-        # The amount from which the curve stays at/above the level: a noisy curve that pokes
-        # above the level and falls back does not count as reached there.
-        if not reached[-1]:
-            return math.inf
-        below = np.flatnonzero(~reached)
-        i = int(below[-1]) + 1 if below.size else 0
-    elif crossing == "first":
-        i = int(np.argmax(reached))  # first checkpoint at/above the level
-    else:
-        raise ConfigError(f"plan.crossing: expected one of {', '.join(CROSSINGS)}, got {crossing!r}")
+    i = int(np.argmax(reached))      # the fit is non-decreasing: reached from i on
     if i == 0:
         return float(x[0])
-    # y[i-1] < level <= y[i], so the slope is positive
-    frac = (level - y[i - 1]) / (y[i] - y[i - 1])
+    frac = (level - fit[i - 1]) / (fit[i] - fit[i - 1])       # fit[i-1] < level <= fit[i]
     return float(x[i - 1] + frac * (x[i] - x[i - 1]))
+
+
+def settled(amounts, accuracies, level: float, confirm: float) -> bool:
+    """Whether a trial can stop: its monotone fit reached `level` at least `confirm` epochs
+    before its last measurement (so a lucky last checkpoint alone does not end it)."""
+    need = retraining_needed(amounts, accuracies, level)
+    return math.isfinite(need) and float(np.nanmax(amounts)) - need >= confirm - 1e-9
 
 
 def _check_trials(trials: pd.DataFrame, metric: str) -> None:
@@ -82,25 +85,24 @@ def _check_trials(trials: pd.DataFrame, metric: str) -> None:
         raise DataError("trials table: no rows")
 
 
-def trial_needs(trials: pd.DataFrame, level: float, metric: str = "val_accuracy",
-                crossing: str = "first") -> pd.DataFrame:
+def trial_needs(trials: pd.DataFrame, level: float,
+                metric: str = DECISION_METRIC) -> pd.DataFrame:
     """Retraining needed to reach `level`, one row per trial (fault_rate, repetition, needed)."""
     _check_trials(trials, metric)
     rows = [
-        (rate, rep, retraining_needed(g["amount"].to_numpy(), g[metric].to_numpy(), level,
-                                      crossing))
+        (rate, rep, retraining_needed(g["amount"].to_numpy(), g[metric].to_numpy(), level))
         for (rate, rep), g in trials.groupby(TRIAL_KEYS, sort=True)
     ]
     out = pd.DataFrame(rows, columns=TRIAL_KEYS + ["needed"])
     return out.astype({"fault_rate": float, "needed": float})
 
 
-def resilience_map(trials: pd.DataFrame, levels, metric: str = "val_accuracy",
-                   crossing: str = "first") -> pd.DataFrame:
+def resilience_map(trials: pd.DataFrame, levels,
+                   metric: str = DECISION_METRIC) -> pd.DataFrame:
     """Per accuracy level and fault rate: min/mean/max need over the repetitions that reached it."""
     parts = []
     for level in np.atleast_1d(np.asarray(levels, dtype=float)):
-        needs = trial_needs(trials, float(level), metric, crossing)
+        needs = trial_needs(trials, float(level), metric)
         for rate, g in needs.groupby("fault_rate", sort=True):
             v = g["needed"].to_numpy()
             ok = v[np.isfinite(v)]
@@ -156,25 +158,21 @@ def aggregate_needs(needs_df: pd.DataFrame, statistic="max") -> pd.DataFrame:
 class MonotoneCurve:
     """Retraining need as a non-decreasing function of the fault rate, inf where infeasible.
 
-    The feasible region runs from the lowest measured rate up to `max_feasible_rate`, the highest
-    measured rate such that it and every lower measured rate have a finite need. Everything above
-    is infeasible, including rates between the last finite and the first infinite measurement and
-    finite measurements above an infinite one (conservative: no evidence that they are reachable).
-    With no feasible point `max_feasible_rate` is -inf.
+    `fitted` is the upper monotone envelope of the measured needs (their running maximum), so at
+    every measured rate the curve is at least what the statistic says there; between measured
+    rates it is linear. The feasible region runs from the lowest measured rate up to
+    `max_feasible_rate`, the highest measured rate such that it and every lower measured rate
+    have a finite need. Everything above is infeasible, including rates between the last finite
+    and the first infinite measurement and finite measurements above an infinite one
+    (conservative: no evidence that they are reachable). With no feasible point
+    `max_feasible_rate` is -inf.
     """
 
     rates: np.ndarray  # measured fault rates, sorted, shape (n,)
     needed: np.ndarray  # measured aggregate needs in epochs, inf = never reached, shape (n,)
-    fitted: np.ndarray  # isotonic needs on rates[:n_feasible], non-decreasing
+    fitted: np.ndarray  # running max of the needs on rates[:n_feasible], non-decreasing
     max_feasible_rate: float
-    max_amount: float  # largest measured retraining amount (epochs)
-    _interp: PchipInterpolator | None = field(init=False, repr=False, default=None)
-
-    def __post_init__(self):
-        """Build the shape-preserving interpolant once (PCHIP keeps monotone data monotone)."""
-        if self.fitted.size >= 2:
-            xs = self.rates[: self.fitted.size]
-            object.__setattr__(self, "_interp", PchipInterpolator(xs, self.fitted))
+    max_amount: float  # the most retraining measured (the budget cap), epochs
 
     def __call__(self, rate) -> np.ndarray:
         """Need in epochs at each fault rate; inf above `max_feasible_rate`."""
@@ -184,22 +182,15 @@ class MonotoneCurve:
         if n == 0:
             return out
         inside = r <= self.max_feasible_rate
-        xs, ys = self.rates[:n], self.fitted
-        rc = np.clip(r[inside], xs[0], xs[-1])  # below the lowest rate: the value there
-        if n == 1:
-            v = np.full(rc.shape, ys[0])
-        else:
-            v = self._interp(rc)
-            # clamp to the segment's end values: removes round-off wiggles on flat segments
-            seg = np.clip(np.searchsorted(xs, rc, side="right") - 1, 0, n - 2)
-            v = np.clip(v, ys[seg], ys[seg + 1])
-        out[inside] = np.maximum(v, 0.0)
+        # below the lowest measured rate: the value there; np.interp is linear in between
+        out[inside] = np.interp(r[inside], self.rates[:n], self.fitted)
         out[np.isnan(r)] = math.nan
         return out
 
 
 def fit_monotone_curve(rates, needed, max_amount: float) -> MonotoneCurve:
-    """Fit a monotone need-vs-fault-rate curve to aggregate needs (isotonic, then PCHIP)."""
+    """The smallest non-decreasing need-vs-fault-rate curve that is nowhere below the measured
+    needs (their running maximum), linear between measured rates."""
     x = np.asarray(rates, dtype=float).ravel()
     y = np.asarray(needed, dtype=float).ravel()
     if x.shape != y.shape:
@@ -214,12 +205,8 @@ def fit_monotone_curve(rates, needed, max_amount: float) -> MonotoneCurve:
     x, y = x[order], y[order]
     finite = np.isfinite(y)
     n_feasible = x.size if finite.all() else int(np.argmin(finite))  # stop at the first inf
-    if n_feasible == 0:
-        fitted, max_rate = np.empty(0), -math.inf
-    else:
-        xf, yf = x[:n_feasible], np.maximum(y[:n_feasible], 0.0)
-        fitted = IsotonicRegression(increasing=True).fit_transform(xf, yf) if n_feasible > 1 else yf
-        fitted, max_rate = np.asarray(fitted, dtype=float), float(xf[-1])
+    fitted = np.maximum.accumulate(np.maximum(y[:n_feasible], 0.0))
+    max_rate = float(x[n_feasible - 1]) if n_feasible else -math.inf
     return MonotoneCurve(x, y, fitted, max_rate, float(max_amount))
 
 
@@ -251,12 +238,13 @@ def _reason(curve: MonotoneCurve, rate: float, needed: float, planned: float, ra
     """Human-readable note for one chip's plan (empty when nothing is worth saying)."""
     if not math.isfinite(needed):
         if curve.fitted.size == 0:
-            return "no measured fault rate reaches the accuracy level within the measured amounts"
-        return f"fault rate {rate:g} above the highest reachable rate {curve.max_feasible_rate:g}"
+            return "no measured fault rate reaches the accuracy level within the budget cap"
+        return (f"fault rate {rate:.4g} above the highest rate reachable within the budget cap "
+                f"({curve.max_feasible_rate:g})")
     if planned == 0:
         return "no retraining needed"
     if raw > planned:
-        return f"capped at the largest measured amount {curve.max_amount:g} epochs"
+        return f"capped at the budget cap {curve.max_amount:g} epochs"
     return ""
 
 
@@ -303,14 +291,52 @@ class PlanResult:
 
 
 def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic,
-              metric: str, granularity: float, safety_margin: float,
-              crossing: str = "first") -> PlanResult:
-    """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for accuracy `level`."""
-    needs = trial_needs(trials, level, metric, crossing)
+              granularity: float, safety_margin: float, cap: float) -> PlanResult:
+    """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for validation accuracy
+    `level` within the budget cap (epochs per chip)."""
+    needs = trial_needs(trials, level)
+    needs.loc[needs["needed"] > cap + 1e-9, "needed"] = math.inf    # beyond the budget
     points = aggregate_needs(needs, statistic)
     spread = needs.groupby("fault_rate")["needed"].agg(["min", "max"]).reset_index()
     points = points.merge(spread, on="fault_rate", how="left")
-    curve = fit_monotone_curve(points["fault_rate"], points["needed"],
-                               max_amount=float(trials["amount"].max()))
+    curve = fit_monotone_curve(points["fault_rate"], points["needed"], max_amount=cap)
     plan = plan_fleet(curve, chips, granularity, safety_margin)
     return PlanResult(float(level), points, curve, plan)
+
+
+# --------------------------------------------------------------------------- verification
+
+@dataclass(frozen=True)
+class Verification:
+    """A chip's check against the decision level: where it passed (or the cap), every check."""
+
+    passed: bool
+    epochs: float                          # amount at the first pass, or the cap
+    checks: tuple[tuple[float, float], ...]  # (amount, validation accuracy) of every check
+
+    @property
+    def extended(self) -> bool:
+        return len(self.checks) > 1
+
+
+def check_amounts(planned: float, step: float, cap: float) -> list[float]:
+    """planned, planned + step, ... and the cap itself: where a chip is checked."""
+    n = max(0, math.ceil((cap - planned) / step - 1e-9))
+    amounts = [round(min(planned + k * step, cap), 9) for k in range(n + 1)]
+    return sorted(set(amounts))
+
+
+def verify(measure: Callable[[float], float], planned: float, level: float, margin: float,
+           step: float, cap: float) -> Verification:
+    """Check a chip's model at its planned amount, then every `step` epochs up to `cap`.
+
+    `measure(amount)` trains on to `amount` (ascending) and returns the validation accuracy; the
+    chip passes at the first check with accuracy >= level + margin.
+    """
+    checks = []
+    for amount in check_amounts(planned, step, cap):
+        accuracy = measure(amount)
+        checks.append((amount, accuracy))
+        if accuracy >= level + margin:
+            return Verification(True, amount, tuple(checks))
+    return Verification(False, checks[-1][0] if checks else planned, tuple(checks))

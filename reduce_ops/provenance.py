@@ -7,10 +7,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reduce_ops import names, tracking
-from reduce_ops.config import Config
-from reduce_ops.errors import DataError, ReduceOpsError, TrackingError
+from reduce_ops.config import Config, flatten
+from reduce_ops.errors import ConfigError, DataError, ReduceOpsError, TrackingError
 
 
 def file_sha256(path: Path) -> str:
@@ -76,16 +77,46 @@ def identity_tags(identity: Identity) -> dict[str, str]:
     return tags
 
 
+def measured_params(cfg: Config) -> dict[str, Any]:
+    """The parameters that decide what resilience trials measure: logged on the resilience run
+    and checked by every stage that reads its trials."""
+    return {**flatten({k: cfg.to_dict()[k] for k in ("resilience", "fat", "hardware",
+                                                       "constraint")}),
+            "plan.budget_cap": cfg.plan.budget_cap}
+
+
 def resilience_run(cfg: Config, identity: Identity) -> tracking.RunRecord:
-    """The resilience run a plan reads: plan.resilience_run, or the latest finished run for the
-    current baseline and dataset."""
+    """The resilience run a plan reads: plan.resilience_run, or the run the resilience stage
+    recorded in its summary.json (the trials DVC tracks), checked against the current baseline,
+    dataset and parameters."""
     uri = tracking.tracking_uri(cfg.root)
     if cfg.plan.resilience_run:
-        return tracking.get_run(uri, cfg.plan.resilience_run)
-    found = tracking.find_runs(uri, {names.TAG_STAGE: "resilience", **identity_tags(identity)},
-                               statuses=("FINISHED",))
-    if not found:
-        raise TrackingError(f"no finished resilience run for this baseline and dataset in "
-                            f"{uri}; run `reduce-ops resilience` first (or set "
-                            f"plan.resilience_run)")
-    return found[0]
+        run_id, where = cfg.plan.resilience_run, "plan.resilience_run"
+    else:
+        summary = cfg.path("results") / "resilience" / "summary.json"
+        if not summary.is_file():
+            raise DataError(f"{summary}: no resilience results; run `reduce-ops resilience` "
+                            f"first (or set plan.resilience_run)")
+        run_id, where = str(json.loads(summary.read_text())["run_id"]), str(summary)
+    try:
+        run = tracking.get_run(uri, run_id)
+    except TrackingError:
+        raise TrackingError(f"{where}: resilience run {run_id!r} is not in {uri}; run "
+                            f"`reduce-ops resilience` (or set plan.resilience_run)") from None
+    stage = run.tags.get(names.TAG_STAGE)
+    if stage != "resilience":
+        what = f"a {stage} run" if stage else "not a reduce-ops run"
+        raise ConfigError(f"{where}: MLflow run {run_id} is {what}, not a resilience run")
+    if run.status != "FINISHED":
+        raise TrackingError(f"{where}: resilience run {run_id} is {run.status}, not finished; "
+                            f"run `reduce-ops resilience` again")
+    remedy = "run `reduce-ops resilience` again"
+    Identity(run.tags.get(names.TAG_BASELINE_HASH), run.tags.get(names.TAG_DATASET_HASH, "")
+             ).require_match(identity, f"resilience run {run_id} ({where})", remedy)
+    differs = [f"{key}={run.params.get(key, '(not logged)')} (now {tracking.param_text(value)})"
+               for key, value in measured_params(cfg).items()
+               if run.params.get(key) != tracking.param_text(value)]
+    if differs:
+        raise ReduceOpsError(f"resilience run {run_id} ({where}) was measured with "
+                             f"{', '.join(differs)}; {remedy}")
+    return run

@@ -15,7 +15,6 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import PercentFormatter
 
 from reduce_ops.atomic import write_file
 from reduce_ops.errors import DataError
@@ -266,9 +265,12 @@ def plot_plan_curve(points, curve, plan, path, statistic, constraint_level) -> P
 # ---- Fig. 3: policies compared ------------------------------------------------------------------
 
 def policy_figure(per_chip: pd.DataFrame, summary: pd.DataFrame, constraint_level) -> Figure:
-    """Fig. 3: per-policy accuracy-vs-fault-rate panels, then pass rate vs total epochs."""
-    _require(per_chip, ["policy", "fault_rate", "accuracy", "met"], "per-chip results")
-    _require(summary, ["policy", "pass_rate", "total_epochs"], "policy summary")
+    """Fig. 3: per-policy test accuracy vs fault rate of the chips each ships, then chips shipped
+    (and meeting the constraint on test) vs total retraining."""
+    _require(per_chip, ["policy", "fault_rate", "test_accuracy", "shipped", "meets_on_test"],
+             "per-chip results")
+    _require(summary, ["policy", "n_shipped", "n_meet_on_test", "total_epochs"],
+             "policy summary")
     policies = list(summary["policy"])
     n = len(policies) + 1
     ncols = min(n, 3)
@@ -277,40 +279,37 @@ def policy_figure(per_chip: pd.DataFrame, summary: pd.DataFrame, constraint_leve
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     # one colour per policy in the summary panel; tab10 without blue/red (= met / not met)
     colors = [_POLICY_COLORS[i % len(_POLICY_COLORS)] for i in range(len(policies))]
-    counts = {"n_met", "n_chips"} <= set(summary.columns)
     for ax, row in zip(axes, summary.itertuples()):
         d = per_chip[per_chip["policy"] == row.policy]
-        met = d["met"].astype(bool).to_numpy()
-        ax.plot(d["fault_rate"][met], d["accuracy"][met], "o", color="tab:blue", ms=4, alpha=0.8,
-                label="met")
-        ax.plot(d["fault_rate"][~met], d["accuracy"][~met], "x", color="tab:red", ms=5,
-                label="not met")
+        shipped = d["shipped"].astype(bool).to_numpy()
+        meets = d["meets_on_test"].astype(bool).to_numpy()
+        ax.plot(d["fault_rate"][meets], d["test_accuracy"][meets], "o", color="tab:blue", ms=4,
+                alpha=0.8, label="shipped, meets on test")
+        miss = shipped & ~meets
+        ax.plot(d["fault_rate"][miss], d["test_accuracy"][miss], "x", color="tab:red", ms=5,
+                label="shipped, misses on test")
         ax.axhline(constraint_level, color="black", ls="--", lw=1,
                    label=f"constraint ({constraint_level:.4g})")
-        if "rejected" in d.columns and d["rejected"].astype(bool).any():
-            # Chips the plan rejected were never retrained: marked along the bottom edge.
-            rej = d["rejected"].astype(bool).to_numpy()
+        if (~shipped).any():      # not shipped: marked along the bottom edge
             lo, hi = ax.get_ylim()
-            ax.plot(d["fault_rate"][rej], np.full(int(rej.sum()), lo), "v", color="0.45",
-                    ms=5, clip_on=False, label="rejected (not retrained)")
+            ax.plot(d["fault_rate"][~shipped], np.full(int((~shipped).sum()), lo), "v",
+                    color="0.45", ms=5, clip_on=False, label="not shipped")
             ax.set_ylim(lo, hi)
-            ax.legend(fontsize=7, loc="upper right")
-        count = f" ({row.n_met}/{row.n_chips})" if counts else ""
-        ax.set_title(f"{row.policy}\npass {row.pass_rate:.0%}{count} · "
-                     f"{_fmt(row.total_epochs)} epochs", fontsize=9)
+        ax.set_title(f"{row.policy}\nships {row.n_shipped}/{len(d)}, {row.n_meet_on_test} meet "
+                     f"· {_fmt(row.total_epochs)} epochs", fontsize=9)
         ax.set_xlabel(RATE_LABEL, fontsize=8)
-        ax.set_ylabel("accuracy (own scale per panel)", fontsize=8)
+        ax.set_ylabel("test accuracy (own scale per panel)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     ax = axes[len(policies)]
     for row, color in zip(summary.itertuples(), colors):
-        ax.plot(row.total_epochs, row.pass_rate, "o", color=color, ms=8, label=str(row.policy))
-    ax.set_ylim(-0.05, 1.05)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_title("pass rate vs total retraining", fontsize=9)
+        ax.plot(row.total_epochs, row.n_shipped, "o", color=color, ms=8, label=str(row.policy))
+        ax.plot(row.total_epochs, row.n_meet_on_test, "o", mfc="white", mec=color, mew=1.5, ms=8)
+    ax.set_title("chips shipped (filled) and meeting the\nconstraint on test (hollow) vs epochs",
+                 fontsize=9)
     ax.set_xlabel("total retraining (epochs, sum over chips)", fontsize=8)
-    ax.set_ylabel("chips meeting the constraint", fontsize=8)
+    ax.set_ylabel("chips", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

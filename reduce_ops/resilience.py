@@ -20,6 +20,7 @@ from reduce_ops.errors import TrackingError
 from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap
 from reduce_ops.names import (RETRAINING_EPOCHS, TAG_REUSED_FROM, TAG_TRIAL, TEST_ACCURACY,
                                TRIAL_SECONDS, VAL_ACCURACY)
+from reduce_ops.planning import settled
 from reduce_ops.progress import Progress
 from reduce_ops.fault_aware import FatCheckpoint, fat_curve
 
@@ -42,6 +43,17 @@ class TrialSpec:
         return f"r{self.fault_rate:.4f}-rep{self.repetition}"
 
 
+@dataclass(frozen=True)
+class TrialTarget:
+    """How far a trial trains: the grid (resilience.max_epochs), then on in checkpoint steps,
+    up to the budget cap, until its monotone fit has reached the decision level `confirm`
+    epochs before its last measurement."""
+
+    level: float          # validation accuracy level (the constraint on the decision split)
+    cap: float            # plan.budget_cap, epochs
+    confirm: float        # resilience.confirm_epochs
+
+
 @dataclass
 class TrialResult:
     """A finished trial: its map's size and the accuracy at every checkpoint amount."""
@@ -53,7 +65,12 @@ class TrialResult:
     val_accuracy: list[float]
     test_accuracy: list[float]
     seconds: float
+    grid_epochs: float            # resilience.max_epochs; amounts beyond it are the extension
     reused_from: str = ""
+
+    @property
+    def extended(self) -> bool:
+        return self.amounts[-1] > self.grid_epochs + 1e-9
 
 
 def checkpoint_amounts(cfg: ResilienceConfig) -> list[float]:
@@ -78,19 +95,21 @@ def trial_grid(cfg: ResilienceConfig) -> list[TrialSpec]:
 
 
 def grid_hash(res: ResilienceConfig, fat: FatConfig, hardware: HardwareConfig,
-              baseline_hash: str, dataset_hash: str) -> str:
+              target: TrialTarget, baseline_hash: str, dataset_hash: str) -> str:
     """Identity of a trial set: same hash = same trials (used to resume an interrupted run)."""
     spec = {"amounts": checkpoint_amounts(res), "generator": res.generator, "seed": res.seed,
             "fat": dataclasses.asdict(fat), "rows": hardware.rows, "cols": hardware.cols,
-            "layer_types": hardware.layer_types, "baseline": baseline_hash,
-            "dataset": dataset_hash}
+            "layer_types": hardware.layer_types, "target": dataclasses.asdict(target),
+            "baseline": baseline_hash, "dataset": dataset_hash}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceConfig,
-              fat: FatConfig, hardware: HardwareConfig, device: torch.device | str = "cpu",
+              fat: FatConfig, hardware: HardwareConfig, target: TrialTarget,
+              device: torch.device | str = "cpu",
               on_checkpoint: Callable[[FatCheckpoint], None] | None = None) -> TrialResult:
-    """Draw the trial's fault map, prune (FAP), then FAT once with accuracy at every checkpoint."""
+    """Draw the trial's fault map, prune (FAP), then FAT once with accuracy at every checkpoint
+    of the grid; a trial that has not settled at the level by then goes on (see TrialTarget)."""
     geometry = ArrayGeometry(hardware.rows, hardware.cols)
     fmap: FaultMap = GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
                                               f"trial-{spec.key}")
@@ -98,9 +117,13 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
                       fat_cfg, device, on_checkpoint=on_checkpoint)
+    val = curve.accuracy[VAL_ACCURACY]
+    while (curve.amounts[-1] < target.cap - 1e-9
+           and not settled(curve.amounts, val, target.level, target.confirm)):
+        curve.extend([min(round(curve.amounts[-1] + res.checkpoint_every, 9), target.cap)],
+                     on_checkpoint)
     return TrialResult(spec, fmap.n_faulty, curve.session.pruned_fraction, curve.amounts,
-                       curve.accuracy[VAL_ACCURACY], curve.accuracy[TEST_ACCURACY],
-                       curve.seconds)
+                       val, curve.accuracy[TEST_ACCURACY], curve.seconds, res.max_epochs)
 
 
 def trials_table(results: list[TrialResult]) -> pd.DataFrame:
@@ -118,7 +141,9 @@ def trial_run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
     """(params, metric histories, tags) of a trial's child run; steps are milli-epochs."""
     params = {"fault_rate": r.spec.fault_rate, "repetition": r.spec.repetition,
               "fault_seed": r.spec.fault_seed, "n_faulty": r.n_faulty,
-              "pruned_fraction": r.pruned_fraction, "step_unit": "milli-epochs"}
+              "pruned_fraction": r.pruned_fraction, "step_unit": "milli-epochs",
+              "grid_epochs": r.grid_epochs, "measured_epochs": r.amounts[-1],
+              "extended": r.extended}
     steps = [int(round(a * STEPS_PER_EPOCH_UNIT)) for a in r.amounts]
     history = {VAL_ACCURACY: list(zip(steps, r.val_accuracy)),
                TEST_ACCURACY: list(zip(steps, r.test_accuracy)),
@@ -137,9 +162,10 @@ def trial_from_run(child: dict[str, Any]) -> TrialResult:
     test = dict(h[TEST_ACCURACY])
     spec = TrialSpec(float(p["fault_rate"]), int(p["repetition"]), int(p["fault_seed"]))
     seconds = h.get(TRIAL_SECONDS, [(0, 0.0)])[-1][1]
-    return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]),
-                       [s / STEPS_PER_EPOCH_UNIT for s, _ in val], [v for _, v in val],
-                       [test[s] for s, _ in val], float(seconds), reused_from=child["run_id"])
+    amounts = [s / STEPS_PER_EPOCH_UNIT for s, _ in val]
+    return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]), amounts,
+                       [v for _, v in val], [test[s] for s, _ in val], float(seconds),
+                       float(p.get("grid_epochs", amounts[-1])), reused_from=child["run_id"])
 
 
 TRIAL_METRICS = [VAL_ACCURACY, TEST_ACCURACY, TRIAL_SECONDS]   # what trial_from_run reads
@@ -154,9 +180,9 @@ def logged_trials(uri: str, run_id: str) -> pd.DataFrame:
 
 
 def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: ResilienceConfig,
-               fat: FatConfig, hardware: HardwareConfig, device: torch.device | str,
-               reusable: dict[str, TrialResult], on_trial: Any = None,
-               progress: Progress | None = None) -> list[TrialResult]:
+               fat: FatConfig, hardware: HardwareConfig, target: TrialTarget,
+               device: torch.device | str, reusable: dict[str, TrialResult],
+               on_trial: Any = None, progress: Progress | None = None) -> list[TrialResult]:
     """All trials of the grid, reusing finished ones (by key) from an interrupted run.
 
     `on_trial(result)` is called as each trial finishes (to log it); `progress` hears of every
@@ -175,13 +201,14 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
                 def on_cp(cp: FatCheckpoint) -> None:
                     progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
                                     f"val {cp.metrics[VAL_ACCURACY]:.4f}")
-            result = run_trial(baseline, data, spec, res, fat, hardware, device, on_cp)
+            result = run_trial(baseline, data, spec, res, fat, hardware, target, device, on_cp)
         results.append(result)
         if on_trial is not None:
             on_trial(result)
         if progress is not None:
-            reused = " (reused)" if result.reused_from else ""
-            progress.done(f"trial {spec.key}{reused}",
+            how = (" (reused)" if result.reused_from else
+                   f" (past the grid, to {result.amounts[-1]:g} epochs)" if result.extended else "")
+            progress.done(f"trial {spec.key}{how}",
                           f"val {result.val_accuracy[0]:.4f} -> {result.val_accuracy[-1]:.4f} "
                           f"after {result.amounts[-1]:g} epochs")
     return results

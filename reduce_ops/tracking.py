@@ -30,9 +30,13 @@ def tracking_uri(root: Path) -> str:
 
 def ensure_store(uri: str) -> None:
     """Create (migrate) an SQLite store once, before any parallel writer can race on it."""
+    import logging
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # "Creating initial MLflow database tables..." on every new store: noise in a stage's log
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     MlflowClient(uri).search_experiments(max_results=1)
@@ -60,7 +64,8 @@ def _mark_model_training(client: Any, experiment_id: str) -> None:
                                   names.EXPERIMENT_KIND)
 
 
-def _param_str(value: Any) -> str:
+def param_text(value: Any) -> str:
+    """A parameter's value as MLflow stores it (text, shortened past MAX_PARAM_LEN)."""
     text = str(value)
     return text if len(text) <= MAX_PARAM_LEN else text[:MAX_PARAM_LEN - 3] + "..."
 
@@ -88,7 +93,7 @@ class _RunLog:
         from mlflow.entities import Param
 
         with self._timed():
-            items = [Param(k, _param_str(v)) for k, v in params.items()]
+            items = [Param(k, param_text(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -164,7 +169,7 @@ class StageRun(_RunLog):
             ts = int(time.time() * 1000)
             metrics = [Metric(k, float(v), ts, int(step))
                        for k, hist in metric_history.items() for step, v in hist]
-            params_l = [Param(k, _param_str(v)) for k, v in params.items()]
+            params_l = [Param(k, param_text(v)) for k, v in params.items()]
             for i in range(0, max(len(metrics), len(params_l), 1), 100):
                 self.client.log_batch(child_id, metrics=metrics[i:i + 100],
                                       params=params_l[i:i + 100])
@@ -440,6 +445,26 @@ def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_
     return str(mv.version)
 
 
+def withdraw_alias(stage: StageRun, name: str, alias: str,
+                   model_tags: Mapping[str, Any]) -> None:
+    """Remove `alias` from registered model `name` (if it has it) and set `model_tags` on it;
+    nothing when the model was never registered."""
+    from mlflow.exceptions import MlflowException
+
+    client = stage.client
+    with stage._timed():
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return
+            raise
+        if alias in (model.aliases or {}):
+            client.delete_registered_model_alias(name, alias)
+        for key, value in model_tags.items():
+            client.set_registered_model_tag(name, key, str(value))
+
+
 def model_version_by_alias(uri: str, name: str, alias: str) -> ModelVersionInfo | None:
     """The version of `name` that carries `alias`; None when the model or the alias is missing."""
     from mlflow.exceptions import MlflowException
@@ -471,6 +496,17 @@ def find_model_versions(uri: str, name: str,
     out = [replace(info, aliases=tuple(sorted(by_version.get(info.version, ()))))
            for info in map(_version_info, found)]
     return sorted(out, key=lambda v: -int(v.version))
+
+
+def registered_model_tags_of(uri: str, name: str) -> dict[str, str]:
+    """The tags of registered model `name` ({} when it does not exist)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return dict(MlflowClient(uri, registry_uri=uri).get_registered_model(name).tags or {})
+    except MlflowException:
+        return {}
 
 
 def registered_model_tags(uri: str, key: str) -> dict[str, str]:

@@ -64,6 +64,20 @@ def test_cross_key_checks() -> None:
                                                   "faultmaps.rate_max=0.2"]))
 
 
+def test_a_budget_cap_below_the_grid_is_one_line_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params()))
+    for stage in ("resilience", "plan", "fat"):
+        assert main([stage, "--params", str(params), "--set", "resilience.max_epochs=4",
+                     "--set", "plan.budget_cap=2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [f"reduce-ops {stage}: error: {params}: plan.budget_cap (2) "
+                                    f"must be >= resilience.max_epochs (4): trials run at "
+                                    f"least that far"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 def test_overrides_reach_nested_keys_and_parse_yaml_values() -> None:
     cfg = from_dict(apply_overrides(tiny_params(), ["train.lr=0.5", "hardware.layer_types=[conv]",
                                                     "data.download=true"]))

@@ -22,8 +22,8 @@ def test_digits_split_sizes_stratification_and_meta(tiny_cfg: Config) -> None:
     meta = _prepare(tiny_cfg)
     sizes = meta["split_sizes"]
     assert sum(sizes.values()) == 1797
-    assert sizes["test"] == pytest.approx(0.2 * 1797, abs=1)
-    assert sizes["val"] == pytest.approx(0.1 * 1797, abs=1)
+    assert sizes["test"] == pytest.approx(tiny_cfg.data.test_fraction * 1797, abs=1)
+    assert sizes["val"] == pytest.approx(tiny_cfg.data.val_fraction * 1797, abs=1)
     assert meta["input_shape"] == [1, 8, 8] and meta["num_classes"] == 10
     # Stratified: every split has each class in (almost exactly) the overall proportion.
     total = np.sum([meta["class_counts"][k] for k in ("train", "val", "test")], axis=0)

@@ -7,6 +7,7 @@ change a project work on a clone of their own, so the tests run in any order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,7 @@ from reduce_ops.training import evaluate
 # stays ~0.1), so the chip near 0.6 is infeasible and the others need at most 0.5 epochs.
 SETUP = ["train.max_epochs=4", "faultmaps.rate_max=0.6", "fat.lr=0.01",
          "resilience.fault_rates=[0.0, 0.5, 0.6]", "resilience.repetitions=2",
-         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25",
+         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
          "resilience.accuracy_levels=[0.5]", "constraint.kind=absolute", "constraint.value=0.35"]
 PREFIX = "reduce-ops"
 
@@ -87,6 +88,12 @@ def _versions(project: Path, chip_id: str) -> list:
     return find_model_versions(tracking_uri(project), fleet.registered_name(PREFIX, chip_id))
 
 
+def _history(uri: str, run_id: str, key: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda h: h.step)
+
+
 def _chips(project: Path) -> pd.DataFrame:
     return pd.read_csv(project / "results/fat/chips.csv", dtype={"chip_id": str,
                                                                  "model_version": str,
@@ -121,16 +128,17 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
     assert children == {feasible[0]: "FINISHED", feasible[1]: "KILLED"}
 
     monkeypatch.setattr(tracking, "register_model_version", real_register)
-    real = fleet.fat_curve
+    real = fleet._train_and_register
     calls: list[str] = []
-    monkeypatch.setattr(fleet, "fat_curve", lambda b, fmap, *a, **k: (calls.append(fmap.chip_id),
-                                                                       real(b, fmap, *a, **k))[1])
+    monkeypatch.setattr(fleet, "_train_and_register",
+                        lambda stage, job, *a, **k: (calls.append(job.chip_id),
+                                                     real(stage, job, *a, **k))[1])
     assert _fat(in_project) == 0
     assert calls == feasible[1:]                  # the chip done before Ctrl-C is not retrained
     assert all(len(_versions(in_project, c)) == 1 for c in feasible)
     chips = _chips(in_project).set_index("chip_id")
-    assert chips.loc[feasible[0], "status"] == "skipped"
-    assert (chips.loc[feasible[1:], "status"] == "trained").all()
+    assert not chips.loc[feasible[0], "trained"]
+    assert chips.loc[feasible[1:], "trained"].all()
 
 
 def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_trained: Path) -> None:
@@ -158,7 +166,15 @@ def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_trai
         assert float(p["planned_epochs"]) == row.planned_epochs
         assert 0.0 < float(p["pruned_fraction"]) < 1.0
         assert m["constraint_met"] == float(m["test_accuracy"] >= summary["constraint_level"])
-        assert m["wall_seconds"] > 0 and 0.0 <= m["val_accuracy"] <= 1.0
+        assert m["train_seconds"] > 0 or row.planned_epochs == 0
+        # verified on validation: shipped at the first check at level + margin, else the cap
+        history = [(h.step / 1000, h.value) for h in _history(uri, run.run_id, "val_accuracy")]
+        threshold = summary["decision_level"] + float(p["verify_margin"])
+        assert history[0][0] == row.planned_epochs and m["n_checks"] == len(history)
+        assert all(v < threshold for _, v in history[:-1])
+        assert bool(m["verified"]) == (history[-1][1] >= threshold)
+        assert m["actual_epochs"] == history[-1][0]
+        assert m["verified"] or m["actual_epochs"] == summary["budget_cap"]
         (version,) = _versions(in_project, row.chip_id)
         tags = version.tags
         assert version.run_id == run.run_id
@@ -166,14 +182,19 @@ def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_trai
         assert float(tags["test_accuracy"]) == m["test_accuracy"]
         assert float(tags["fault_rate"]) == row.fault_rate
         assert float(tags["planned_epochs"]) == row.planned_epochs
+        assert float(tags["actual_epochs"]) == m["actual_epochs"]
         assert float(tags["constraint_level"]) == summary["constraint_level"]
         assert (tags["constraint_met"] == "true") == bool(m["constraint_met"])
-        assert (fleet.CHAMPION in version.aliases) == bool(m["constraint_met"])
+        assert (fleet.CHAMPION in version.aliases) == bool(m["verified"])  # only if verified
         assert chips.loc[row.chip_id, "model_version"] == version.version
-    n_feasible = int(plan["feasible"].sum())
-    assert summary["n_chips"] == len(plan) and summary["n_feasible"] == n_feasible
-    assert summary["n_passed"] == int(chips["constraint_met"].sum())
+        assert chips.loc[row.chip_id, "status"] == ("shipped" if m["verified"] else "rejected")
+    n_planned = int(plan["feasible"].sum())
+    assert summary["n_chips"] == len(plan) and summary["n_planned"] == n_planned
+    assert summary["n_shipped"] == int((chips["status"] == "shipped").sum())
+    assert summary["n_meet_on_test"] == int((chips["meets_on_test"]
+                                             & (chips["status"] == "shipped")).sum())
     assert summary["total_planned_epochs"] == pytest.approx(plan["planned_epochs"].sum())
+    assert summary["total_epochs"] == pytest.approx(chips["actual_epochs"].sum())
 
 
 def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
@@ -191,7 +212,7 @@ def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     chips = _chips(in_project)
-    champions = chips.loc[chips["constraint_met"] == True, "chip_id"].tolist()  # noqa: E712
+    champions = chips.loc[chips["status"] == "shipped", "chip_id"].tolist()
     assert champions
     x = data.x["test"][:16]
     for chip_id in champions:
@@ -232,8 +253,9 @@ def test_load_chip_model_needs_a_tracking_uri(monkeypatch: pytest.MonkeyPatch) -
         reduce_ops.load_chip_model("chip-000")
 
 
-def test_rerun_registers_nothing_and_force_makes_new_versions(
-        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_registers_nothing_and_a_chip_rejected_later_loses_its_champion(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
     in_project = _enter(clone_project(trained, tmp_path / "project"), monkeypatch)
     plan, _ = _plan(in_project)
     feasible = plan.loc[plan["feasible"], "chip_id"].tolist()
@@ -241,34 +263,55 @@ def test_rerun_registers_nothing_and_force_makes_new_versions(
     assert _fat(in_project) == 0
     assert {c: len(_versions(in_project, c)) for c in feasible} == before
     chips = _chips(in_project).set_index("chip_id")
-    assert (chips.loc[feasible, "status"] == "skipped").all()
+    assert not chips.loc[feasible, "trained"].any()
 
-    # --force retrains everything; the first chip now misses the constraint (accuracy forced to
-    # 0): its new version is registered without the alias, and the old champion stays.
-    real = fleet.fat_curve
-    old_champion = next(v for v in _versions(in_project, feasible[0])
-                        if fleet.CHAMPION in v.aliases)
+    # --force retrains everything; the first chip now misses verification (an impossible
+    # margin): it is rejected at the cap, and its champion of the earlier run is withdrawn.
+    first = feasible[0]
+    assert any(fleet.CHAMPION in v.aliases for v in _versions(in_project, first))
+    real = fleet._train_and_register
 
-    def worse_first(baseline, fmap, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        out = real(baseline, fmap, *args, **kwargs)
-        if fmap.chip_id == feasible[0]:
-            out.accuracy["test_accuracy"] = [0.0] * len(out.amounts)
-        return out
+    def miss_first(stage, job, baseline, data, ctx, *args):  # noqa: ANN001, ANN002
+        if job.chip_id == first:
+            ctx = dataclasses.replace(ctx, margin=1.0)
+        return real(stage, job, baseline, data, ctx, *args)
 
-    monkeypatch.setattr(fleet, "fat_curve", worse_first)
+    monkeypatch.setattr(fleet, "_train_and_register", miss_first)
     assert _fat(in_project, "--force") == 0
     after = {c: _versions(in_project, c) for c in feasible}
     assert {c: len(v) for c, v in after.items()} == {c: n + 1 for c, n in before.items()}
-    newest = after[feasible[0]][0]
-    assert newest.tags["constraint_met"] == "false" and fleet.CHAMPION not in newest.aliases
-    assert fleet.CHAMPION in after[feasible[0]][1].aliases
-    assert after[feasible[0]][1].version == old_champion.version
-    for chip_id in feasible[1:]:
-        if after[chip_id][0].tags["constraint_met"] == "true":
-            assert fleet.CHAMPION in after[chip_id][0].aliases
+    assert not any(fleet.CHAMPION in v.aliases for v in after[first])
+    assert after[first][0].tags["verified"] == "false"
+    chips = _chips(in_project).set_index("chip_id")
+    assert chips.loc[first, "status"] == "rejected"
+    assert chips.loc[first, "actual_epochs"] == json.loads(
+        (in_project / "results/plan/summary.json").read_text())["budget_cap"]
+    # fetch says why there is no model for it now
+    capsys.readouterr()
+    assert main(["fetch", first, "--params", str(in_project / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rejected" in err[0] and "budget cap" in err[0]
     summary = json.loads((in_project / "results/fat/summary.json").read_text())
-    assert feasible[0] in summary["missed_constraint"]
-    assert summary["n_trained"] == len(feasible)
+    assert first in summary["rejected"] and summary["n_trained"] == len(feasible)
+
+
+def test_a_chip_the_plan_rejects_loses_an_older_champion(
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new plan (here: a stricter constraint) that finds a chip infeasible takes the champion
+    alias of the older plan's model away; fetch then says why."""
+    in_project = _enter(clone_project(trained, tmp_path / "project"), monkeypatch)
+    plan, _ = _plan(in_project)
+    shipped = _chips(in_project).query("status == 'shipped'")["chip_id"].tolist()
+    assert shipped
+    params = str(in_project / "params.yaml")
+    strict = ["--set", "constraint.value=0.999"]          # nothing reaches it
+    assert main(["resilience", "--params", params, *strict]) == 0
+    assert main(["plan", "--params", params, *strict]) == 0
+    assert main(["fat", "--params", params, *strict]) == 0
+    for chip_id in shipped:
+        assert not any(fleet.CHAMPION in v.aliases for v in _versions(in_project, chip_id))
+        with pytest.raises(TrackingError, match="rejected"):
+            fleet.champion(tracking_uri(in_project), chip_id, PREFIX)
 
 
 def test_unknown_chip_id_is_one_line_naming_close_matches(

@@ -14,6 +14,7 @@ from reduce_ops.planning import (
     MonotoneCurve,
     aggregate_needs,
     fit_monotone_curve,
+    make_plan,
     parse_statistic,
     plan_fleet,
     resilience_map,
@@ -57,9 +58,35 @@ def test_unsorted_input_is_sorted_first():
     assert retraining_needed([2, 0, 1], [0.98, 0.5, 0.90], 0.96) == pytest.approx(1.75)
 
 
-def test_first_crossing_counts_even_if_accuracy_dips_later():
-    # crosses 0.8 between 0 and 1 (at 0.5), dips below at 2, back above at 3
-    assert retraining_needed([0, 1, 2, 3], [0.7, 0.9, 0.75, 0.95], 0.8) == pytest.approx(0.5)
+def test_a_dip_after_the_crossing_is_pooled_with_it():
+    # the monotone fit pools 0.9 and the dip 0.75 into 0.825 (still above 0.8): the crossing
+    # moves from 0.5 to 0.8 (0.7 + 0.1 / 0.125) instead of being lost
+    assert retraining_needed([0, 1, 2, 3], [0.7, 0.9, 0.75, 0.95], 0.8) == pytest.approx(0.8)
+
+
+def test_one_noisy_last_checkpoint_does_not_undo_the_crossing():
+    """The case seen on a second machine: 0.970 at 3.75 epochs, then 0.964 at 4.0 (3 images
+    under 0.967) made a sustained crossing infeasible; the monotone fit pools the two."""
+    amounts = [3.0, 3.25, 3.5, 3.75, 4.0]
+    acc = [0.962, 0.966, 0.968, 0.970, 0.964]
+    need = retraining_needed(amounts, acc, 0.967)
+    assert math.isfinite(need) and 3.25 < need < 3.75
+
+
+def test_a_lucky_spike_does_not_count_as_reached():
+    # 0.97 once at 1.0, then 0.94, 0.95: pooled to 0.9533 < 0.96; reached only from 3.0 on
+    amounts = [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert retraining_needed(amounts, [0.80, 0.97, 0.94, 0.95, 0.98], 0.96) == pytest.approx(
+        3.0 + (0.96 - 0.9533333333) / (0.98 - 0.9533333333))
+
+
+def test_settled_needs_the_crossing_confirmed():
+    from reduce_ops.planning import settled
+
+    amounts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert settled(amounts, [0.9, 0.97, 0.97, 0.97, 0.97], 0.96, confirm=0.5)
+    assert not settled(amounts, [0.9, 0.9, 0.9, 0.9, 0.97], 0.96, confirm=0.5)  # only at the end
+    assert not settled(amounts, [0.9] * 5, 0.96, confirm=0.5)
 
 
 def test_nan_checkpoint_is_skipped():
@@ -170,17 +197,25 @@ def test_bad_statistic_is_one_line_config_error(bad):
 
 # ---- fit_monotone_curve --------------------------------------------------------------------------
 
-def test_noisy_points_give_a_monotone_curve():
+def test_noisy_points_give_a_monotone_curve_never_below_them():
     rates = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     needed = [0.0, 0.8, 0.6, 1.5, 1.2, 2.5]
     c = fit_monotone_curve(rates, needed, max_amount=3.0)
-    assert np.all(np.diff(c.fitted) >= 0)
-    assert c.fitted == pytest.approx([0.0, 0.7, 0.7, 1.35, 1.35, 2.5])
+    assert c.fitted == pytest.approx([0.0, 0.8, 0.8, 1.5, 1.5, 2.5])   # the running maximum
+    assert np.all(c(np.array(rates)) >= np.array(needed))
     dense = c(np.linspace(-0.1, 0.5, 2001))
     assert np.all(np.diff(dense) >= 0)
-    assert c(0.3) == pytest.approx(1.35) and c(0.35) == pytest.approx(1.35)  # flat stays flat
+    assert c(0.35) == pytest.approx(1.5) and c(0.45) == pytest.approx(2.0)  # linear in between
     assert c(-0.1) == pytest.approx(0.0)  # below the lowest rate: value there
     assert c.max_feasible_rate == 0.5 and c.max_amount == 3.0
+
+
+def test_worst_case_is_never_averaged_down():
+    """Worst-case needs [0, 1.0, 0.5]: the old isotonic fit planned 0.75 for the rate whose
+    worst repetition needed 1.0; the fit must stay at 1.0 from there on."""
+    c = fit_monotone_curve([0.0, 0.1, 0.2], [0.0, 1.0, 0.5], max_amount=4.0)
+    assert c.fitted.tolist() == [0.0, 1.0, 1.0]
+    assert c(0.1) == 1.0 and c(0.2) == 1.0
 
 
 def test_unsorted_rates_are_sorted():
@@ -248,7 +283,7 @@ def test_safety_margin_scales_before_rounding(linear_curve):
 def test_capped_at_max_amount(linear_curve):
     plan = plan_fleet(linear_curve, chips(0.29, 0.3), granularity=1.0, safety_margin=1.5)
     assert plan["planned_epochs"].tolist() == [3.0, 3.0]
-    assert "capped" in plan["reason"].iloc[0]
+    assert "capped at the budget cap" in plan["reason"].iloc[0]
 
 
 def test_zero_need_gets_zero_epochs(linear_curve):
@@ -263,7 +298,8 @@ def test_infeasible_chip(linear_curve):
     plan = plan_fleet(linear_curve, chips(0.2, 0.52), granularity=0.25)
     row = plan.iloc[1]
     assert not row.feasible and math.isnan(row.planned_epochs) and row.needed == math.inf
-    assert row.reason == "fault rate 0.52 above the highest reachable rate 0.3"
+    assert row.reason == ("fault rate 0.52 above the highest rate reachable within the budget "
+                          "cap (0.3)")
     assert plan.iloc[0].feasible
 
 
@@ -305,14 +341,58 @@ def test_curve_is_a_frozen_dataclass(linear_curve):
         linear_curve.max_amount = 5.0
 
 
-def test_sustained_crossing_ignores_a_spike_above_the_level():
-    from reduce_ops.planning import retraining_needed
+# ---- make_plan: one noisy checkpoint, the budget cap -------------------------------------------
 
-    amounts = [0.0, 1.0, 2.0, 3.0, 4.0]
-    acc = [0.80, 0.97, 0.94, 0.95, 0.98]     # pokes above 0.96 at 1.0, stays above from ~3.33
-    assert retraining_needed(amounts, acc, 0.96, "first") == pytest.approx(0.0 + 0.16 / 0.17)
-    assert retraining_needed(amounts, acc, 0.96, "sustained") == pytest.approx(3.0 + 1 / 3)
-    assert retraining_needed(amounts[:3], [0.9, 0.97, 0.95], 0.96, "sustained") == math.inf
-    assert retraining_needed(amounts[:3], [0.97, 0.98, 0.99], 0.96, "sustained") == 0.0
-    with pytest.raises(ConfigError, match="plan.crossing"):
-        retraining_needed(amounts, acc, 0.96, "last")
+def test_one_noisy_checkpoint_does_not_make_a_rate_infeasible():
+    """Five repetitions at rate 0.2 all hover around the level at the end of the grid; one
+    reads 3 images under it at its last checkpoint. The rate stays feasible, and rate 0.3
+    (every repetition reached) is not discarded."""
+    amounts = [0.0, 1.0, 2.0, 3.0, 3.75, 4.0]
+    good = [0.90, 0.95, 0.965, 0.970, 0.971, 0.972]
+    noisy = [0.90, 0.95, 0.965, 0.969, 0.970, 0.964]
+    rows = []
+    for rate, curves in ((0.2, [good] * 4 + [noisy]), (0.3, [good] * 5)):
+        for rep, acc in enumerate(curves):
+            rows += [dict(fault_rate=rate, repetition=rep, amount=a, val_accuracy=v,
+                          test_accuracy=v) for a, v in zip(amounts, acc)]
+    result = make_plan(pd.DataFrame(rows), chips(0.2, 0.3), 0.967, "max", 0.25, 1.0, cap=4.0)
+    assert result.plan["feasible"].tolist() == [True, True]
+    assert result.curve.max_feasible_rate == 0.3
+
+
+def test_needs_beyond_the_budget_cap_are_infeasible(trials):
+    # at level 0.90 one repetition at rate 0.2 needs 2.714 epochs
+    wide = make_plan(trials, chips(0.1, 0.2), 0.90, "max", 0.25, 1.0, cap=3.0).plan
+    narrow = make_plan(trials, chips(0.1, 0.2), 0.90, "max", 0.25, 1.0, cap=2.5).plan
+    assert wide["feasible"].tolist() == [True, True]         # 0.2 needs 2.714 <= 3
+    assert narrow["feasible"].tolist() == [True, False]      # ... > 2.5
+
+
+# ---- verification ---------------------------------------------------------------------------------
+
+def test_check_amounts_step_from_the_plan_to_the_cap():
+    from reduce_ops.planning import check_amounts
+
+    assert check_amounts(1.0, 0.5, 2.0) == [1.0, 1.5, 2.0]
+    assert check_amounts(1.0, 0.4, 2.0) == [1.0, 1.4, 1.8, 2.0]    # the cap itself is checked
+    assert check_amounts(2.0, 0.5, 2.0) == [2.0]
+
+
+def test_verification_extends_a_chip_that_misses_and_rejects_one_at_the_cap():
+    from reduce_ops.planning import verify
+
+    curve = {1.0: 0.950, 1.25: 0.960, 1.5: 0.968, 1.75: 0.970, 2.0: 0.971}
+    asked = []
+
+    def measure(amount):
+        asked.append(amount)
+        return curve[amount]
+
+    passed = verify(measure, 1.0, level=0.96, margin=0.005, step=0.25, cap=2.0)
+    assert passed.passed and passed.epochs == 1.5 and passed.extended
+    assert asked == [1.0, 1.25, 1.5]                 # stops at the first pass, in order
+    assert [a for a, _ in passed.checks] == [1.0, 1.25, 1.5]
+    first = verify(curve.get, 1.5, level=0.96, margin=0.005, step=0.25, cap=2.0)
+    assert first.passed and first.epochs == 1.5 and not first.extended
+    missed = verify(curve.get, 1.0, level=0.97, margin=0.005, step=0.25, cap=2.0)
+    assert not missed.passed and missed.epochs == 2.0 and len(missed.checks) == 5

@@ -193,19 +193,24 @@ def test_policy_figure_one_panel_per_policy_plus_summary(tmp_path, n_policies):
     rng = np.random.default_rng(0)
     names = [f"fixed {k} epochs" for k in range(n_policies)]
     per_chip = pd.DataFrame([
-        dict(policy=p, chip_id=f"c{i}", fault_rate=r, epochs=float(k), accuracy=a, met=a >= 0.95)
+        dict(policy=p, chip_id=f"c{i}", fault_rate=r, epochs=float(k), test_accuracy=a,
+             shipped=a >= 0.93, meets_on_test=a >= 0.95)
         for k, p in enumerate(names)
         for i, (r, a) in enumerate(zip(rng.uniform(0, 0.5, 10), rng.uniform(0.9, 1.0, 10)))
     ])
     summary = per_chip.groupby("policy", sort=False).agg(
-        n_met=("met", "sum"), n_chips=("met", "size"), total_epochs=("epochs", "sum")).reset_index()
-    summary["pass_rate"] = summary["n_met"] / summary["n_chips"]
+        n_shipped=("shipped", "sum"), n_meet_on_test=("meets_on_test", "sum"),
+        total_epochs=("epochs", "sum")).reset_index()
     fig = reports.policy_figure(per_chip, summary, 0.95)
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == n_policies + 1
     first = summary.iloc[0]
-    assert f"pass {first.pass_rate:.0%}" in visible[0].get_title()
-    assert [ln.get_label() for ln in visible[-1].get_lines()] == names
+    assert f"ships {first.n_shipped}/10, {first.n_meet_on_test} meet" in visible[0].get_title()
+    labelled = [ln.get_label() for ln in visible[-1].get_lines()
+                if not ln.get_label().startswith("_")]
+    assert labelled == names
+    shipped_points = [ln.get_ydata()[0] for ln in visible[-1].get_lines()][::2]
+    assert shipped_points == summary["n_shipped"].tolist()
     out = reports.plot_policy_comparison(per_chip, summary, tmp_path / "fig3.png", 0.95)
     assert_png(out, tmp_path)
 

@@ -1,5 +1,5 @@
-"""`reduce-ops compare`: fixed-epoch policies vs Reduce on the fleet (the paper's Fig. 3), from
-one FAT run per chip."""
+"""`reduce-ops compare`: fixed-epoch policies, the verified Reduce plan and a per-chip oracle on
+the fleet (the paper's Fig. 3), from one FAT run per chip."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from reduce_ops import atomic, compare, names, provenance, reports
 from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.models import load_checkpoint
-from reduce_ops.planning import make_plan
 from reduce_ops.progress import Progress
 from reduce_ops.stages import plan as plan_stage
 from reduce_ops.tracking import stage_run
@@ -21,13 +20,12 @@ def run(cfg: Config) -> dict[str, Any]:
     """Write results/compare/ (per chip, summary, metrics, Fig. 3); returns the metrics."""
     t0 = time.perf_counter()
     src = plan_stage.inputs(cfg)
-    plans = {f"reduce-{stat}": make_plan(src.trials, src.chips, src.level, stat, cfg.plan.metric,
-                                         src.granularity, cfg.plan.safety_margin,
-                                         cfg.plan.crossing).plan
+    plans = {f"reduce-{stat}": plan_stage.plan_for(cfg, src, stat).plan
              for stat in cfg.compare.statistics}
     chip_ids = [m.chip_id for m in src.fleet]
-    policies = compare.policy_epochs(cfg.compare.fixed_epochs, plans, chip_ids)
-    amounts = compare.amounts_per_chip(policies)
+    policy_list = compare.policies(cfg.compare.fixed_epochs, plans, chip_ids)
+    rule = compare.Rule(src.decision_level, src.constraint_level, cfg.verify.margin,
+                        cfg.verify.step, cfg.plan.budget_cap)
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
     baseline, _ = load_checkpoint(cfg.path("baseline"), device)
@@ -36,40 +34,38 @@ def run(cfg: Config) -> dict[str, Any]:
                    provenance.dataset_ref(cfg)) as stage:
         stage.set_tags({names.TAG_RESILIENCE_RUN: src.run_id,
                         **provenance.identity_tags(src.identity)})
-        stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("compare", "plan", "constraint",
-                                                                   "fat")}))
+        stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("compare", "plan", "verify",
+                                                                   "constraint", "fat")}))
         stage.log_params({"resilience_run_id": src.run_id, "n_chips": len(chip_ids),
-                          "constraint_level": src.level})
+                          "decision_level": src.decision_level,
+                          "constraint_level": src.constraint_level})
         with Progress(len(src.fleet), "compare", "chip") as progress:
-            curves = compare.run_chips(baseline, data, src.fleet, amounts, cfg.fat, cfg.hardware,
-                                       device, progress)
-        per_chip = compare.per_chip_table(curves, policies, src.level)
-        summary = compare.summarize(per_chip)
+            per_chip = compare.run_chips(baseline, data, src.fleet, policy_list, rule, cfg.fat,
+                                         cfg.hardware, device, progress)
+        summary = compare.summarize(per_chip, policy_list)
         for row in summary.itertuples(index=False):
             stage.child_run(f"policy {row.policy}", {"policy": row.policy},
-                            {"n_met": [(0, row.n_met)], "pass_rate": [(0, row.pass_rate)],
-                             "n_rejected": [(0, row.n_rejected)],
-                             "total_epochs": [(0, row.total_epochs)],
-                             "total_seconds": [(0, row.total_seconds)]},
+                            {k: [(0, getattr(row, k))] for k in
+                             ("n_shipped", "n_meet_on_test", "meet_rate", "total_epochs",
+                              "epochs_per_shipped", "epochs_ratio_to_it")},
                             {names.TAG_POLICY: row.policy})
-        trained = float(sum(max(a) for a in amounts.values()))
-        separate = float(summary["total_epochs"].sum())
         atomic.write_csv(per_chip, out_dir / "per_chip.csv")
         atomic.write_csv(summary, out_dir / "summary.csv")
-        reports.plot_policy_comparison(per_chip, summary, out_dir / "policies.png", src.level)
-        metrics = {"constraint_level": src.level, "n_chips": len(chip_ids),
-                   "epochs_trained": trained, "epochs_if_one_run_per_policy": separate,
+        reports.plot_policy_comparison(per_chip, summary, out_dir / "policies.png",
+                                       src.constraint_level)
+        metrics = {"decision_level": src.decision_level,
+                   "constraint_level": src.constraint_level, "n_chips": len(chip_ids),
                    "stage_seconds": time.perf_counter() - t0,
-                   "policies": {r.policy: {"n_met": r.n_met, "pass_rate": r.pass_rate,
-                                           "total_epochs": r.total_epochs,
-                                           "n_rejected": r.n_rejected}
+                   "policies": {r.policy: {k: getattr(r, k) for k in
+                                           ("n_shipped", "n_meet_on_test", "meet_rate",
+                                            "total_epochs", "epochs_ratio_to_it")}
                                 for r in summary.itertuples(index=False)}}
         atomic.write_json(out_dir / "metrics.json", metrics)
-        stage.log_metrics({"epochs_trained": trained, "epochs_if_one_run_per_policy": separate})
         stage.log_artifacts(out_dir)
-    lines = [f"  {r.policy:>14}: {r.n_met:>4}/{r.n_chips} chips meet {src.level:.4f} "
-             f"({100 * r.pass_rate:.0f}%), {r.total_epochs:g} epochs, {r.n_rejected} rejected"
+    lines = [f"  {r.policy:>14}: ships {r.n_shipped:>3}/{r.n_chips}, {r.n_meet_on_test:>3} meet "
+             f"{src.constraint_level:.4f} on test, {r.total_epochs:g} epochs"
+             + (f" ({r.epochs_ratio_to_it:.2f} of {r.cheapest_fixed_as_many})"
+                if r.cheapest_fixed_as_many else "")
              for r in summary.itertuples(index=False)]
-    print("compare:\n" + "\n".join(lines) + f"\n  trained {trained:g} epochs instead of "
-          f"{separate:g} (one run per chip) -> {out_dir}; MLflow run {stage.run_id}")
+    print("compare:\n" + "\n".join(lines) + f"\n  -> {out_dir}; MLflow run {stage.run_id}")
     return metrics

@@ -14,11 +14,14 @@ def run(cfg: Config, chip_id: str, out: Path | None = None) -> ModelVersionInfo:
     uri = tracking_uri(cfg.root)
     mv = fleet.champion(uri, chip_id, cfg.registry.prefix)
     tags = mv.tags
-    print(f"{chip_id}: models:/{mv.name}@{names.CHAMPION} = version {mv.version}; test "
-          f"accuracy {float(tags.get(names.VTAG_TEST_ACCURACY, 'nan')):.4f} (constraint "
-          f"{float(tags.get(names.VTAG_CONSTRAINT_LEVEL, 'nan')):.4f}), fault rate "
+    print(f"{chip_id}: models:/{mv.name}@{names.CHAMPION} = version {mv.version}; verified at "
+          f"validation accuracy {float(tags.get(names.VTAG_VAL_ACCURACY, 'nan')):.4f} (level "
+          f"{float(tags.get(names.VTAG_DECISION_LEVEL, 'nan')):.4f}); test accuracy "
+          f"{float(tags.get(names.VTAG_TEST_ACCURACY, 'nan')):.4f} (constraint "
+          f"{float(tags.get(names.VTAG_CONSTRAINT_LEVEL, 'nan')):.4f}); fault rate "
           f"{float(tags.get(names.VTAG_FAULT_RATE, 'nan')):.4f}, "
-          f"{tags.get(names.VTAG_PLANNED_EPOCHS, '?')} epochs of FAT, "
+          f"{tags.get(names.VTAG_ACTUAL_EPOCHS, '?')} epochs of FAT (planned "
+          f"{tags.get(names.VTAG_PLANNED_EPOCHS, '?')}), "
           f"{tags.get(names.VTAG_SERIALIZATION, '?')} model; run {mv.run_id}")
     if out is not None:
         folder = fleet.download_champion(uri, mv, Path(out))

@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from reduce_ops import atomic, provenance
+from reduce_ops import atomic, binomial, provenance
+from reduce_ops.binomial import wilson_interval
 from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.models import build_model, save_checkpoint
@@ -40,10 +41,15 @@ def run(cfg: Config) -> dict[str, float]:
 
             result = pretrain(model, data, cfg.train, device, on_epoch)
         test_acc, test_loss = evaluate(model, data.x["test"], data.y["test"], device=device)
+        n_val, n_test = len(data.y["val"]), len(data.y["test"])
+        val_ci = wilson_interval(result.best_val_accuracy, n_val)
+        test_ci = wilson_interval(test_acc, n_test)
         seconds = time.perf_counter() - t0
-        metrics = {TEST_ACCURACY: test_acc, "test_loss": test_loss,
-                   "best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
-                   "epochs_trained": len(result.history), "train_seconds": seconds}
+        metrics = {TEST_ACCURACY: test_acc, "test_ci_low": test_ci[0], "test_ci_high": test_ci[1],
+                   "test_loss": test_loss, "best_val_accuracy": result.best_val_accuracy,
+                   "val_ci_low": val_ci[0], "val_ci_high": val_ci[1],
+                   "best_epoch": result.best_epoch, "epochs_trained": len(result.history),
+                   "train_seconds": seconds}
         stage.log_metrics(metrics)
         arch = {"name": cfg.model.name, "input_shape": list(data.input_shape),
                 "num_classes": data.num_classes}
@@ -55,7 +61,9 @@ def run(cfg: Config) -> dict[str, float]:
         atomic.write_json(metrics_path, {**metrics, "dataset_hash": data.dataset_hash,
                                          "model": cfg.model.name})
         stage.log_artifact(metrics_path)
-    print(f"baseline {cfg.model.name}: test accuracy {test_acc:.4f} after {len(result.history)} "
-          f"epochs (best epoch {result.best_epoch}) in {seconds:.1f} s -> {baseline}; "
+    print(f"baseline {cfg.model.name}: validation accuracy "
+          f"{binomial.fmt(result.best_val_accuracy, n_val)} on {n_val} images, test accuracy "
+          f"{binomial.fmt(test_acc, n_test)} on {n_test}, after {len(result.history)} epochs "
+          f"(best epoch {result.best_epoch}) in {seconds:.1f} s -> {baseline}; "
           f"MLflow run {stage.run_id}")
     return metrics

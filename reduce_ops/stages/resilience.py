@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from reduce_ops import atomic, names, provenance, reports, resilience, tracking
-from reduce_ops.config import Config, flatten
+from reduce_ops.config import Config
 from reduce_ops.data import load_prepared
 from reduce_ops.models import load_checkpoint
 from reduce_ops.planning import constraint_level, resilience_map
@@ -38,10 +38,13 @@ def run(cfg: Config) -> dict[str, Any]:
     identity = provenance.current_identity(cfg)
     base_test, _ = evaluate(baseline, data.x["test"], data.y["test"], device=device)
     base_val, _ = evaluate(baseline, data.x["val"], data.y["val"], device=device)
-    level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_test)
+    # decided on validation, judged on test: each split's level from the baseline on it
+    level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_val)
+    test_level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_test)
     res = cfg.resilience
     specs = resilience.trial_grid(res)
-    ghash = resilience.grid_hash(res, cfg.fat, cfg.hardware, identity.baseline_hash,
+    target = resilience.TrialTarget(round(level, 9), cfg.plan.budget_cap, res.confirm_epochs)
+    ghash = resilience.grid_hash(res, cfg.fat, cfg.hardware, target, identity.baseline_hash,
                                  identity.dataset_hash)
     uri = tracking.tracking_uri(cfg.root)
     tracking.ensure_store(uri)
@@ -51,14 +54,13 @@ def run(cfg: Config) -> dict[str, Any]:
     with tracking.stage_run(cfg.root, "resilience", cfg.tracking.experiment,
                             provenance.dataset_ref(cfg)) as stage:
         stage.set_tags({names.TAG_GRID_HASH: ghash, **provenance.identity_tags(identity)})
-        stage.log_params(flatten({k: cfg.to_dict()[k] for k in
-                                  ("resilience", "fat", "hardware", "constraint")}))
+        stage.log_params(provenance.measured_params(cfg))
         stage.log_params({"baseline_hash": identity.baseline_hash,
                           "dataset_hash": identity.dataset_hash, "n_trials": len(specs),
                           "checkpoints": resilience.checkpoint_amounts(res),
                           "device": str(device)})
         stage.log_metrics({"baseline_test_accuracy": base_test, "baseline_val_accuracy": base_val,
-                           "constraint_level": level})
+                           "decision_level": level, "constraint_level": test_level})
 
         def log_trial(result: resilience.TrialResult) -> None:
             params, history, tags = resilience.trial_run_payload(result)
@@ -67,28 +69,33 @@ def run(cfg: Config) -> dict[str, Any]:
         reused = sum(1 for s in specs if s.key in reusable)
         with Progress(len(specs), "resilience", "trial") as progress:
             results = resilience.run_trials(baseline, data, specs, res, cfg.fat, cfg.hardware,
-                                            device, reusable, log_trial, progress)
+                                            target, device, reusable, log_trial, progress)
         trials = resilience.trials_table(results)
         levels = sorted(set(res.accuracy_levels) | {round(level, 6)})
-        res_map = resilience_map(trials, levels, metric=cfg.plan.metric,
-                                 crossing=cfg.plan.crossing)
+        res_map = resilience_map(trials, levels)
         atomic.write_csv(trials, out_dir / "trials.csv")
         atomic.write_csv(res_map, out_dir / "resilience_map.csv")
-        reports.plot_accuracy_vs_fault_rate(trials, out_dir / "accuracy_vs_fault_rate.png",
-                                            metric=names.TEST_ACCURACY, baseline=base_test,
+        grid = trials[trials["amount"] <= res.max_epochs + 1e-9]
+        reports.plot_accuracy_vs_fault_rate(grid, out_dir / "accuracy_vs_fault_rate.png",
+                                            metric=names.VAL_ACCURACY, baseline=base_val,
                                             constraint=level)
         reports.plot_retraining_needed(res_map, out_dir / "retraining_needed.png",
-                                       max_amount=res.max_epochs, constraint_level=level)
+                                       max_amount=cfg.plan.budget_cap, constraint_level=level)
         seconds = time.perf_counter() - t0
-        summary = {"n_trials": len(specs), "n_reused": reused, "baseline_test_accuracy": base_test,
-                   "constraint_level": level, "stage_seconds": seconds,
+        n_extended = sum(r.extended for r in results)
+        summary = {"n_trials": len(specs), "n_reused": reused, "n_extended": n_extended,
+                   "baseline_test_accuracy": base_test, "baseline_val_accuracy": base_val,
+                   "decision_level": level, "constraint_level": test_level,
+                   "trained_epochs": float(sum(r.amounts[-1] for r in results)),
+                   "stage_seconds": seconds,
                    "tracking_seconds": stage.tracking_seconds,
                    "tracking_fraction": stage.tracking_seconds / seconds, "run_id": stage.run_id}
         atomic.write_json(out_dir / "summary.json", summary)
         stage.log_numbers(summary)
         stage.log_artifacts(out_dir)
-    print(f"resilience: {len(specs)} trials ({reused} reused from an interrupted run) in "
-          f"{seconds:.0f} s, MLflow logging {100 * stage.tracking_seconds / seconds:.1f}% of it; "
-          f"baseline test accuracy {base_test:.4f}, constraint {level:.4f} -> {out_dir}; "
+    print(f"resilience: {len(specs)} trials ({reused} reused from an interrupted run, "
+          f"{n_extended} measured past the grid) in {seconds:.0f} s, MLflow logging "
+          f"{100 * stage.tracking_seconds / seconds:.1f}% of it; baseline val/test accuracy "
+          f"{base_val:.4f}/{base_test:.4f}, decision level {level:.4f} -> {out_dir}; "
           f"MLflow run {stage.run_id}")
     return summary
