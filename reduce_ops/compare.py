@@ -29,10 +29,13 @@ from reduce_ops.planning import check_amounts, verify
 from reduce_ops.progress import Progress
 
 PER_CHIP_COLUMNS = ["policy", "chip_id", "fault_rate", "planned_epochs", "epochs", "shipped",
-                    "val_accuracy", "test_accuracy", "meets_on_test", "rejected_by"]
+                    "val_accuracy", "test_accuracy", "meets_on_test", "meets_unchecked",
+                    "rejected_by"]
+# n_meet_unchecked: trained chips at or above the test level whether shipped or not (what a
+# policy that shipped without any check would count; only the test split knows it)
 SUMMARY_COLUMNS = ["policy", "n_chips", "n_shipped", "n_meet_on_test", "meet_rate",
-                   "total_epochs", "epochs_per_shipped", "cheapest_fixed_as_many",
-                   "epochs_ratio_to_it"]
+                   "n_meet_unchecked", "total_epochs", "epochs_per_shipped",
+                   "cheapest_fixed_as_many", "epochs_ratio_to_it"]
 FIXED, REDUCE, ORACLE = "fixed", "reduce", "oracle"
 
 
@@ -121,10 +124,10 @@ def outcome(policy: Policy, fmap: FaultMap, run: ChipRun, rule: Rule) -> tuple:
     if policy.kind == ORACLE:       # the cheapest step at which the chip meets the test level
         for a in check_amounts(0.0, rule.step, rule.cap):
             if run.test(a) >= rule.constraint_level:
-                return (*head, a, True, run.val(a), run.test(a), True, "")
-        return (*head, 0.0, False, math.nan, math.nan, False, "never meets on test")
+                return (*head, a, True, run.val(a), run.test(a), True, True, "")
+        return (*head, 0.0, False, math.nan, math.nan, False, False, "never meets on test")
     if math.isnan(planned):         # the plan rejected the chip: no training, not shipped
-        return (*head, 0.0, False, math.nan, math.nan, False, "plan")
+        return (*head, 0.0, False, math.nan, math.nan, False, False, "plan")
     if policy.kind == FIXED:
         passed = run.val(planned) >= rule.decision_level + rule.margin
         epochs, why = planned, "" if passed else "validation"
@@ -132,8 +135,8 @@ def outcome(policy: Policy, fmap: FaultMap, run: ChipRun, rule: Rule) -> tuple:
         check = verify(run.val, planned, rule.decision_level, rule.margin, rule.step, rule.cap)
         passed, epochs, why = check.passed, check.epochs, "" if check.passed else "cap"
     test = run.test(epochs)
-    return (*head, epochs, passed, run.val(epochs), test,
-            bool(passed and test >= rule.constraint_level), why)
+    meets = bool(test >= rule.constraint_level)
+    return (*head, epochs, passed, run.val(epochs), test, passed and meets, meets, why)
 
 
 def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
@@ -164,8 +167,9 @@ def summarize(per_chip: pd.DataFrame, policy_list: Sequence[Policy]) -> pd.DataF
         shipped, meets = int(g["shipped"].sum()), int(g["meets_on_test"].sum())
         total = float(g["epochs"].sum())
         rows.append([p.name, len(g), shipped, meets, meets / shipped if shipped else math.nan,
-                     total, total / shipped if shipped else math.nan])
-    out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:7])
+                     int(g["meets_unchecked"].sum()), total,
+                     total / shipped if shipped else math.nan])
+    out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:8])
     fixed = out[out["policy"].isin([p.name for p in policy_list if p.kind == FIXED])]
     cheapest, ratios = [], []
     for row in out.itertuples(index=False):

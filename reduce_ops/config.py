@@ -143,6 +143,8 @@ class PlanConfig:
     """Step 2 of Reduce: how per-rate needs are aggregated and turned into per-chip epochs."""
 
     statistic: str                    # max | mean | qP (P in (0, 1]), checked by planning
+    min_reached: float = _check(0.0, 1.0, lo_open=True)   # fraction of repetitions that must
+                                                          # reach for a fault rate to be planned
     safety_margin: float = _check(1.0, 100.0)
     budget_cap: float = _check(0.0, 1000.0, lo_open=True)   # most epochs of FAT for one chip
     resilience_run: str | None        # MLflow run id; null = the run the resilience stage wrote

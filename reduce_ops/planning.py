@@ -14,7 +14,7 @@ from reduce_ops.errors import ConfigError, DataError
 
 TRIAL_KEYS = ["fault_rate", "repetition"]
 MAP_COLUMNS = ["level", "fault_rate", "n_reps", "n_reached", "n_never", "min", "mean", "max"]
-NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never"]
+NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never", "reach_fraction", "reach_fitted"]
 PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
 _STATISTIC_HELP = "expected 'max', 'mean' or 'qP' with 0<P<=1"
 DECISION_METRIC = "val_accuracy"     # every decision reads the validation split
@@ -131,27 +131,46 @@ def parse_statistic(s) -> str | float:
     raise ConfigError(f"plan.statistic: {_STATISTIC_HELP}, got {s!r}")
 
 
-def aggregate_needs(needs_df: pd.DataFrame, statistic="max") -> pd.DataFrame:
-    """One need per fault rate from its repetitions; a repetition that never reached counts as inf.
+def aggregate_needs(needs_df: pd.DataFrame, statistic="max",
+                    min_reached: float = 1.0) -> pd.DataFrame:
+    """One need per fault rate from its repetitions (a repetition that never reached the level
+    within the budget cap counts as inf).
 
-    'max' (worst case, so no chip is under-trained) and 'mean' are inf when any repetition never
-    reached the level; a quantile uses numpy's method 'higher', so it never interpolates down.
+    Which rates are feasible is decided on the fraction of repetitions that reached: fit
+    non-increasing in the fault rate (isotonic), so one unlucky repetition at one rate is pooled
+    with its neighbours instead of cutting the feasible region there; a rate is feasible when the
+    fitted fraction is at least `min_reached` (1.0: every repetition, the worst case). The need
+    of a feasible rate is `statistic` over the repetitions that reached: 'max' (the worst of
+    them), 'mean', or a quantile (numpy's method 'higher', never interpolated down).
     """
     stat = parse_statistic(statistic)
     missing = [c for c in ("fault_rate", "needed") if c not in needs_df.columns]
     if missing:
         raise DataError(f"trial needs: missing column(s) {', '.join(missing)}")
-    rows = []
+    if not 0 < min_reached <= 1:
+        raise ConfigError(f"plan.min_reached: expected a fraction in (0, 1], got {min_reached!r}")
+    rates, values, sizes, nevers = [], [], [], []
     for rate, g in needs_df.groupby("fault_rate", sort=True):
         v = g["needed"].to_numpy(dtype=float)
-        if stat == "max":
-            value = v.max()
+        ok = v[np.isfinite(v)]
+        if ok.size == 0:
+            value = math.inf
+        elif stat == "max":
+            value = ok.max()
         elif stat == "mean":
-            value = v.mean()  # inf as soon as one repetition is inf
+            value = ok.mean()
         else:
-            value = np.quantile(v, stat, method="higher")
-        rows.append((float(rate), float(value), v.size, int(np.isinf(v).sum())))
-    return pd.DataFrame(rows, columns=NEED_COLUMNS)
+            value = np.quantile(ok, stat, method="higher")
+        rates.append(float(rate))
+        values.append(float(value))
+        sizes.append(v.size)
+        nevers.append(int(v.size - ok.size))
+    reach = 1.0 - np.asarray(nevers) / np.asarray(sizes)
+    fitted = (np.asarray(IsotonicRegression(increasing=False).fit_transform(rates, reach))
+              if len(rates) > 1 else reach)
+    needed = [v if f >= min_reached - 1e-9 else math.inf for v, f in zip(values, fitted)]
+    return pd.DataFrame(list(zip(rates, needed, sizes, nevers, reach, fitted)),
+                        columns=NEED_COLUMNS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -291,12 +310,13 @@ class PlanResult:
 
 
 def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic,
-              granularity: float, safety_margin: float, cap: float) -> PlanResult:
+              granularity: float, safety_margin: float, cap: float,
+              min_reached: float = 1.0) -> PlanResult:
     """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for validation accuracy
-    `level` within the budget cap (epochs per chip)."""
+    `level` (what verification checks) within the budget cap (epochs per chip)."""
     needs = trial_needs(trials, level)
     needs.loc[needs["needed"] > cap + 1e-9, "needed"] = math.inf    # beyond the budget
-    points = aggregate_needs(needs, statistic)
+    points = aggregate_needs(needs, statistic, min_reached)
     spread = needs.groupby("fault_rate")["needed"].agg(["min", "max"]).reset_index()
     points = points.merge(spread, on="fault_rate", how="left")
     curve = fit_monotone_curve(points["fault_rate"], points["needed"], max_amount=cap)

@@ -82,7 +82,7 @@ def measured_params(cfg: Config) -> dict[str, Any]:
     and checked by every stage that reads its trials."""
     return {**flatten({k: cfg.to_dict()[k] for k in ("resilience", "fat", "hardware",
                                                        "constraint")}),
-            "plan.budget_cap": cfg.plan.budget_cap}
+            "plan.budget_cap": cfg.plan.budget_cap, "verify.margin": cfg.verify.margin}
 
 
 def resilience_run(cfg: Config, identity: Identity) -> tracking.RunRecord:

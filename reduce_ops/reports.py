@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 
 from reduce_ops.atomic import write_file
 from reduce_ops.errors import DataError
-from reduce_ops.planning import MAP_COLUMNS, NEED_COLUMNS
+from reduce_ops.planning import MAP_COLUMNS
 
 DPI = 150
 RATE_LABEL = "fault rate (fraction of faulty PEs)"
@@ -206,7 +206,7 @@ def plot_retraining_needed(res_map, path, max_amount, constraint_level=None) -> 
 def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
                 constraint_level) -> Figure:
     """Measured aggregate needs, the fitted monotone curve, the infeasible region and the chips."""
-    _require(points, NEED_COLUMNS, "aggregate needs")
+    _require(points, ["fault_rate", "needed"], "aggregate needs")
     _require(plan, ["fault_rate", "planned_epochs", "feasible"], "plan")
     max_amount = float(curve.max_amount)
     top = max_amount * _TOP if max_amount > 0 else 1.0

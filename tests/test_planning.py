@@ -164,18 +164,36 @@ def test_max_mean_and_quantile(needs):
     mean = aggregate_needs(needs, "mean")
     q = aggregate_needs(needs, "q0.5")
     assert list(mx.columns) == NEED_COLUMNS
-    assert mx["needed"].tolist() == [6.0, math.inf]
+    assert mx["needed"].tolist() == [6.0, math.inf]      # 0.2: half its repetitions never reached
     assert mean["needed"].tolist() == [3.0, math.inf]
     assert q["needed"].tolist() == [3.0, math.inf]  # 'higher': never interpolates down to 2.5
     assert (mx["needed"] >= mean["needed"]).all()
     assert mx["n_reps"].tolist() == [4, 2] and mx["n_never"].tolist() == [0, 1]
+    assert mx["reach_fraction"].tolist() == [1.0, 0.5]
 
 
-def test_quantile_ignores_a_rare_never(needs):
-    many = pd.DataFrame({"fault_rate": [0.3] * 10, "needed": [1.0] * 9 + [math.inf]})
-    assert aggregate_needs(many, 0.8)["needed"].iloc[0] == 1.0
-    assert aggregate_needs(many, 0.9)["needed"].iloc[0] == math.inf  # 'higher' rounds the rank up
-    assert aggregate_needs(many, "q1")["needed"].iloc[0] == math.inf
+def test_min_reached_plans_a_rate_most_repetitions_reached(needs):
+    """k of n: with min_reached 0.5 the rate where 1 of 2 repetitions reached is planned, at the
+    statistic over the repetitions that reached."""
+    assert aggregate_needs(needs, "max", min_reached=0.5)["needed"].tolist() == [6.0, 1.0]
+    assert aggregate_needs(needs, "max", min_reached=0.6)["needed"].tolist() == [6.0, math.inf]
+
+
+def test_reach_fractions_are_fit_non_increasing_over_rates():
+    """One unlucky rate (3 of 5 reached) between two good ones (5 of 5) is pooled with the next:
+    both become 4 of 5, so at min_reached 0.8 neither cuts the feasible region."""
+    rows = [(0.1, 1.0)] * 5 + [(0.2, 1.0)] * 3 + [(0.2, math.inf)] * 2 + [(0.3, 2.0)] * 5
+    needs = pd.DataFrame(rows, columns=["fault_rate", "needed"])
+    agg = aggregate_needs(needs, "max", min_reached=0.8)
+    assert agg["reach_fraction"].tolist() == [1.0, 0.6, 1.0]
+    assert agg["reach_fitted"].tolist() == pytest.approx([1.0, 0.8, 0.8])
+    assert agg["needed"].tolist() == [1.0, 1.0, 2.0]
+    assert aggregate_needs(needs, "max")["needed"].tolist() == [1.0, math.inf, math.inf]
+
+
+def test_bad_min_reached_names_the_key(needs):
+    with pytest.raises(ConfigError, match=r"^plan\.min_reached:"):
+        aggregate_needs(needs, "max", min_reached=0.0)
 
 
 def test_default_statistic_is_max(needs):

@@ -45,10 +45,11 @@ def inputs(cfg: Config) -> PlanInputs:
 
 
 def plan_for(cfg: Config, src: PlanInputs, statistic: str):  # noqa: ANN201 - PlanResult
-    """The plan for one statistic over repetitions, with the configured rounding and cap."""
-    return make_plan(src.trials, src.chips, src.decision_level, statistic,
+    """The plan for one statistic over repetitions: the retraining each chip needs to pass
+    verification (validation accuracy >= decision level + verify.margin) within the cap."""
+    return make_plan(src.trials, src.chips, src.decision_level + cfg.verify.margin, statistic,
                      cfg.resilience.checkpoint_every, cfg.plan.safety_margin,
-                     cfg.plan.budget_cap)
+                     cfg.plan.budget_cap, cfg.plan.min_reached)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def run(cfg: Config) -> dict[str, Any]:
                             provenance.dataset_ref(cfg)) as stage:
         stage.set_tags({names.TAG_RESILIENCE_RUN: src.run_id,
                         **provenance.identity_tags(src.identity)})
-        stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("plan", "constraint")}))
+        stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("plan", "constraint", "verify")}))
         stage.log_params({"resilience_run_id": src.run_id,
                           "granularity": cfg.resilience.checkpoint_every, "n_chips": len(plan)})
         feasible = plan[plan["feasible"]]
@@ -70,7 +71,8 @@ def run(cfg: Config) -> dict[str, Any]:
                    "constraint_level": src.constraint_level,
                    "baseline_val_accuracy": src.baseline_val_accuracy,
                    "baseline_test_accuracy": src.baseline_test_accuracy,
-                   "statistic": cfg.plan.statistic, "budget_cap": cfg.plan.budget_cap,
+                   "verify_margin": cfg.verify.margin, "statistic": cfg.plan.statistic,
+                   "min_reached": cfg.plan.min_reached, "budget_cap": cfg.plan.budget_cap,
                    "n_chips": len(plan), "n_feasible": int(len(feasible)),
                    "n_infeasible": int((~plan["feasible"]).sum()),
                    "total_planned_epochs": float(feasible["planned_epochs"].sum()),
@@ -81,7 +83,7 @@ def run(cfg: Config) -> dict[str, Any]:
         atomic.write_csv(result.points, out_dir / "curve_points.csv")
         reports.plot_plan_curve(result.points, result.curve, plan, out_dir / "plan_curve.png",
                                 statistic=cfg.plan.statistic,
-                                constraint_level=src.decision_level)
+                                constraint_level=src.decision_level + cfg.verify.margin)
         atomic.write_json(out_dir / "summary.json", summary)
         stage.log_numbers(summary)
         stage.log_artifacts(out_dir)

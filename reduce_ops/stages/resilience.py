@@ -43,7 +43,9 @@ def run(cfg: Config) -> dict[str, Any]:
     test_level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_test)
     res = cfg.resilience
     specs = resilience.trial_grid(res)
-    target = resilience.TrialTarget(round(level, 9), cfg.plan.budget_cap, res.confirm_epochs)
+    # trials go on until they reach what verification will ask of a chip: level + margin
+    bar = level + cfg.verify.margin
+    target = resilience.TrialTarget(round(bar, 9), cfg.plan.budget_cap, res.confirm_epochs)
     ghash = resilience.grid_hash(res, cfg.fat, cfg.hardware, target, identity.baseline_hash,
                                  identity.dataset_hash)
     uri = tracking.tracking_uri(cfg.root)
@@ -71,7 +73,7 @@ def run(cfg: Config) -> dict[str, Any]:
             results = resilience.run_trials(baseline, data, specs, res, cfg.fat, cfg.hardware,
                                             target, device, reusable, log_trial, progress)
         trials = resilience.trials_table(results)
-        levels = sorted(set(res.accuracy_levels) | {round(level, 6)})
+        levels = sorted(set(res.accuracy_levels) | {round(level, 6), round(bar, 6)})
         res_map = resilience_map(trials, levels)
         atomic.write_csv(trials, out_dir / "trials.csv")
         atomic.write_csv(res_map, out_dir / "resilience_map.csv")
@@ -80,7 +82,7 @@ def run(cfg: Config) -> dict[str, Any]:
                                             metric=names.VAL_ACCURACY, baseline=base_val,
                                             constraint=level)
         reports.plot_retraining_needed(res_map, out_dir / "retraining_needed.png",
-                                       max_amount=cfg.plan.budget_cap, constraint_level=level)
+                                       max_amount=cfg.plan.budget_cap, constraint_level=bar)
         seconds = time.perf_counter() - t0
         n_extended = sum(r.extended for r in results)
         summary = {"n_trials": len(specs), "n_reused": reused, "n_extended": n_extended,
