@@ -2,8 +2,8 @@
 a per-chip oracle, all read off ONE fault-aware training run per chip.
 
 A chip's accuracy after E epochs is the same whichever policy asked for E (same baseline, fault
-map, seed and batch order), so each chip is fine-tuned once, measured on the validation and test
-splits at every amount some policy asks for, and every policy's outcome is read off that run.
+map, seed and batch order), so each chip is fine-tuned once, measured on the split some policy
+asks for at the amounts it asks for, and every policy's outcome is read off that run.
 Every policy ships a chip only when its model passes the same check on the validation split
 (accuracy >= decision level + margin); the test split only says whether a shipped chip meets
 the constraint.
@@ -12,7 +12,7 @@ the constraint.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,7 @@ from torch import nn
 from reduce_ops.config import FatConfig, HardwareConfig
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import FaultMap
-from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
-from reduce_ops.planning import check_amounts, verify
+from reduce_ops.planning import check_amounts, verification
 from reduce_ops.progress import Progress
 
 PER_CHIP_COLUMNS = ["policy", "chip_id", "fault_rate", "planned_epochs", "epochs", "shipped",
@@ -75,68 +74,83 @@ def policies(fixed: Sequence[float], reduce_plans: dict[str, pd.DataFrame],
     return out
 
 
-class ChipRun:
-    """One chip's FAT run, measured (val and test) lazily on a grid of amounts: asking for an
-    amount trains on to it, measuring every grid amount on the way, so later questions about
-    smaller amounts are answered from what was measured."""
-
-    def __init__(self, session: FatSession, grid: Sequence[float]) -> None:
-        self.session = session
-        self.grid = sorted(set(round(a, 9) for a in grid))
-        self.measured: dict[float, dict[str, float]] = {}
-
-    def _at(self, amount: float) -> dict[str, float]:
-        amount = round(amount, 9)
-        if amount not in self.grid:
-            raise ValueError(f"amount {amount:g} is not on the comparison grid")
-        for a in self.grid:
-            if a > amount:
-                break
-            if a not in self.measured:
-                self.session.advance(a)
-                self.measured[a] = self.session.accuracies(("val", "test"))
-        return self.measured[amount]
-
-    def val(self, amount: float) -> float:
-        return self._at(amount)[VAL_ACCURACY]
-
-    def test(self, amount: float) -> float:
-        return self._at(amount)[TEST_ACCURACY]
+# A policy on one chip is a generator: it yields the (amount, split) it wants measured next,
+# in ascending amounts, is sent the accuracy there, and returns its per-chip row. One FAT run
+# serves every policy: it trains up to the smallest amount any policy waits for, measures only
+# the splits asked for there, and goes on.
+Request = tuple[float, str]
 
 
-def comparison_grid(policy_list: Sequence[Policy], chip_id: str, rule: Rule) -> list[float]:
-    """Every amount a policy may ask about for this chip: each fixed amount, the verification
-    checks from the planned amount, and the oracle's steps up to the cap."""
-    amounts = set(check_amounts(0.0, rule.step, rule.cap))
-    for p in policy_list:
-        e = p.epochs.get(chip_id, math.nan)
-        if p.kind == FIXED:
-            amounts.add(e)
-        elif p.kind == REDUCE and not math.isnan(e):
-            amounts.update(check_amounts(e, rule.step, rule.cap))
-    return sorted(amounts)
+def _fixed(policy: Policy, fmap: FaultMap, rule: Rule) -> Generator[Request, float, tuple]:
+    epochs = policy.epochs[fmap.chip_id]
+    val = yield (epochs, "val")
+    test = yield (epochs, "test")
+    passed = val >= rule.decision_level + rule.margin
+    meets = bool(test >= rule.constraint_level)
+    return (policy.name, fmap.chip_id, fmap.fault_rate, epochs, epochs, passed, val, test,
+            passed and meets, meets, "" if passed else "validation")
 
 
-def outcome(policy: Policy, fmap: FaultMap, run: ChipRun, rule: Rule) -> tuple:
-    """One per-chip row (PER_CHIP_COLUMNS) of `policy` on this chip's run."""
-    planned = policy.epochs.get(fmap.chip_id, math.nan)
+def _reduce(policy: Policy, fmap: FaultMap, rule: Rule) -> Generator[Request, float, tuple]:
+    planned = policy.epochs[fmap.chip_id]
     head = (policy.name, fmap.chip_id, fmap.fault_rate, planned)
-    if policy.kind == ORACLE:       # the cheapest step at which the chip meets the test level
-        for a in check_amounts(0.0, rule.step, rule.cap):
-            if run.test(a) >= rule.constraint_level:
-                return (*head, a, True, run.val(a), run.test(a), True, True, "")
-        return (*head, 0.0, False, math.nan, math.nan, False, False, "never meets on test")
     if math.isnan(planned):         # the plan rejected the chip: no training, not shipped
         return (*head, 0.0, False, math.nan, math.nan, False, False, "plan")
-    if policy.kind == FIXED:
-        passed = run.val(planned) >= rule.decision_level + rule.margin
-        epochs, why = planned, "" if passed else "validation"
-    else:
-        check = verify(run.val, planned, rule.decision_level, rule.margin, rule.step, rule.cap)
-        passed, epochs, why = check.passed, check.epochs, "" if check.passed else "cap"
-    test = run.test(epochs)
+    steps = verification(planned, rule.decision_level, rule.margin, rule.step, rule.cap)
+    try:
+        amount = next(steps)
+        while True:
+            amount = steps.send((yield (amount, "val")))
+    except StopIteration as done:
+        check = done.value
+    test = yield (check.epochs, "test")
     meets = bool(test >= rule.constraint_level)
-    return (*head, epochs, passed, run.val(epochs), test, passed and meets, meets, why)
+    return (*head, check.epochs, check.passed, check.checks[-1][1], test,
+            check.passed and meets, meets, "" if check.passed else "cap")
+
+
+def _oracle(policy: Policy, fmap: FaultMap, rule: Rule) -> Generator[Request, float, tuple]:
+    """The cheapest step at which the chip meets the test level: a lower bound that only the
+    test split's answer makes possible."""
+    head = (policy.name, fmap.chip_id, fmap.fault_rate, math.nan)
+    for amount in check_amounts(0.0, rule.step, rule.cap):
+        test = yield (amount, "test")
+        if test >= rule.constraint_level:
+            val = yield (amount, "val")
+            return (*head, amount, True, val, test, True, True, "")
+    return (*head, 0.0, False, math.nan, math.nan, False, False, "never meets on test")
+
+
+POLICY_KINDS = {FIXED: _fixed, REDUCE: _reduce, ORACLE: _oracle}
+
+
+def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: FaultMap,
+                 rule: Rule) -> list[tuple]:
+    """Every policy's row for one chip from ONE FAT session (see Request above)."""
+    rows: dict[int, tuple] = {}
+    pending: dict[int, tuple[Generator, Request]] = {}
+    for i, policy in enumerate(policy_list):
+        gen = POLICY_KINDS[policy.kind](policy, fmap, rule)
+        try:
+            pending[i] = (gen, next(gen))
+        except StopIteration as done:
+            rows[i] = done.value
+    measured: dict[Request, float] = {}
+    while pending:
+        amount = min(round(req[0], 9) for _, req in pending.values())
+        session.advance(amount)
+        for i, (gen, (at, split)) in list(pending.items()):
+            if round(at, 9) != amount:
+                continue
+            key = (amount, split)
+            if key not in measured:
+                measured[key] = session.accuracies((split,))[f"{split}_accuracy"]
+            try:
+                pending[i] = (gen, gen.send(measured[key]))
+            except StopIteration as done:
+                rows[i] = done.value
+                del pending[i]
+    return [rows[i] for i in range(len(policy_list))]
 
 
 def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
@@ -150,8 +164,7 @@ def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
             progress.start(f"chip {fmap.chip_id}")
         session = FatSession.from_baseline(baseline, fmap, hardware.layer_types, data, fat,
                                            device)
-        run = ChipRun(session, comparison_grid(policy_list, fmap.chip_id, rule))
-        rows += [outcome(p, fmap, run, rule) for p in policy_list]
+        rows += run_policies(session, policy_list, fmap, rule)
         if progress is not None:
             progress.done(f"chip {fmap.chip_id}", f"fault rate {fmap.fault_rate:.3f}, trained to "
                           f"{session.amount:.2f} epochs")

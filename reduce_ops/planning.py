@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -346,17 +346,29 @@ def check_amounts(planned: float, step: float, cap: float) -> list[float]:
     return sorted(set(amounts))
 
 
-def verify(measure: Callable[[float], float], planned: float, level: float, margin: float,
-           step: float, cap: float) -> Verification:
-    """Check a chip's model at its planned amount, then every `step` epochs up to `cap`.
-
-    `measure(amount)` trains on to `amount` (ascending) and returns the validation accuracy; the
-    chip passes at the first check with accuracy >= level + margin.
-    """
+def verification(planned: float, level: float, margin: float, step: float,
+                 cap: float) -> Generator[float, float, Verification]:
+    """The check of one chip as a generator: it yields the next amount to measure, is sent the
+    validation accuracy there, and returns the Verification. The chip passes at the first check
+    with accuracy >= level + margin; checks run from the planned amount every `step` epochs up
+    to the cap."""
     checks = []
     for amount in check_amounts(planned, step, cap):
-        accuracy = measure(amount)
+        accuracy = yield amount
         checks.append((amount, accuracy))
         if accuracy >= level + margin:
             return Verification(True, amount, tuple(checks))
     return Verification(False, checks[-1][0] if checks else planned, tuple(checks))
+
+
+def verify(measure: Callable[[float], float], planned: float, level: float, margin: float,
+           step: float, cap: float) -> Verification:
+    """Run `verification` with `measure(amount)`, which trains on to `amount` (ascending) and
+    returns the validation accuracy there."""
+    steps = verification(planned, level, margin, step, cap)
+    try:
+        amount = next(steps)
+        while True:
+            amount = steps.send(measure(amount))
+    except StopIteration as done:
+        return done.value
