@@ -154,7 +154,7 @@ def needed_figure(res_map: pd.DataFrame, max_amount: float, constraint_level=Non
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.add_subplot()
     ax.axhline(max_amount, color="grey", ls=":", lw=1.2)
-    ax.text(0.005, max_amount, " max retraining measured", transform=ax.get_yaxis_transform(),
+    ax.text(0.005, max_amount, " budget cap", transform=ax.get_yaxis_transform(),
             va="bottom", ha="left", fontsize=7, color="dimgrey")
     for i, level in enumerate(levels):
         m = res_map[res_map["level"] == level].sort_values("fault_rate")
@@ -189,7 +189,7 @@ def needed_figure(res_map: pd.DataFrame, max_amount: float, constraint_level=Non
                label="some reps never reached\n(n_never/n_reps)"),
         Line2D([], [], ls="", marker="^", color="black",
                label=f"no repetition reached\nwithin {_fmt(max_amount)} epochs"),
-        Line2D([], [], ls=":", color="grey", label="max retraining measured"),
+        Line2D([], [], ls=":", color="grey", label="budget cap"),
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
               frameon=False)
@@ -217,7 +217,7 @@ def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
     pad = 0.03 * (hi - lo or 1.0)
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.add_subplot()
-    ax.axhline(max_amount, color="grey", ls=":", lw=1.2, label="max retraining measured")
+    ax.axhline(max_amount, color="grey", ls=":", lw=1.2, label="budget cap")
     if curve.max_feasible_rate < hi + pad:
         start = max(curve.max_feasible_rate, lo - pad)
         ax.axvspan(start, hi + pad, color="tab:red", alpha=0.08, lw=0, label="infeasible")
@@ -238,7 +238,7 @@ def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
                 mew=1.6, label=f"measured ({statistic})", zorder=4)
     if (~fin).any():
         ax.plot(p["fault_rate"][~fin], np.full((~fin).sum(), edge), "x", color="tab:blue", ms=8,
-                mew=2, label="measured: never reached", zorder=4)
+                mew=2, label="not planned: too few\nrepetitions reached", zorder=4)
     feas = plan["feasible"].astype(bool).to_numpy()
     if feas.any():
         ax.plot(plan["fault_rate"][feas], plan["planned_epochs"][feas], ".", color="black", ms=6,
@@ -250,7 +250,8 @@ def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
     ax.set_ylim(-0.04 * top, top)
     ax.set_xlabel(RATE_LABEL)
     ax.set_ylabel(EPOCHS_LABEL)
-    ax.set_title(f"Retraining plan: {statistic} need to reach accuracy ≥ {constraint_level:.4g}",
+    ax.set_title(f"Retraining plan: {statistic} need to reach validation accuracy ≥ "
+                 f"{constraint_level:.4g}",
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)

@@ -290,3 +290,50 @@ def test_amounts_on_the_same_step_each_get_a_checkpoint(tiny_cfg, prepared_digit
     assert [c.amount for c in cps] == [0.0, 0.25, 0.2501, 0.5]
     assert cps[1].step == cps[2].step and cps[1].metrics == cps[2].metrics
     assert len(calls) == 3
+
+
+def test_extending_a_run_is_the_same_as_one_long_run(tiny_cfg: Config, prepared_digits,
+                                                     baseline) -> None:
+    """Measure past the grid: a FAT run measured to 0.5 epochs and then continued to 1.0 gives
+    exactly the accuracies and weights of one run measured at all amounts."""
+    from reduce_ops.fault_aware import fat_curve
+
+    fmap = uniform_fault_map(GEOMETRY, 0.3, FAULT_SEED)
+    amounts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    one = fat_curve(baseline, fmap, ("conv", "linear"), prepared_digits, amounts, tiny_cfg.fat)
+    two = fat_curve(baseline, fmap, ("conv", "linear"), prepared_digits, amounts[:3], tiny_cfg.fat)
+    two.extend(amounts[3:])
+    assert two.amounts == one.amounts == amounts
+    assert two.accuracy == one.accuracy
+    for (name, a), b in zip(one.session.model.state_dict().items(),
+                            two.session.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_trial_past_the_grid_is_the_same_run_going_on(tiny_cfg: Config, prepared_digits,
+                                                       baseline) -> None:
+    """A resilience trial that has not settled at the bar by the grid's end trains on, in
+    checkpoint steps, to the budget cap: its curve up to the grid is the grid trial's, and the
+    whole curve is that of one run measured to where it stopped."""
+    from reduce_ops import resilience
+    from reduce_ops.fault_aware import fat_curve
+    from reduce_ops.hardware import GENERATORS
+
+    res = dataclasses.replace(tiny_cfg.resilience, max_epochs=0.5, checkpoint_every=0.25,
+                              confirm_epochs=0.5)
+    hw = dataclasses.replace(tiny_cfg.hardware, rows=16, cols=16)
+    spec = resilience.trial_grid(dataclasses.replace(res, fault_rates=[0.3], repetitions=1))[0]
+    unreachable = resilience.TrialTarget(level=1.01, cap=1.25, confirm=0.5)   # never settles
+    grid_only = resilience.TrialTarget(level=0.0, cap=1.25, confirm=0.0)      # settled at once
+    long = resilience.run_trial(baseline, prepared_digits, spec, res, tiny_cfg.fat, hw,
+                                unreachable)
+    short = resilience.run_trial(baseline, prepared_digits, spec, res, tiny_cfg.fat, hw,
+                                 grid_only)
+    assert short.amounts == [0.0, 0.25, 0.5] and not short.extended
+    assert long.amounts == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25] and long.extended
+    assert long.val_accuracy[:3] == short.val_accuracy
+    fmap = GENERATORS[res.generator](ArrayGeometry(16, 16), spec.fault_rate, spec.fault_seed)
+    fat = dataclasses.replace(tiny_cfg.fat, seed=tiny_cfg.fat.seed + spec.repetition)
+    one = fat_curve(baseline, fmap, hw.layer_types, prepared_digits, long.amounts, fat)
+    assert one.accuracy["val_accuracy"] == long.val_accuracy
+    assert one.accuracy["test_accuracy"] == long.test_accuracy

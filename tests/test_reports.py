@@ -169,7 +169,7 @@ def test_plan_figure_places_chips_curve_and_infeasible_region(tmp_path):
     np.testing.assert_allclose(chips.get_ydata(), plan["planned_epochs"][plan["feasible"]])
     bad = by_label["chips infeasible (2)"]
     assert np.all(bad.get_ydata() > 4.0)
-    never = by_label["measured: never reached"]
+    never = by_label["not planned: too few\nrepetitions reached"]
     assert list(never.get_xdata()) == [0.3]
     assert [p.get_label() for p in ax.patches] == ["infeasible"]
     assert ax.patches[0].get_x() == pytest.approx(0.2)
