@@ -36,6 +36,7 @@ SUMMARY_COLUMNS = ["policy", "n_chips", "n_shipped", "n_meet_on_test", "meet_rat
                    "n_meet_unchecked", "total_epochs", "epochs_per_shipped",
                    "cheapest_fixed_as_many", "epochs_ratio_to_it"]
 FIXED, REDUCE, ORACLE = "fixed", "reduce", "oracle"
+EFAT = "efat"
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,59 @@ def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
         if progress is not None:
             progress.done(f"chip {fmap.chip_id}", f"fault rate {fmap.fault_rate:.3f}, trained to "
                           f"{session.amount:.2f} epochs")
+    return pd.DataFrame(rows, columns=PER_CHIP_COLUMNS)
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    """An eFAT group: its members and the fused map one FAT run is planned for."""
+
+    group_id: str
+    members: tuple[FaultMap, ...]
+    fused: FaultMap
+    planned_epochs: float
+
+
+def efat_rows(per_chip: pd.DataFrame, groups: Sequence[GroupRun], fallback: str, rule: Rule,
+              baseline: nn.Module, data: Any, fat: FatConfig, hardware: HardwareConfig,
+              device: torch.device | str = "cpu",
+              progress: Progress | None = None) -> pd.DataFrame:
+    """The eFAT policy: each group of two or more trains ONE model on its fused map, verified
+    like a chip; its epochs are shared by its members. A chip on its own, and every member of
+    a group that misses at the cap (which then trains alone, after the group's epochs were
+    spent), is what the `fallback` Reduce policy does with it."""
+    own = per_chip[per_chip["policy"] == fallback].set_index("chip_id")
+    rows = []
+    grouped = set()
+    for grp in groups:
+        if len(grp.members) < 2:
+            continue
+        if progress is not None:
+            progress.start(f"group {grp.group_id}")
+        session = FatSession.from_baseline(baseline, grp.fused, hardware.layer_types, data, fat,
+                                           device)
+        policy = Policy(EFAT, REDUCE, {grp.group_id: grp.planned_epochs})
+        (row,) = run_policies(session, [policy], grp.fused, rule)
+        epochs, passed, val, test, meets = row[4], row[5], row[6], row[7], row[9]
+        share = epochs / len(grp.members)
+        for m in grp.members:
+            grouped.add(m.chip_id)
+            if passed:
+                rows.append((EFAT, m.chip_id, m.fault_rate, grp.planned_epochs, share, True, val,
+                             test, meets, meets, ""))
+            else:
+                alone = own.loc[m.chip_id]
+                rows.append((EFAT, m.chip_id, m.fault_rate, alone["planned_epochs"],
+                             alone["epochs"] + share, alone["shipped"], alone["val_accuracy"],
+                             alone["test_accuracy"], alone["meets_on_test"],
+                             alone["meets_unchecked"], alone["rejected_by"]))
+        if progress is not None:
+            progress.done(f"group {grp.group_id}", f"{len(grp.members)} chips, fused fault rate "
+                          f"{grp.fused.fault_rate:.3f}, {'shipped' if passed else 'missed'} "
+                          f"after {epochs:g} epochs")
+    for chip_id, alone in own.iterrows():
+        if chip_id not in grouped:
+            rows.append((EFAT, chip_id, *alone[PER_CHIP_COLUMNS[2:]].tolist()))
     return pd.DataFrame(rows, columns=PER_CHIP_COLUMNS)
 
 

@@ -95,7 +95,10 @@ class FaultMapsConfig:
     source: Literal["generate", "import"]
     import_dir: str                       # the maps read when source is import (a DVC dep)
     n_chips: int = _check(1, 100000)
-    generator: Literal["uniform", "clustered"]
+    generator: Literal["uniform", "clustered", "wafer"]
+    chips_per_wafer: int = _check(1, 100000)      # wafer generator: chips cut from one wafer
+    shared_fraction: float = _check(0.0, 1.0)     # wafer: share of a chip's faults that are the
+                                                  # wafer's systematic defects
     rate_distribution: Literal["uniform", "beta"]
     rate_min: float = _check(0.0, 1.0)
     rate_max: float = _check(0.0, 1.0)
@@ -160,6 +163,16 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class GroupConfig:
+    """eFAT: chips whose fused fault map saves retraining share one FAT run."""
+
+    enabled: bool
+    max_size: int = _check(1, 100000)             # chips in one group at most
+    candidates: int = _check(1, 100000)           # partners considered per chip
+    sample_pes: int = _check(1, 1 << 30)          # PEs sampled to estimate map overlaps
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     """Policies compared on the fleet: fixed epochs for every chip vs Reduce plans."""
 
@@ -196,6 +209,7 @@ class Config:
     constraint: ConstraintConfig
     plan: PlanConfig
     verify: VerifyConfig
+    group: GroupConfig
     compare: CompareConfig
     registry: RegistryConfig
     tracking: TrackingConfig
@@ -321,6 +335,10 @@ def _cross_checks(cfg: Config, where: str) -> None:
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
         raise ConfigError(f"{where}: data.val_fraction + data.test_fraction must be < 0.9, got "
                           f"{cfg.data.val_fraction + cfg.data.test_fraction:g}")
+    fm = cfg.faultmaps
+    if fm.source == "generate" and fm.generator == "wafer" and fm.n_chips % fm.chips_per_wafer:
+        raise ConfigError(f"{where}: faultmaps.chips_per_wafer ({fm.chips_per_wafer}) must "
+                          f"divide faultmaps.n_chips ({fm.n_chips})")
     if cfg.faultmaps.rate_min > cfg.faultmaps.rate_max:
         raise ConfigError(f"{where}: faultmaps.rate_min ({cfg.faultmaps.rate_min:g}) must be <= "
                           f"faultmaps.rate_max ({cfg.faultmaps.rate_max:g})")

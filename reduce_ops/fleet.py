@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
-import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,14 @@ from torch import nn
 from reduce_ops import names, tracking
 from reduce_ops.binomial import wilson_interval
 from reduce_ops.config import FatConfig
-from reduce_ops.errors import DataError, TrackingError
+from reduce_ops.errors import DataError
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import FaultMap
-from reduce_ops.names import CHAMPION, TEST_ACCURACY, VAL_ACCURACY, registered_name
-from reduce_ops.planning import PLAN_COLUMNS, verify
+from reduce_ops.names import (CHAMPION, CHIP_MODEL_FILE, REJECTED, SHIPPED, TEST_ACCURACY,
+                              VAL_ACCURACY, registered_name)
+from reduce_ops.planning import PLAN_COLUMNS, Verification, verify
 from reduce_ops.progress import Progress
 
-CHIP_MODEL_FILE = "chip_model.pt"   # state_dict + arch (save_checkpoint), trainable
 RATE_TOL = 1e-9             # plan vs fleet fault rates: the same float, up to repr
 
 
@@ -109,7 +108,19 @@ def chip_jobs(plan: pd.DataFrame, fleet: Sequence[FaultMap], plan_path: Path) ->
 
 # --------------------------------------------------------------------------- one chip
 
-SHIPPED, REJECTED = "shipped", "rejected"
+@dataclass(frozen=True)
+class Unit:
+    """What one FAT run trains: a chip on its own, or a group of chips sharing its fused map."""
+
+    run_name: str                  # "chip <id>" or "group <id>"
+    fault_map: FaultMap            # the chip's map, or the group's fused map
+    planned_epochs: float
+    members: tuple[ChipJob, ...]
+    group_id: str = ""             # "" for a chip on its own
+
+    @classmethod
+    def chip(cls, job: ChipJob) -> Unit:
+        return cls(f"chip {job.chip_id}", job.fault_map, job.planned_epochs, (job,))
 
 
 @dataclass
@@ -118,10 +129,10 @@ class ChipOutcome:
 
     chip_id: str
     fault_rate: float
-    planned_epochs: float      # NaN when the plan rejected the chip
+    planned_epochs: float      # of the FAT run that served the chip; NaN: rejected by the plan
     status: str = ""           # shipped (verified on validation) | rejected
     reason: str = ""           # why a chip was rejected
-    actual_epochs: float = 0.0  # FAT done: planned + extensions (the cap when it never passed)
+    actual_epochs: float = 0.0  # of that run: planned + extensions (the cap when it never passed)
     n_checks: int = 0          # validation checks (1 = passed at the planned amount)
     val_accuracy: float = math.nan
     test_accuracy: float = math.nan      # reported only: nothing is decided on it
@@ -133,6 +144,9 @@ class ChipOutcome:
     champion_version: str = ""
     run_id: str = ""
     trained: bool = False      # False: rejected by the plan, or registered for it already
+    group_id: str = ""         # eFAT group whose fused map the model was trained for
+    group_size: int = 1        # chips sharing that run (its epochs count once for all)
+    failed_group_epochs: float = 0.0   # share of an eFAT group run that missed at the cap
     serialization_format: str = ""
     train_seconds: float = 0.0
     log_model_seconds: float = 0.0
@@ -157,7 +171,7 @@ def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None
         return None
     mv = next((v for v in done if CHAMPION in v.aliases), None) or done[0]
     tags = mv.tags
-    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs,
+    return ChipOutcome(job.chip_id, job.fault_rate, _num(tags, names.VTAG_PLANNED_EPOCHS),
                        SHIPPED if tags.get(names.VTAG_VERIFIED) == "true" else REJECTED,
                        tags.get(names.VTAG_REASON, ""), _num(tags, names.VTAG_ACTUAL_EPOCHS),
                        int(_num(tags, names.VTAG_N_CHECKS)), _num(tags, names.VTAG_VAL_ACCURACY),
@@ -165,7 +179,8 @@ def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None
                        _num(tags, "test_ci_high"), tags.get(names.VTAG_CONSTRAINT_MET) == "true",
                        _num(tags, names.VTAG_PRUNED_FRACTION), mv.version,
                        _champion_version(uri, name), mv.run_id, False,
-                       tags.get(names.VTAG_SERIALIZATION, ""))
+                       tags.get(names.VTAG_GROUP, ""), int(_num(tags, names.VTAG_GROUP_SIZE)),
+                       0.0, tags.get(names.VTAG_SERIALIZATION, ""))
 
 
 def _withdraw(stage: tracking.StageRun, name: str, reason: str) -> None:
@@ -188,14 +203,26 @@ def _reject(stage: tracking.StageRun, job: ChipJob, ctx: FleetContext) -> ChipOu
                        f"plan: {reason}", run_id=run_id)
 
 
-def _train_and_register(stage: tracking.StageRun, job: ChipJob, baseline: nn.Module, data: Any,
-                        ctx: FleetContext, progress: Progress | None) -> ChipOutcome:
-    """FAT one chip for its planned epochs, verify it on validation data (training on in
-    steps up to the cap while it misses), log a child run with its model and register it;
-    only a verified model becomes the champion."""
-    from reduce_ops.models import save_checkpoint
+@dataclass(frozen=True)
+class Trained:
+    """A unit's FAT run after verification, measured on validation (decided) and test
+    (reported)."""
 
-    session = FatSession.from_baseline(baseline, job.fault_map, ctx.layer_types, data, ctx.fat,
+    check: Verification
+    val_accuracy: float
+    test_accuracy: float
+    test_ci: tuple[float, float]
+    meets: bool
+    pruned_fraction: float
+    train_seconds: float
+    model: nn.Module
+
+
+def _train(unit: Unit, baseline: nn.Module, data: Any, ctx: FleetContext,
+           progress: Progress | None) -> Trained:
+    """FAT for the planned epochs, then the validation check, training on in steps up to the
+    cap while it misses."""
+    session = FatSession.from_baseline(baseline, unit.fault_map, ctx.layer_types, data, ctx.fat,
                                        ctx.device)
 
     def measure(amount: float) -> float:
@@ -205,79 +232,154 @@ def _train_and_register(stage: tracking.StageRun, job: ChipJob, baseline: nn.Mod
             progress.inside(f"{amount:g} epochs, val {val:.4f}")
         return val
 
-    check = verify(measure, job.planned_epochs, ctx.plan.decision_level, ctx.margin, ctx.step,
+    check = verify(measure, unit.planned_epochs, ctx.plan.decision_level, ctx.margin, ctx.step,
                    ctx.plan.budget_cap)
-    model = session.model.cpu().eval()
+    session.model.cpu().eval()
     session.device = "cpu"
-    val_acc = check.checks[-1][1]
-    test_acc = session.accuracies(("test",))[TEST_ACCURACY]      # reported, never decided on
-    ci = wilson_interval(test_acc, len(data.y["test"]))
-    meets = test_acc >= ctx.plan.constraint_level
-    status = SHIPPED if check.passed else REJECTED
-    reason = "" if check.passed else (
-        f"validation accuracy {val_acc:.4f} < {ctx.plan.decision_level + ctx.margin:.4f} "
-        f"(level + margin) after {check.epochs:g} epochs, the budget cap")
-    name = registered_name(ctx.prefix, job.chip_id)
-    params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-              "n_faulty": job.fault_map.n_faulty, "pruned_fraction": session.pruned_fraction,
-              "planned_epochs": job.planned_epochs, "plan_run_id": ctx.plan.run_id,
+    test = session.accuracies(("test",))[TEST_ACCURACY]      # reported, never decided on
+    return Trained(check, check.checks[-1][1], test, wilson_interval(test, len(data.y["test"])),
+                   test >= ctx.plan.constraint_level, session.pruned_fraction,
+                   session.train_seconds, session.model)
+
+
+def _reason(t: Trained, ctx: FleetContext) -> str:
+    return "" if t.check.passed else (
+        f"validation accuracy {t.val_accuracy:.4f} < {ctx.plan.decision_level + ctx.margin:.4f} "
+        f"(level + margin) after {t.check.epochs:g} epochs, the budget cap")
+
+
+def _run_params(unit: Unit, t: Trained, ctx: FleetContext) -> dict[str, Any]:
+    common = {"planned_epochs": unit.planned_epochs, "plan_run_id": ctx.plan.run_id,
               "decision_level": ctx.plan.decision_level, "verify_margin": ctx.margin,
-              "constraint_level": ctx.plan.constraint_level, "budget_cap": ctx.plan.budget_cap}
-    tags = {names.TAG_CHIP: job.chip_id, names.TAG_PLAN_RUN: ctx.plan.run_id}
-    with tracking.model_child_run(stage, f"chip {job.chip_id}", params, tags) as child:
-        for amount, accuracy in check.checks:       # the verification, step = milli-epochs
+              "constraint_level": ctx.plan.constraint_level, "budget_cap": ctx.plan.budget_cap,
+              "n_faulty": unit.fault_map.n_faulty, "pruned_fraction": t.pruned_fraction}
+    if unit.group_id:
+        return {"group_id": unit.group_id, "members": ",".join(j.chip_id for j in unit.members),
+                "n_members": len(unit.members), "fused_fault_rate": unit.fault_map.fault_rate,
+                **common}
+    (job,) = unit.members
+    return {"chip_id": job.chip_id, "fault_rate": job.fault_rate, **common}
+
+
+@contextmanager
+def _unit_run(stage: tracking.StageRun, unit: Unit, t: Trained, ctx: FleetContext
+              ) -> Iterator[tuple[tracking.ModelChildRun, tracking.LoggedModel]]:
+    """The unit's child run, open while its model is registered (an interrupted registration
+    leaves the run KILLED, not FINISHED): every check, test accuracy, chip_model.pt and the pt2
+    model."""
+    from reduce_ops.models import save_checkpoint
+
+    tags = {names.TAG_PLAN_RUN: ctx.plan.run_id,
+            **({names.TAG_GROUP: unit.group_id} if unit.group_id
+               else {names.TAG_CHIP: unit.members[0].chip_id})}
+    with tracking.model_child_run(stage, unit.run_name, _run_params(unit, t, ctx), tags) as child:
+        for amount, accuracy in t.check.checks:     # the verification, step = milli-epochs
             child.log_metrics({VAL_ACCURACY: accuracy}, step=int(round(amount * 1000)))
-        child.log_metrics({TEST_ACCURACY: test_acc, "test_ci_low": ci[0], "test_ci_high": ci[1],
-                           "actual_epochs": check.epochs, "n_checks": len(check.checks),
-                           "plan_error_epochs": check.epochs - job.planned_epochs,
-                           "verified": float(check.passed), "constraint_met": float(meets),
-                           "train_seconds": session.train_seconds})
+        child.log_metrics({TEST_ACCURACY: t.test_accuracy, "test_ci_low": t.test_ci[0],
+                           "test_ci_high": t.test_ci[1], "actual_epochs": t.check.epochs,
+                           "n_checks": len(t.check.checks),
+                           "plan_error_epochs": t.check.epochs - unit.planned_epochs,
+                           "verified": float(t.check.passed), "constraint_met": float(t.meets),
+                           "train_seconds": t.train_seconds})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CHIP_MODEL_FILE
-            info = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-                    "planned_epochs": job.planned_epochs, "actual_epochs": check.epochs,
-                    "verified": check.passed, "test_accuracy": test_acc,
+            info = {"chips": [j.chip_id for j in unit.members], "group_id": unit.group_id,
+                    "fault_rate": unit.fault_map.fault_rate,
+                    "planned_epochs": unit.planned_epochs, "actual_epochs": t.check.epochs,
+                    "verified": t.check.passed, "test_accuracy": t.test_accuracy,
                     "plan_run_id": ctx.plan.run_id, "dataset_hash": ctx.plan.dataset_hash,
                     "run_id": child.run_id}
-            save_checkpoint(model, ctx.arch, info, path)
+            save_checkpoint(t.model, ctx.arch, info, path)
             child.log_artifact(path)
-        logged = child.log_pytorch_model(model, ctx.input_example, _pip_requirements())
+        logged = child.log_pytorch_model(t.model, ctx.input_example, _pip_requirements())
         child.log_metrics({"log_model_seconds": logged.seconds})
         child.set_tags({names.TAG_SERIALIZATION: logged.serialization_format,
                         **({names.TAG_PT2_FALLBACK: logged.fallback_reason}
                            if logged.fallback_reason else {})})
-        version_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
-                        names.VTAG_PLANNED_EPOCHS: job.planned_epochs,
-                        names.VTAG_ACTUAL_EPOCHS: check.epochs,
-                        names.VTAG_N_CHECKS: len(check.checks),
-                        names.VTAG_VERIFIED: str(check.passed).lower(),
-                        names.VTAG_REASON: reason,
-                        names.VTAG_TEST_ACCURACY: test_acc, "test_ci_low": ci[0],
-                        "test_ci_high": ci[1], names.VTAG_VAL_ACCURACY: val_acc,
-                        names.VTAG_PRUNED_FRACTION: session.pruned_fraction,
-                        names.VTAG_DECISION_LEVEL: ctx.plan.decision_level,
-                        names.VTAG_CONSTRAINT_LEVEL: ctx.plan.constraint_level,
-                        names.VTAG_PLAN_RUN: ctx.plan.run_id,
-                        names.VTAG_CONSTRAINT_MET: str(meets).lower(),
-                        names.VTAG_SERIALIZATION: logged.serialization_format}
-        model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
-                      "n_faulty_pes": job.fault_map.n_faulty, names.MTAG_STATUS: status,
-                      names.MTAG_REASON: reason}
-        version = tracking.register_model_version(
-            stage, name, logged, child.run_id, version_tags, CHAMPION if check.passed else None,
-            model_tags=model_tags,
-            description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): "
-                        f"the baseline fault-aware retrained for its fault map.")
-    if not check.passed:
+        if logged.fallback_reason:
+            ctx.warn(f"{unit.run_name}: pt2 export failed ({logged.fallback_reason}); "
+                     f"model logged in the pickle format")
+        yield child, logged
+
+
+def _register(stage: tracking.StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str,
+              logged: tracking.LoggedModel, ctx: FleetContext) -> ChipOutcome:
+    """The unit's model as a new version of the chip's own registered model; champion only if
+    verified, and a chip that missed loses an older champion."""
+    reason = _reason(t, ctx)
+    status = SHIPPED if t.check.passed else REJECTED
+    name = registered_name(ctx.prefix, job.chip_id)
+    version_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
+                    names.VTAG_PLANNED_EPOCHS: unit.planned_epochs,
+                    names.VTAG_ACTUAL_EPOCHS: t.check.epochs,
+                    names.VTAG_N_CHECKS: len(t.check.checks),
+                    names.VTAG_VERIFIED: str(t.check.passed).lower(), names.VTAG_REASON: reason,
+                    names.VTAG_TEST_ACCURACY: t.test_accuracy, "test_ci_low": t.test_ci[0],
+                    "test_ci_high": t.test_ci[1], names.VTAG_VAL_ACCURACY: t.val_accuracy,
+                    names.VTAG_PRUNED_FRACTION: t.pruned_fraction,
+                    names.VTAG_DECISION_LEVEL: ctx.plan.decision_level,
+                    names.VTAG_CONSTRAINT_LEVEL: ctx.plan.constraint_level,
+                    names.VTAG_PLAN_RUN: ctx.plan.run_id,
+                    names.VTAG_CONSTRAINT_MET: str(t.meets).lower(),
+                    names.VTAG_SERIALIZATION: logged.serialization_format,
+                    names.VTAG_GROUP_SIZE: len(unit.members),
+                    **({names.VTAG_GROUP: unit.group_id,
+                        names.VTAG_FUSED_RATE: unit.fault_map.fault_rate}
+                       if unit.group_id else {})}
+    model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
+                  "n_faulty_pes": job.fault_map.n_faulty, names.MTAG_STATUS: status,
+                  names.MTAG_REASON: reason}
+    how = (f"the model of eFAT group {unit.group_id} (fused fault rate "
+           f"{unit.fault_map.fault_rate:.4f})" if unit.group_id
+           else "the baseline fault-aware retrained for its fault map")
+    version = tracking.register_model_version(
+        stage, name, logged, run_id, version_tags, CHAMPION if t.check.passed else None,
+        model_tags=model_tags,
+        description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): {how}.")
+    if not t.check.passed:
         _withdraw(stage, name, reason)
-    if logged.fallback_reason:
-        ctx.warn(f"chip {job.chip_id}: pt2 export failed ({logged.fallback_reason}); "
-                 f"model logged in the pickle format")
-    return ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, status, reason,
-                       check.epochs, len(check.checks), val_acc, test_acc, ci[0], ci[1], meets,
-                       session.pruned_fraction, version, version if check.passed else "",
-                       child.run_id, True, logged.serialization_format, session.train_seconds,
-                       logged.seconds)
+    return ChipOutcome(job.chip_id, job.fault_rate, unit.planned_epochs, status, reason,
+                       t.check.epochs, len(t.check.checks), t.val_accuracy, t.test_accuracy,
+                       t.test_ci[0], t.test_ci[1], t.meets, t.pruned_fraction, version,
+                       version if t.check.passed else "", run_id, True, unit.group_id,
+                       len(unit.members), 0.0, logged.serialization_format,
+                       t.train_seconds / len(unit.members), logged.seconds / len(unit.members))
+
+
+def _train_chip(stage: tracking.StageRun, job: ChipJob, baseline: nn.Module, data: Any,
+                ctx: FleetContext, progress: Progress | None) -> ChipOutcome:
+    """FAT one chip on its own map, verify it, log its run and register its model."""
+    unit = Unit.chip(job)
+    trained = _train(unit, baseline, data, ctx, progress)
+    with _unit_run(stage, unit, trained, ctx) as (child, logged):
+        return _register(stage, unit, job, trained, child.run_id, logged, ctx)
+
+
+def _train_group(stage: tracking.StageRun, unit: Unit, todo: Sequence[ChipJob],
+                 baseline: nn.Module, data: Any, ctx: FleetContext,
+                 progress: Progress | None) -> list[ChipOutcome] | None:
+    """One FAT run on the group's fused map serves every member in `todo`: the group's run
+    holds the model, each member gets a version of its own registered model from it and a
+    chip run linking to the group's. None when the group misses verification at the cap (its
+    members then train on their own)."""
+    trained = _train(unit, baseline, data, ctx, progress)
+    outcomes = []
+    with _unit_run(stage, unit, trained, ctx) as (child, logged):
+        if not trained.check.passed:
+            return None
+        for job in todo:
+            outcomes.append(_register(stage, unit, job, trained, child.run_id, logged, ctx))
+            stage.child_run(f"chip {job.chip_id}",
+                            {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
+                             "own_planned_epochs": job.planned_epochs,
+                             "group_id": unit.group_id, "group_run_id": child.run_id,
+                             "plan_run_id": ctx.plan.run_id},
+                            {VAL_ACCURACY: [(0, trained.val_accuracy)],
+                             TEST_ACCURACY: [(0, trained.test_accuracy)],
+                             "actual_epochs": [(0, trained.check.epochs)]},
+                            {names.TAG_CHIP: job.chip_id, names.TAG_PLAN_RUN: ctx.plan.run_id,
+                             names.TAG_GROUP: unit.group_id, names.TAG_GROUP_RUN: child.run_id})
+    return outcomes
 
 
 def _champion_version(uri: str, name: str) -> str:
@@ -290,6 +392,7 @@ def _champion_version(uri: str, name: str) -> str:
 @dataclass
 class FleetContext:
     """Everything every chip shares: plan, training config, verification, registry prefix."""
+
 
     plan: PlanInfo
     fat: FatConfig
@@ -305,25 +408,40 @@ class FleetContext:
     warn: Callable[[str], None] = print
 
 
-def run_fleet(stage: tracking.StageRun, jobs: Sequence[ChipJob], baseline: nn.Module, data: Any,
-              ctx: FleetContext, progress: Progress | None = None) -> list[ChipOutcome]:
-    """Every chip in turn: reject if the plan found it infeasible, skip if registered for this
-    plan already (unless force), else FAT + verification + child run + registered version."""
+def run_fleet(stage: tracking.StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
+              baseline: nn.Module, data: Any, ctx: FleetContext,
+              progress: Progress | None = None) -> list[ChipOutcome]:
+    """Chips the plan rejected get a run that says why; every unit (a chip, or an eFAT group)
+    is skipped for chips registered for this plan already (unless force), else trained,
+    verified and registered; a group that misses at the cap falls back to its members alone."""
     outcomes = []
-    for job in jobs:
+    for job in rejected:
+        outcomes.append(_reject(stage, job, ctx))
         if progress is not None:
-            progress.start(f"chip {job.chip_id}")
-        name = registered_name(ctx.prefix, job.chip_id)
-        outcome = None
-        if not job.feasible:
-            outcome = _reject(stage, job, ctx)
-        elif not ctx.force:
-            outcome = _skip(job, name, ctx.uri, ctx.plan.run_id)
-        if outcome is None:
-            outcome = _train_and_register(stage, job, baseline, data, ctx, progress)
-        outcomes.append(outcome)
+            progress.done(f"chip {job.chip_id}", _describe(outcomes[-1]))
+    for unit in units:
         if progress is not None:
-            progress.done(f"chip {job.chip_id}", _describe(outcome))
+            progress.start(unit.run_name)
+        done = {j.chip_id: None if ctx.force else
+                _skip(j, registered_name(ctx.prefix, j.chip_id), ctx.uri, ctx.plan.run_id)
+                for j in unit.members}
+        todo = [j for j in unit.members if done[j.chip_id] is None]
+        if todo and unit.group_id:
+            served = _train_group(stage, unit, todo, baseline, data, ctx, progress)
+            if served is None:
+                if progress is not None:
+                    progress.note(f"{unit.run_name}: missed verification at the cap; its "
+                                  f"{len(todo)} chips train on their own")
+                served = [_train_chip(stage, j, baseline, data, ctx, progress) for j in todo]
+                for o in served:
+                    o.failed_group_epochs = ctx.plan.budget_cap / len(todo)
+            done.update({o.chip_id: o for o in served})
+        elif todo:
+            done[todo[0].chip_id] = _train_chip(stage, todo[0], baseline, data, ctx, progress)
+        for job in unit.members:
+            outcomes.append(done[job.chip_id])
+            if progress is not None:
+                progress.done(f"chip {job.chip_id}", _describe(outcomes[-1]))
     return outcomes
 
 
@@ -343,12 +461,19 @@ def chips_table(outcomes: Sequence[ChipOutcome]) -> pd.DataFrame:
 
 def fleet_summary(outcomes: Sequence[ChipOutcome], plan: PlanInfo) -> dict[str, Any]:
     """Chips shipped and rejected, how many shipped chips meet the constraint on test, epochs
-    planned and trained, and the plan's error (actual - planned) over the chips it planned."""
+    planned and trained (a group's run counted once), and the plan's error (actual - planned
+    epochs) over the runs it planned."""
     planned = [o for o in outcomes if not math.isnan(o.planned_epochs)]
     shipped = [o for o in outcomes if o.status == SHIPPED]
     trained = [o for o in outcomes if o.trained]
+    share = np.array([1.0 / o.group_size for o in planned])          # of each chip's run
     errors = np.array([o.actual_epochs - o.planned_epochs for o in planned])
     log_s = sum(o.log_model_seconds for o in trained)
+
+    def epochs(chips: Sequence[ChipOutcome], key: str) -> float:
+        return float(sum(getattr(o, key) / o.group_size for o in chips))
+
+    failed = float(sum(o.failed_group_epochs for o in planned))
     return {
         "plan_run_id": plan.run_id, "decision_level": plan.decision_level,
         "constraint_level": plan.constraint_level, "budget_cap": plan.budget_cap,
@@ -358,102 +483,20 @@ def fleet_summary(outcomes: Sequence[ChipOutcome], plan: PlanInfo) -> dict[str, 
         "n_meet_on_test": sum(o.meets_on_test for o in shipped),
         "shipped_meet_rate": (sum(o.meets_on_test for o in shipped) / len(shipped)
                               if shipped else math.nan),
-        "total_planned_epochs": float(sum(o.planned_epochs for o in planned)),
-        "total_epochs": float(sum(o.actual_epochs for o in planned)),
-        "plan_error_mean": float(errors.mean()) if errors.size else 0.0,
-        "plan_error_mean_abs": float(np.abs(errors).mean()) if errors.size else 0.0,
-        "n_extended": sum(o.n_checks > 1 for o in planned),
+        "n_fat_runs": int(round(share.sum())), "n_grouped_chips": sum(o.group_size > 1
+                                                                       for o in planned),
+        "total_planned_epochs": epochs(planned, "planned_epochs"),
+        "total_epochs": epochs(planned, "actual_epochs") + failed,
+        "failed_group_epochs": failed,
+        "plan_error_mean": float((errors * share).sum() / share.sum()) if errors.size else 0.0,
+        "plan_error_mean_abs": (float((np.abs(errors) * share).sum() / share.sum())
+                                if errors.size else 0.0),
+        "n_extended": int(round(sum(s for o, s in zip(planned, share) if o.n_checks > 1))),
         "n_trained": len(trained), "n_skipped": len(planned) - len(trained),
-        "trained_epochs": float(sum(o.actual_epochs for o in trained)),
+        "trained_epochs": epochs(trained, "actual_epochs"),
         "train_seconds": sum(o.train_seconds for o in trained),
         "log_model_seconds": log_s,
         "log_model_seconds_per_chip": log_s / len(trained) if trained else 0.0,
         "shipped_missing_on_test": [o.chip_id for o in shipped if not o.meets_on_test],
         "rejected": [o.chip_id for o in outcomes if o.status == REJECTED],
     }
-
-
-# --------------------------------------------------------------------------- fetch
-
-def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
-    """The registered model of a chip: <prefix>-<chip_id>, or (no prefix given) the one model
-    tagged with the chip id; None when there is none."""
-    if prefix is not None:
-        return registered_name(prefix, chip_id)
-    found = [n for n, c in tracking.registered_model_tags(uri, names.VTAG_CHIP).items()
-             if c == chip_id]
-    if len(found) > 1:
-        raise TrackingError(f"chip {chip_id!r}: several registered models in {uri} "
-                            f"({', '.join(sorted(found))}); give the registry prefix")
-    return found[0] if found else None
-
-
-def champion(uri: str, chip_id: str, prefix: str | None = None) -> tracking.ModelVersionInfo:
-    """The chip's champion version, or one TrackingError line saying why there is none (no
-    version met the constraint, the plan rejected the chip, or an unknown id: close matches)."""
-    name = _model_name(uri, chip_id, prefix)
-    if name is not None:
-        found = tracking.model_version_by_alias(uri, name, CHAMPION)
-        if found is not None:
-            return found
-        tags = tracking.registered_model_tags_of(uri, name)
-        if tags.get(names.MTAG_STATUS) == REJECTED:
-            raise TrackingError(f"chip {chip_id!r} has no champion: the current plan rejected "
-                                f"it ({tags.get(names.MTAG_REASON) or 'no reason recorded'})")
-        versions = tracking.find_model_versions(uri, name)
-        if versions:
-            raise TrackingError(f"chip {chip_id!r}: {len(versions)} version(s) of {name!r}, "
-                                f"none verified (no {CHAMPION!r} alias) in {uri}")
-    rejected = tracking.find_runs(uri, {names.TAG_CHIP: chip_id, names.TAG_REJECTED: "true"})
-    if rejected:
-        reason = rejected[0].params.get("reason", "infeasible")
-        raise TrackingError(f"chip {chip_id!r} has no model: the plan found it infeasible "
-                            f"({reason})")
-    chips = tracking.registered_model_tags(uri, names.VTAG_CHIP)
-    known = sorted(c for n, c in chips.items() if prefix is None or n.startswith(f"{prefix}-"))
-    close = difflib.get_close_matches(chip_id, known, n=3, cutoff=0.6)
-    if close:
-        hint = f"; close matches: {', '.join(close)}"
-    elif known:
-        hint = f"; {len(known)} chips registered, e.g. {', '.join(known[:3])}"
-    else:
-        hint = "; no chip is registered yet: run `reduce-ops fat`"
-    what = f"no registered model {name!r}" if name else "no registered model for it"
-    raise TrackingError(f"unknown chip id {chip_id!r}: {what} in {uri}{hint}")
-
-
-def load_chip_model(chip_id: str, tracking_uri: str | None = None,
-                    prefix: str | None = None) -> nn.Module:
-    """The chip's champion as a trainable nn.Module in eval mode (built from chip_model.pt).
-
-    Works from any folder: the tracking URI is `tracking_uri` or MLFLOW_TRACKING_URI, and the
-    chip's registered model is found by its chip_id tag (give `prefix` when several registry
-    prefixes share one server). `mlflow.pytorch.load_model("models:/<prefix>-<chip_id>@champion")`
-    gives the same model as a pt2 GraphModule (inference only).
-    """
-    from reduce_ops.models import load_checkpoint
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise TrackingError("load_chip_model: give tracking_uri= or set MLFLOW_TRACKING_URI "
-                            "(e.g. sqlite:////path/to/project/mlflow.db or http://host:5000)")
-    version = champion(uri, chip_id, prefix)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.download_run_artifact(uri, version.run_id, CHIP_MODEL_FILE, Path(tmp))
-        model, _ = load_checkpoint(path)
-    return model
-
-
-def download_champion(uri: str, version: tracking.ModelVersionInfo, out: Path) -> Path:
-    """The champion's MLflow model folder (out/model) and chip_model.pt (out/) downloaded."""
-    import shutil
-
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:   # same disk: the moves are renames
-        model_dir, ckpt = tracking.download_model_version(uri, version, CHIP_MODEL_FILE,
-                                                          Path(tmp))
-        for src, dst in ((model_dir, out / "model"), (ckpt, out / CHIP_MODEL_FILE)):
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            src.replace(dst)
-    return out

@@ -30,6 +30,8 @@ def registered_name(prefix: str, chip_id: str) -> str:
 
 
 CHAMPION = "champion"                    # alias of the version a chip ships with
+CHIP_MODEL_FILE = "chip_model.pt"        # run artifact: state_dict + arch, trainable
+SHIPPED, REJECTED = "shipped", "rejected"   # a chip's status under the current plan
 
 # --------------------------------------------------------------------------- run tags
 TAG_PARENT = "mlflow.parentRunId"        # MLflow's own: a child run's parent
@@ -49,6 +51,8 @@ TAG_REUSED_FROM = "reduce_ops.reused_from"
 TAG_POLICY = "reduce_ops.policy"
 TAG_SERIALIZATION = "reduce_ops.serialization_format"
 TAG_PT2_FALLBACK = "reduce_ops.pt2_fallback"
+TAG_GROUP = "reduce_ops.group_id"
+TAG_GROUP_RUN = "reduce_ops.group_run_id"     # a member's chip run -> its group's run
 
 # --------------------------------------------------------------------------- model version tags
 VTAG_CHIP = "chip_id"                    # also on the registered model itself
@@ -66,6 +70,9 @@ VTAG_N_CHECKS = "n_checks"
 VTAG_VERIFIED = "verified"               # passed the validation check (only those are champion)
 VTAG_REASON = "reason"
 VTAG_DECISION_LEVEL = "decision_level"
+VTAG_GROUP = "group_id"                  # eFAT group the model was trained for
+VTAG_GROUP_SIZE = "group_size"
+VTAG_FUSED_RATE = "fused_fault_rate"
 
 # --------------------------------------------------------------------------- registered model tags
 MTAG_STATUS = "status"                   # shipped | rejected, under the current plan

@@ -267,6 +267,23 @@ def _reason(curve: MonotoneCurve, rate: float, needed: float, planned: float, ra
     return ""
 
 
+def _rounded(needed: np.ndarray, granularity: float, safety_margin: float) -> np.ndarray:
+    """Need times the margin, rounded up to the granularity (inf stays inf)."""
+    with np.errstate(invalid="ignore"):
+        steps = np.ceil(needed * safety_margin / granularity - 1e-9)
+        return np.round(np.maximum(steps, 0.0) * granularity, 12) + 0.0  # no -0.0
+
+
+def planned_epochs(curve: MonotoneCurve, rates, granularity: float,
+                   safety_margin: float = 1.0) -> np.ndarray:
+    """What the plan gives a fault map of each fault rate: epochs, or inf where infeasible
+    (what `plan_fleet` plans a chip, and what eFAT plans a fused map)."""
+    _check_plan_params(granularity, safety_margin)
+    needed = curve(np.asarray(rates, dtype=float))
+    raw = _rounded(needed, granularity, safety_margin)
+    return np.where(np.isfinite(needed), np.minimum(raw, curve.max_amount), math.inf)
+
+
 def plan_fleet(
     curve: MonotoneCurve, chips: pd.DataFrame, granularity: float, safety_margin: float = 1.0
 ) -> pd.DataFrame:
@@ -288,9 +305,7 @@ def plan_fleet(
         raise DataError("fleet table: fault_rate must not be missing")
     needed = curve(rates)
     feasible = np.isfinite(needed)
-    with np.errstate(invalid="ignore"):
-        steps = np.ceil(needed * safety_margin / granularity - 1e-9)
-        raw = np.round(np.maximum(steps, 0.0) * granularity, 12) + 0.0  # no -0.0
+    raw = _rounded(needed, granularity, safety_margin)
     planned = np.where(feasible, np.minimum(raw, curve.max_amount), np.nan)
     plans = [
         ChipPlan(cid, float(r), float(n), float(p), bool(f), _reason(curve, r, n, p, w))

@@ -19,7 +19,7 @@ import torch
 
 import reduce_ops
 from conftest import clone_project, make_project, run_stages
-from reduce_ops import fleet, tracking
+from reduce_ops import fleet, names, registry, tracking
 from reduce_ops.cli import main
 from reduce_ops.config import load_config
 from reduce_ops.data import load_prepared
@@ -35,7 +35,8 @@ from reduce_ops.training import evaluate
 SETUP = ["train.max_epochs=4", "faultmaps.rate_max=0.6", "fat.lr=0.01",
          "resilience.fault_rates=[0.0, 0.5, 0.6]", "resilience.repetitions=2",
          "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
-         "resilience.accuracy_levels=[0.5]", "constraint.kind=absolute", "constraint.value=0.35"]
+         "resilience.accuracy_levels=[0.5]", "constraint.kind=absolute", "constraint.value=0.35",
+         "group.enabled=false"]      # chips on their own here; eFAT groups: test_grouping.py
 PREFIX = "reduce-ops"
 
 
@@ -44,7 +45,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project with prepared digits, baseline, fleet, resilience trials and a plan."""
     root = tmp_path_factory.mktemp("fleet")
     make_project(root, SETUP)
-    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience", "plan")
+    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience", "plan", "group")
     return root
 
 
@@ -85,7 +86,7 @@ def _plan(project: Path) -> tuple[pd.DataFrame, str]:
 
 
 def _versions(project: Path, chip_id: str) -> list:
-    return find_model_versions(tracking_uri(project), fleet.registered_name(PREFIX, chip_id))
+    return find_model_versions(tracking_uri(project), names.registered_name(PREFIX, chip_id))
 
 
 def _history(uri: str, run_id: str, key: str) -> list:
@@ -124,13 +125,14 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
     assert not (in_project / "results/fat/chips.csv").exists()       # nothing half-written
     assert [len(_versions(in_project, c)) for c in feasible] == [1] + [0] * (len(feasible) - 1)
     children = {r.tags["reduce_ops.chip_id"]: r.status
-                for r in find_runs(uri, {"mlflow.parentRunId": killed.run_id})}
+                for r in find_runs(uri, {"mlflow.parentRunId": killed.run_id})
+                if "reduce_ops.rejected" not in r.tags}       # the plan's rejections come first
     assert children == {feasible[0]: "FINISHED", feasible[1]: "KILLED"}
 
     monkeypatch.setattr(tracking, "register_model_version", real_register)
-    real = fleet._train_and_register
+    real = fleet._train_chip
     calls: list[str] = []
-    monkeypatch.setattr(fleet, "_train_and_register",
+    monkeypatch.setattr(fleet, "_train_chip",
                         lambda stage, job, *a, **k: (calls.append(job.chip_id),
                                                      real(stage, job, *a, **k))[1])
     assert _fat(in_project) == 0
@@ -185,7 +187,7 @@ def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_trai
         assert float(tags["actual_epochs"]) == m["actual_epochs"]
         assert float(tags["constraint_level"]) == summary["constraint_level"]
         assert (tags["constraint_met"] == "true") == bool(m["constraint_met"])
-        assert (fleet.CHAMPION in version.aliases) == bool(m["verified"])  # only if verified
+        assert (names.CHAMPION in version.aliases) == bool(m["verified"])  # only if verified
         assert chips.loc[row.chip_id, "model_version"] == version.version
         assert chips.loc[row.chip_id, "status"] == ("shipped" if m["verified"] else "rejected")
     n_planned = int(plan["feasible"].sum())
@@ -242,7 +244,7 @@ def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
     assert main(["fetch", chip_id, "--out", str(out),
                  "--params", str(in_project / "params.yaml")]) == 0
     assert (out / "model" / "MLmodel").is_file() and (out / "model/data/model.pt2").is_file()
-    ckpt = torch.load(out / fleet.CHIP_MODEL_FILE, weights_only=True)
+    ckpt = torch.load(out / names.CHIP_MODEL_FILE, weights_only=True)
     for key, value in explicit.state_dict().items():
         assert torch.equal(ckpt["state_dict"][key], value)
 
@@ -268,19 +270,19 @@ def test_rerun_registers_nothing_and_a_chip_rejected_later_loses_its_champion(
     # --force retrains everything; the first chip now misses verification (an impossible
     # margin): it is rejected at the cap, and its champion of the earlier run is withdrawn.
     first = feasible[0]
-    assert any(fleet.CHAMPION in v.aliases for v in _versions(in_project, first))
-    real = fleet._train_and_register
+    assert any(names.CHAMPION in v.aliases for v in _versions(in_project, first))
+    real = fleet._train_chip
 
     def miss_first(stage, job, baseline, data, ctx, *args):  # noqa: ANN001, ANN002
         if job.chip_id == first:
             ctx = dataclasses.replace(ctx, margin=1.0)
         return real(stage, job, baseline, data, ctx, *args)
 
-    monkeypatch.setattr(fleet, "_train_and_register", miss_first)
+    monkeypatch.setattr(fleet, "_train_chip", miss_first)
     assert _fat(in_project, "--force") == 0
     after = {c: _versions(in_project, c) for c in feasible}
     assert {c: len(v) for c, v in after.items()} == {c: n + 1 for c, n in before.items()}
-    assert not any(fleet.CHAMPION in v.aliases for v in after[first])
+    assert not any(names.CHAMPION in v.aliases for v in after[first])
     assert after[first][0].tags["verified"] == "false"
     chips = _chips(in_project).set_index("chip_id")
     assert chips.loc[first, "status"] == "rejected"
@@ -307,11 +309,12 @@ def test_a_chip_the_plan_rejects_loses_an_older_champion(
     strict = ["--set", "constraint.value=0.999"]          # nothing reaches it
     assert main(["resilience", "--params", params, *strict]) == 0
     assert main(["plan", "--params", params, *strict]) == 0
+    assert main(["group", "--params", params, *strict]) == 0
     assert main(["fat", "--params", params, *strict]) == 0
     for chip_id in shipped:
-        assert not any(fleet.CHAMPION in v.aliases for v in _versions(in_project, chip_id))
+        assert not any(names.CHAMPION in v.aliases for v in _versions(in_project, chip_id))
         with pytest.raises(TrackingError, match="rejected"):
-            fleet.champion(tracking_uri(in_project), chip_id, PREFIX)
+            registry.champion(tracking_uri(in_project), chip_id, PREFIX)
 
 
 def test_unknown_chip_id_is_one_line_naming_close_matches(

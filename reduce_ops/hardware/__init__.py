@@ -10,6 +10,7 @@ from reduce_ops.hardware.faultmap import (
     sample_fleet_rates,
     uniform_fault_map,
     validate_chip_id,
+    wafer_fleet,
 )
 from reduce_ops.hardware.fleetio import (
     MANIFEST,
@@ -51,5 +52,6 @@ __all__ = [
     "sample_fleet_rates",
     "uniform_fault_map",
     "validate_chip_id",
+    "wafer_fleet",
     "write_fleet",
 ]

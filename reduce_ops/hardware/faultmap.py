@@ -246,3 +246,51 @@ def generate_fleet(
         chip_seed = int(stream.generate_state(1)[0])  # uint32 -> int, easy to store in CSV
         fleet.append(make_map(geometry, float(rate), chip_seed, chip_id))
     return fleet
+
+
+def wafer_fleet(
+    n_chips: int,
+    geometry: ArrayGeometry,
+    chips_per_wafer: int,
+    shared_fraction: float,
+    distribution: str,
+    rate_low: float,
+    rate_high: float,
+    seed: int,
+    id_prefix: str = "chip",
+) -> list[FaultMap]:
+    """A fleet of wafers whose chips share part of their defects (systematic defects repeat at
+    the same array position on every die of a wafer; the rest are random per die).
+
+    Each wafer draws an ordered list of systematic defect sites, round(shared_fraction *
+    rate_high * N) PEs. A chip with fault rate r (drawn per chip as in `generate_fleet`) has
+    n = round(r * N) faulty PEs: the first min(round(shared_fraction * n), list length) sites of
+    its wafer's list (a worse die shows more of them) and the rest uniformly among the other PEs.
+    Chips sharing a wafer therefore overlap far more than independent chips, and a group of them
+    fuses into a map barely larger than its worst member's. Seeded like `generate_fleet`: the
+    fleet seed spawns one stream for the rates, one per wafer and one per chip.
+    """
+    if chips_per_wafer < 1 or n_chips % chips_per_wafer:
+        raise FaultMapError(f"faultmaps.chips_per_wafer: {chips_per_wafer} does not divide the "
+                            f"fleet of {n_chips} chips")
+    if not 0.0 <= shared_fraction <= 1.0:
+        raise FaultMapError(f"faultmaps.shared_fraction: must be in [0, 1], got {shared_fraction}")
+    ids = chip_ids(n_chips, id_prefix)
+    rates_stream, wafers_stream, chips_stream = np.random.SeedSequence(seed).spawn(3)
+    rates = sample_fleet_rates(n_chips, distribution, rate_low, rate_high, rates_stream)
+    n_pes = geometry.n_pes
+    n_shared = int(round(shared_fraction * rate_high * n_pes))
+    wafers = [np.random.default_rng(s).permutation(n_pes)[:n_shared]
+              for s in wafers_stream.spawn(n_chips // chips_per_wafer)]
+    fleet = []
+    for i, (chip_id, rate, stream) in enumerate(zip(ids, rates, chips_stream.spawn(n_chips))):
+        n_faulty = _n_target(geometry, float(rate))
+        sites = wafers[i // chips_per_wafer]
+        shared = sites[: min(int(round(shared_fraction * n_faulty)), len(sites))]
+        flat = np.zeros(n_pes, dtype=bool)
+        flat[shared] = True
+        rest = np.random.default_rng(stream).choice(np.flatnonzero(~flat),
+                                                    size=n_faulty - len(shared), replace=False)
+        flat[rest] = True
+        fleet.append(FaultMap(chip_id, flat.reshape(geometry.shape), "wafer", None))
+    return fleet

@@ -17,13 +17,14 @@ STAGES: dict[str, str] = {
     "pretrain": "train the baseline model to convergence",
     "resilience": "measure accuracy after k epochs of FAT at each fault rate",
     "plan": "plan each chip's retraining from the logged resilience",
+    "group": "eFAT: fuse chips' fault maps where one retraining can serve several",
     "fat": "retrain every chip as planned, register one model per chip",
     "compare": "fixed-epoch policies vs Reduce on the fleet (Fig. 3)",
     "main": "the whole pipeline, one MLflow run with a child per step",
     "fetch": "show a chip's champion model, `fetch CHIP_ID --out DIR` downloads it",
     "ui": "the MLflow UI on this project's runs (prints the address of its training runs)",
 }
-PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "fat", "compare")
+PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "fat", "compare")
 
 
 def runner(stage: str) -> Callable[..., Any]:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pandas as pd
+
 from reduce_ops import atomic, compare, names, provenance, reports
 from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
+from reduce_ops.grouping import fuse, read_groups
+from reduce_ops.hardware import FaultMap
 from reduce_ops.models import load_checkpoint
 from reduce_ops.progress import Progress
 from reduce_ops.stages import plan as plan_stage
@@ -16,12 +20,25 @@ from reduce_ops.tracking import stage_run
 from reduce_ops.training import resolve_device
 
 
+def _groups(cfg: Config, fleet: list[FaultMap]) -> list[compare.GroupRun]:
+    """The eFAT groups of two or more chips that the group stage formed, with fused maps."""
+    maps = {m.chip_id: m for m in fleet}
+    out = []
+    for row in read_groups(cfg.path("results") / "group" / "groups.csv").itertuples():
+        if len(row.members) > 1:
+            members = tuple(maps[c] for c in row.members)
+            out.append(compare.GroupRun(row.group_id, members,
+                                        FaultMap(row.group_id, fuse(members), "fused"),
+                                        float(row.planned_epochs)))
+    return out
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Write results/compare/ (per chip, summary, metrics, Fig. 3); returns the metrics."""
     t0 = time.perf_counter()
     src = plan_stage.inputs(cfg)
-    plans = {f"reduce-{stat}": plan_stage.plan_for(cfg, src, stat).plan
-             for stat in cfg.compare.statistics}
+    stats = list(dict.fromkeys([*cfg.compare.statistics, cfg.plan.statistic]))
+    plans = {f"reduce-{stat}": plan_stage.plan_for(cfg, src, stat).plan for stat in stats}
     chip_ids = [m.chip_id for m in src.fleet]
     policy_list = compare.policies(cfg.compare.fixed_epochs, plans, chip_ids)
     rule = compare.Rule(src.decision_level, src.constraint_level, cfg.verify.margin,
@@ -42,6 +59,13 @@ def run(cfg: Config) -> dict[str, Any]:
         with Progress(len(src.fleet), "compare", "chip") as progress:
             per_chip = compare.run_chips(baseline, data, src.fleet, policy_list, rule, cfg.fat,
                                          cfg.hardware, device, progress)
+        if cfg.group.enabled:
+            groups = _groups(cfg, src.fleet)
+            with Progress(len(groups), "compare", "eFAT group") as progress:
+                efat = compare.efat_rows(per_chip, groups, f"reduce-{cfg.plan.statistic}", rule,
+                                         baseline, data, cfg.fat, cfg.hardware, device, progress)
+            per_chip = pd.concat([per_chip, efat], ignore_index=True)
+            policy_list.append(compare.Policy(compare.EFAT, compare.EFAT, {}))
         summary = compare.summarize(per_chip, policy_list)
         for row in summary.itertuples(index=False):
             stage.child_run(f"policy {row.policy}", {"policy": row.policy},

@@ -3,6 +3,7 @@ model per chip."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,11 +11,40 @@ from reduce_ops import atomic, fleet, names, provenance
 from reduce_ops.config import Config, flatten
 from reduce_ops.errors import ReduceOpsError
 from reduce_ops.data import load_prepared
-from reduce_ops.hardware import ArrayGeometry, load_fleet
+from reduce_ops.grouping import fuse, read_groups
+from reduce_ops.hardware import ArrayGeometry, FaultMap, load_fleet
 from reduce_ops.models import load_checkpoint
 from reduce_ops.progress import Progress
 from reduce_ops.tracking import stage_run, tracking_uri
 from reduce_ops.training import resolve_device
+
+
+def _units(cfg: Config, jobs: list[fleet.ChipJob], plan_run_id: str) -> list[fleet.Unit]:
+    """The FAT runs to do: one per eFAT group of results/group/groups.csv (a chip on its own
+    is a group of one), checked against the plan."""
+    group_dir = cfg.path("results") / "group"
+    groups = read_groups(group_dir / "groups.csv")
+    summary = json.loads((group_dir / "summary.json").read_text())
+    if summary.get("plan_run_id") != plan_run_id:
+        raise ReduceOpsError(f"{group_dir}: the groups were formed for plan "
+                             f"{summary.get('plan_run_id')}, not the current plan {plan_run_id}; "
+                             f"run `reduce-ops group` again")
+    by_id = {j.chip_id: j for j in jobs}
+    planned = {j.chip_id for j in jobs if j.feasible}
+    grouped = [c for members in groups["members"] for c in members]
+    if sorted(grouped) != sorted(planned):
+        raise ReduceOpsError(f"{group_dir}/groups.csv does not hold exactly the chips the plan "
+                             f"trains; run `reduce-ops group` again")
+    units = []
+    for row in groups.itertuples(index=False):
+        members = tuple(by_id[c] for c in row.members)
+        if len(members) == 1:
+            units.append(fleet.Unit.chip(members[0]))
+        else:
+            fused = FaultMap(row.group_id, fuse([m.fault_map for m in members]), "fused")
+            units.append(fleet.Unit(f"group {row.group_id}", fused, float(row.planned_epochs),
+                                    members, row.group_id))
+    return units
 
 
 def run(cfg: Config, force: bool = False) -> dict[str, Any]:
@@ -33,6 +63,8 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
                              f"`reduce-ops resilience` and `reduce-ops plan` again")
     maps = load_fleet(cfg.path("fleet"), ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))
     jobs = fleet.chip_jobs(plan, maps, plan_dir / "plan.csv")
+    units = _units(cfg, jobs, plan_info.run_id)
+    rejected = [j for j in jobs if not j.feasible]
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
     baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
@@ -53,7 +85,7 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
                           "constraint_level": plan_info.constraint_level,
                           "budget_cap": plan_info.budget_cap, "force": force,
                           "device": str(device)})
-        outcomes = fleet.run_fleet(stage, jobs, baseline, data, ctx, progress)
+        outcomes = fleet.run_fleet(stage, units, rejected, baseline, data, ctx, progress)
         seconds = time.perf_counter() - t0
         summary = {**fleet.fleet_summary(outcomes, plan_info), "run_id": stage.run_id,
                    "stage_seconds": seconds, "tracking_seconds": stage.tracking_seconds}
@@ -66,7 +98,8 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
           f">= {plan_info.decision_level:.4f} + {cfg.verify.margin:g} ({s['n_rejected_by_plan']} "
           f"rejected by the plan, {s['n_rejected_at_cap']} at the {plan_info.budget_cap:g}-epoch "
           f"cap); {s['n_meet_on_test']} of the shipped meet {plan_info.constraint_level:.4f} on "
-          f"test; {s['total_epochs']:g} epochs in all ({s['total_planned_epochs']:g} planned, "
-          f"{s['n_extended']} chips extended; {s['n_skipped']} chips registered for this plan "
+          f"test; {s['total_epochs']:g} epochs in {s['n_fat_runs']} FAT runs "
+          f"({s['n_grouped_chips']} chips in eFAT groups; {s['total_planned_epochs']:g} planned, "
+          f"{s['n_extended']} runs extended; {s['n_skipped']} chips registered for this plan "
           f"before) in {seconds:.0f} s -> {out_dir}; MLflow run {stage.run_id}")
     return summary

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from reduce_ops.config import Config, set_params
 from reduce_ops.hardware import (ArrayGeometry, FaultMap, generate_fleet, import_fault_maps,
-                                 write_fleet)
+                                 wafer_fleet, write_fleet)
 
 
 def _source_dir(cfg: Config) -> Path:
@@ -22,6 +22,12 @@ def run(cfg: Config) -> list[FaultMap]:
     if fm.source == "import":
         maps = import_fault_maps(_source_dir(cfg), geometry)
         how = f"imported from {fm.import_dir}"
+    elif fm.generator == "wafer":
+        maps = wafer_fleet(fm.n_chips, geometry, fm.chips_per_wafer, fm.shared_fraction,
+                           fm.rate_distribution, fm.rate_min, fm.rate_max, fm.seed, fm.id_prefix)
+        how = (f"{fm.n_chips // fm.chips_per_wafer} wafers of {fm.chips_per_wafer} chips sharing "
+               f"{fm.shared_fraction:.0%} of their defects, rates {fm.rate_distribution} in "
+               f"[{fm.rate_min:g}, {fm.rate_max:g}]")
     else:
         maps = generate_fleet(fm.n_chips, geometry, fm.generator, fm.rate_distribution,
                               fm.rate_min, fm.rate_max, fm.seed, id_prefix=fm.id_prefix)

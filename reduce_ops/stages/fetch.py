@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reduce_ops import fleet, names
+from reduce_ops import names, registry
 from reduce_ops.config import Config
 from reduce_ops.tracking import ModelVersionInfo, tracking_uri
 
@@ -12,7 +12,7 @@ from reduce_ops.tracking import ModelVersionInfo, tracking_uri
 def run(cfg: Config, chip_id: str, out: Path | None = None) -> ModelVersionInfo:
     """Print the champion's URI, version and accuracy; download it into `out` when given."""
     uri = tracking_uri(cfg.root)
-    mv = fleet.champion(uri, chip_id, cfg.registry.prefix)
+    mv = registry.champion(uri, chip_id, cfg.registry.prefix)
     tags = mv.tags
     print(f"{chip_id}: models:/{mv.name}@{names.CHAMPION} = version {mv.version}; verified at "
           f"validation accuracy {float(tags.get(names.VTAG_VAL_ACCURACY, 'nan')):.4f} (level "
@@ -24,7 +24,7 @@ def run(cfg: Config, chip_id: str, out: Path | None = None) -> ModelVersionInfo:
           f"{tags.get(names.VTAG_PLANNED_EPOCHS, '?')}), "
           f"{tags.get(names.VTAG_SERIALIZATION, '?')} model; run {mv.run_id}")
     if out is not None:
-        folder = fleet.download_champion(uri, mv, Path(out))
-        print(f"downloaded -> {folder}/model (MLflow model) and {folder}/{fleet.CHIP_MODEL_FILE} "
+        folder = registry.download_champion(uri, mv, Path(out))
+        print(f"downloaded -> {folder}/model (MLflow model) and {folder}/{names.CHIP_MODEL_FILE} "
               f"(state_dict + arch)")
     return mv

@@ -1,0 +1,204 @@
+"""eFAT: fuse similar chips' fault maps so that one fault-aware retraining serves a group.
+
+A group's fused fault map is the union of its members' faulty PEs. A model trained with the fused
+map's weights held at zero has zero weight on every member's faulty PEs (each member's set is a
+subset), so it is a valid model for every member. Fusing raises the fault rate, so the group
+needs at least what its hardest member needs; the plan's curve says how much at the fused rate.
+The reward of a grouping is the retraining it saves: the members' own planned epochs minus the
+group's.
+
+Grouping is a greedy merge on exact rewards, made to scale to a fab's fleet:
+1. candidate partners: every chip's `candidates` best partners by the reward of merging the two,
+   estimated from the overlap of their maps on `sample_pes` sampled PEs (one matrix product);
+2. greedy merge: repeatedly merge the two groups whose merge saves the most epochs, computed on
+   the exact fused maps (bit-packed OR + popcount), while a merge saves something, the merged
+   group stays within `max_size` and within the feasible region of the plan.
+Chips the plan rejects, and chips that need no retraining, stay out of every group.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reduce_ops.errors import ConfigError, DataError
+from reduce_ops.hardware import FaultMap
+
+CHUNK = 1024        # rows of the candidate search at a time
+
+
+@dataclass(frozen=True)
+class Group:
+    """Chips that share one FAT run, and what the run is planned for."""
+
+    group_id: str
+    members: tuple[str, ...]
+    fused: np.ndarray               # bool [rows, cols], the union of the members' faulty PEs
+    planned_epochs: float           # the plan's epochs at the fused fault rate
+    members_planned: float          # the members' own planned epochs, summed
+
+    @property
+    def fault_rate(self) -> float:
+        return float(np.count_nonzero(self.fused)) / self.fused.size
+
+    @property
+    def reward(self) -> float:
+        """Epochs saved: the members' own plans minus the group's."""
+        return self.members_planned - self.planned_epochs
+
+
+def fuse(maps: Sequence[FaultMap]) -> np.ndarray:
+    """The fused fault map: a PE is faulty when it is faulty on any member (exact union)."""
+    if not maps:
+        raise ValueError("fuse needs at least one fault map")
+    return np.logical_or.reduce([m.faulty for m in maps])
+
+
+def _packed(faulty: np.ndarray) -> np.ndarray:
+    """A bool map as 64-bit words ([rows * cols / 64] uint64, zero-padded)."""
+    bits = np.packbits(faulty.ravel())
+    bits = np.pad(bits, (0, -len(bits) % 8))
+    return bits.view(np.uint64)
+
+
+class _Merger:
+    """Greedy merging on exact rewards; groups are indexed by the chip that founded them."""
+
+    def __init__(self, maps: Sequence[FaultMap], own: np.ndarray,
+                 planned_at: Callable[[np.ndarray], np.ndarray], max_size: int) -> None:
+        self.n_pes = maps[0].faulty.size
+        self.words = np.stack([_packed(m.faulty) for m in maps])            # [n, W] uint64
+        self.count = np.bitwise_count(self.words).sum(axis=1).astype(np.int64)  # faulty PEs
+        self.own = own                                                       # [n] planned
+        self.planned = own.copy()                                            # of each group
+        self.members = [[i] for i in range(len(maps))]
+        self.alive = np.ones(len(maps), dtype=bool)
+        self.planned_at = planned_at
+        self.max_size = max_size
+
+    def gains(self, g: int, others: np.ndarray) -> np.ndarray:
+        """Exact epochs saved by merging group g with each group in `others`."""
+        union = np.bitwise_count(self.words[others] | self.words[g]).sum(axis=1)
+        after = self.planned_at(union / self.n_pes)
+        gain = self.planned[g] + self.planned[others] - after
+        too_big = np.array([len(self.members[g]) + len(self.members[o]) > self.max_size
+                            for o in others], dtype=bool)
+        gain[too_big | ~np.isfinite(after)] = -math.inf
+        return gain
+
+    def merge(self, g: int, h: int) -> int:
+        self.words[g] |= self.words[h]
+        self.planned[g] = float(self.planned_at(
+            np.array([np.bitwise_count(self.words[g]).sum() / self.n_pes]))[0])
+        self.members[g] += self.members[h]
+        self.members[h] = []
+        self.alive[h] = False
+        return g
+
+
+def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
+                       planned_at: Callable[[np.ndarray], np.ndarray], n_candidates: int,
+                       sample_pes: int, seed: int = 0) -> list[np.ndarray]:
+    """For each chip, up to `n_candidates` partners whose merge with it saves the most epochs,
+    estimated from the maps' overlap on `sample_pes` uniformly sampled PEs: one product of the
+    [chips, sample] 0/1 matrix with its transpose, no loop over pairs."""
+    n = len(maps)
+    n_pes = maps[0].faulty.size
+    pes = np.random.default_rng(seed).choice(n_pes, size=min(sample_pes, n_pes), replace=False)
+    x = np.stack([m.faulty.ravel()[pes] for m in maps]).astype(np.float32)   # [n, S]
+    count = np.array([np.count_nonzero(m.faulty) for m in maps], dtype=np.float64)
+    k = min(n_candidates, n - 1)
+    out = []
+    for start in range(0, n, CHUNK):          # CHUNK rows at a time: memory O(CHUNK * n)
+        rows = np.arange(start, min(start + CHUNK, n))
+        both = (x[rows] @ x.T) * (n_pes / len(pes))                          # est. |a ∩ b|
+        union = np.maximum(count[rows, None] + count[None, :] - both,
+                           np.maximum.outer(count[rows], count))
+        gain = own[rows, None] + own[None, :] - planned_at(union / n_pes)    # [chunk, n]
+        gain[np.arange(len(rows)), rows] = -np.inf
+        gain[~np.isfinite(gain)] = -np.inf
+        if k <= 0:
+            out += [np.empty(0, dtype=np.int64)] * len(rows)
+            continue
+        best = np.argpartition(-gain, k - 1, axis=1)[:, :k]                   # [chunk, k]
+        out += [row[gain[i, row] > 0] for i, row in enumerate(best)]
+    return out
+
+
+def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
+                planned_at: Callable[[np.ndarray], np.ndarray], max_size: int,
+                n_candidates: int = 16, sample_pes: int = 8192, seed: int = 0) -> list[Group]:
+    """Greedy reward-driven fusion of the chips in `maps` (all plannable, own planned > 0).
+
+    `planned_at(fault_rates)` gives the plan's epochs at each fault rate (inf where
+    infeasible), vectorised. Every chip ends in exactly one group; a group of one is a chip that
+    no merge helped. Groups are ordered by their first member's position in `maps`.
+    """
+    if max_size < 1:
+        raise ConfigError(f"group.max_size: must be >= 1, got {max_size}")
+    if not maps:
+        return []
+    own = np.asarray(own_planned, dtype=np.float64)
+    merger = _Merger(maps, own, planned_at, max_size)
+    heap: list[tuple[float, int, int]] = []
+
+    def push(g: int, others: np.ndarray) -> None:
+        others = np.unique(others[merger.alive[others] & (others != g)])
+        if others.size:
+            for o, gain in zip(others, merger.gains(g, others)):
+                if gain > 1e-9:
+                    heapq.heappush(heap, (-float(gain), int(g), int(o)))
+
+    owner = np.arange(len(maps))              # the group each chip is in
+    if max_size > 1 and len(maps) > 1:
+        partners = candidate_partners(maps, own, planned_at, n_candidates, sample_pes, seed)
+        for i, row in enumerate(partners):
+            push(i, row)
+        while heap:
+            neg, g, h = heapq.heappop(heap)
+            if not (merger.alive[g] and merger.alive[h]):
+                continue
+            gain = merger.gains(g, np.array([h]))[0]
+            if gain < -neg - 1e-9:            # out of date: requeue at its current value
+                if gain > 1e-9:
+                    heapq.heappush(heap, (-float(gain), g, h))
+                continue
+            merger.merge(g, h)
+            owner[owner == h] = g
+            # the merged group's candidates: its members' partners, in their current groups
+            push(g, owner[np.concatenate([partners[m] for m in merger.members[g]])])
+    founders = sorted(np.flatnonzero(merger.alive), key=lambda g: min(merger.members[g]))
+    width = max(3, len(str(len(founders))))
+    groups = []
+    for k, g in enumerate(founders):
+        members = sorted(merger.members[g])
+        groups.append(Group(f"group-{k:0{width}d}", tuple(maps[i].chip_id for i in members),
+                            fuse([maps[i] for i in members]), float(merger.planned[g]),
+                            float(own[members].sum())))
+    return groups
+
+
+GROUP_COLUMNS = ["group_id", "members", "n_members", "fused_fault_rate",
+                 "fused_pruned_fraction", "planned_epochs", "members_planned_epochs", "reward"]
+MEMBER_SEP = ";"
+
+
+def read_groups(path: Path) -> pd.DataFrame:
+    """groups.csv as the group stage writes it (members as a list of chip ids)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no groups; run `reduce-ops group` first")
+    try:
+        groups = pd.read_csv(path, dtype={"group_id": str, "members": str})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: unreadable groups ({exc})") from None
+    missing = [c for c in GROUP_COLUMNS if c not in groups.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    groups["members"] = groups["members"].str.split(MEMBER_SEP)
+    return groups

@@ -1,0 +1,177 @@
+"""eFAT: fused maps are exact unions, rewards add up by hand, no group is infeasible, a group's
+model has zero weight on every member's faulty PEs, and every member's champion is it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_project, run_stages
+from reduce_ops import registry, tracking
+from reduce_ops.config import from_dict
+from reduce_ops.errors import ConfigError
+from reduce_ops.grouping import form_groups, fuse, read_groups
+from reduce_ops.hardware import (ArrayGeometry, FaultMap, build_masks, load_fleet,
+                                 uniform_fault_map, wafer_fleet)
+
+from conftest import tiny_params
+
+
+def _map(chip_id: str, cells: list[tuple[int, int]], shape=(4, 4)) -> FaultMap:
+    faulty = np.zeros(shape, dtype=bool)
+    for r, c in cells:
+        faulty[r, c] = True
+    return FaultMap(chip_id, faulty)
+
+
+def _step(rates) -> np.ndarray:
+    """Planned epochs by fault rate on a 4x4 array: 1 up to 2 faulty PEs, 2 up to 4, 4 up to 6,
+    infeasible beyond."""
+    r = np.asarray(rates, dtype=float) * 16
+    return np.select([r <= 2, r <= 4, r <= 6], [1.0, 2.0, 4.0], math.inf)
+
+
+def test_fusion_is_the_exact_union() -> None:
+    a, b = _map("a", [(0, 0), (1, 1)]), _map("b", [(1, 1), (3, 2)])
+    fused = fuse([a, b])
+    assert fused.dtype == bool and fused.sum() == 3
+    assert fused[0, 0] and fused[1, 1] and fused[3, 2]
+    assert not (fused & ~(a.faulty | b.faulty)).any()
+
+
+def test_reward_arithmetic_on_a_hand_made_fleet() -> None:
+    """a and b share a PE: fused 3 PEs -> 2 epochs for both, against 1 + 1 alone: no saving.
+    c and d are the same map: fused 2 PEs -> 1 epoch against 1 + 1: saves 1. e alone (5 PEs,
+    4 epochs) would make any group it joins infeasible or dearer."""
+    maps = [_map("a", [(0, 0), (1, 1)]), _map("b", [(1, 1), (3, 2)]),
+            _map("c", [(2, 2), (2, 3)]), _map("d", [(2, 2), (2, 3)]),
+            _map("e", [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2)])]
+    own = _step([m.fault_rate for m in maps])
+    assert own.tolist() == [1.0, 1.0, 1.0, 1.0, 4.0]
+    groups = form_groups(maps, own, _step, max_size=4, sample_pes=16)
+    by_members = {g.members: g for g in groups}
+    assert set(by_members) == {("a",), ("b",), ("c", "d"), ("e",)}
+    cd = by_members[("c", "d")]
+    assert (cd.members_planned, cd.planned_epochs, cd.reward) == (2.0, 1.0, 1.0)
+    assert cd.fault_rate == 2 / 16
+    assert sum(g.planned_epochs for g in groups) == own.sum() - 1.0
+
+
+def test_no_group_is_infeasible_or_too_big() -> None:
+    geometry = ArrayGeometry(16, 16)
+    rng = np.random.default_rng(0)
+    maps = [uniform_fault_map(geometry, float(r), int(s), f"c{i}")
+            for i, (r, s) in enumerate(zip(rng.uniform(0.01, 0.2, 40), rng.integers(1e6, size=40)))]
+
+    def planned_at(rates):     # flat up to 0.25, infeasible above: tempting to fuse, with a wall
+        r = np.asarray(rates, dtype=float)
+        return np.where(r <= 0.25, 1.0 + r, math.inf)
+
+    own = planned_at([m.fault_rate for m in maps])
+    groups = form_groups(maps, own, planned_at, max_size=3)
+    assert sorted(c for g in groups for c in g.members) == sorted(m.chip_id for m in maps)
+    assert any(len(g.members) > 1 for g in groups)
+    for g in groups:
+        assert len(g.members) <= 3
+        assert g.fault_rate <= 0.25 and math.isfinite(g.planned_epochs)
+        assert g.reward >= 0
+    with pytest.raises(ConfigError, match="group.max_size: must be >= 1"):
+        form_groups(maps, own, planned_at, max_size=0)
+
+
+def test_wafer_chips_share_defects_and_the_wafer_size_must_divide_the_fleet() -> None:
+    fleet = wafer_fleet(20, ArrayGeometry(64, 64), 10, 0.8, "uniform", 0.1, 0.3, 1)
+    same = [(fleet[i].faulty & fleet[j].faulty).mean() for i in range(10) for j in range(i)]
+    other = [(fleet[i].faulty & fleet[10 + j].faulty).mean() for i in range(10) for j in range(10)]
+    assert np.mean(same) > 2 * np.mean(other)
+    for m in fleet:
+        assert abs(m.n_faulty - round(m.fault_rate * 64 * 64)) == 0
+    with pytest.raises(ConfigError, match=r"faultmaps.chips_per_wafer \(7\) must divide "
+                                          r"faultmaps.n_chips \(20\)"):
+        from_dict({**tiny_params(["faultmaps.generator=wafer", "faultmaps.n_chips=20",
+                                  "faultmaps.chips_per_wafer=7"])})
+
+
+def test_a_group_size_below_one_is_one_line(tmp_path: Path, capsys) -> None:
+    from reduce_ops.cli import main
+
+    params = make_project(tmp_path / "p")
+    assert main(["group", "--params", str(params), "--set", "group.max_size=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "group.max_size: must be >= 1, got 0" in err[0]
+
+
+# --------------------------------------------------------------------------- the stages
+
+WAFER = ["train.max_epochs=4", "fat.lr=0.01", "faultmaps.generator=wafer", "faultmaps.n_chips=8",
+         "faultmaps.chips_per_wafer=4", "faultmaps.rate_max=0.3",
+         "resilience.fault_rates=[0.0, 0.1, 0.2, 0.3]", "resilience.repetitions=2",
+         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
+         "plan.min_reached=0.5", "constraint.kind=drop", "constraint.value=0.1",
+         "compare.fixed_epochs=[0.25, 0.5]"]
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny wafer fleet, planned, grouped and retrained (tests only read it)."""
+    root = tmp_path_factory.mktemp("efat")
+    make_project(root, WAFER)
+    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience", "plan", "group", "fat")
+    return root
+
+
+def test_group_models_are_zero_on_every_members_faults_and_members_are_champions(
+        grouped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri(grouped)
+    groups = read_groups(grouped / "results/group/groups.csv")
+    shared = groups[groups["n_members"] > 1]
+    assert len(shared), "the wafer fleet must give grouping something to find"
+    maps = {m.chip_id: m for m in load_fleet(grouped / "data/fleet", ArrayGeometry(16, 16))}
+    chips = pd.read_csv(grouped / "results/fat/chips.csv", dtype={"group_id": str})
+    for row in shared.itertuples():
+        versions = [registry.champion(uri, c, "reduce-ops") for c in row.members]
+        assert len({v.run_id for v in versions}) == 1         # one model, the group's run
+        assert {v.tags["group_id"] for v in versions} == {row.group_id}
+        assert float(versions[0].tags["fused_fault_rate"]) == pytest.approx(row.fused_fault_rate)
+        for chip_id in row.members:                          # each against its OWN map
+            model = registry.load_chip_model(chip_id, tracking_uri=uri)
+            params = dict(model.named_parameters())
+            masks = build_masks(model, maps[chip_id], ["conv", "linear"])
+            for name, keep in masks.items():
+                assert torch.count_nonzero(params[name].detach()[~keep]) == 0, (chip_id, name)
+        member_rows = chips[chips["chip_id"].isin(row.members)]
+        assert (member_rows["group_id"] == row.group_id).all()
+        assert (member_rows["group_size"] == row.n_members).all()
+    summary = json.loads((grouped / "results/fat/summary.json").read_text())
+    group_summary = json.loads((grouped / "results/group/summary.json").read_text())
+    assert summary["n_fat_runs"] == group_summary["n_runs"] < summary["n_planned"]
+
+
+def test_grouping_disabled_trains_every_chip_alone(grouped: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import clone_project
+    from reduce_ops.cli import main
+
+    project = clone_project(grouped, tmp_path / "alone")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    params = str(project / "params.yaml")
+    off = ["--set", "group.enabled=false"]
+    assert main(["group", "--params", params, *off]) == 0
+    groups = read_groups(project / "results/group/groups.csv")
+    assert (groups["n_members"] == 1).all()
+    plan = pd.read_csv(project / "results/plan/plan.csv")
+    assert sorted(groups["planned_epochs"]) == sorted(plan.loc[plan["feasible"],
+                                                               "planned_epochs"])
+    assert main(["fat", "--params", params, "--force", *off]) == 0
+    chips = pd.read_csv(project / "results/fat/chips.csv")
+    assert (chips["group_size"] == 1).all()
+    summary = json.loads((project / "results/fat/summary.json").read_text())
+    assert summary["n_fat_runs"] == summary["n_planned"] == int(plan["feasible"].sum())
