@@ -51,7 +51,7 @@ def run_seed(seed: int, sets: list[str], keep: Path | None) -> dict:
     pol = {name: {k: p[k] for k in ("n_shipped", "n_meet_on_test", "n_meet_unchecked",
                                     "total_epochs")} for name, p in cmp.items()}
     return {"seed": seed, "minutes": (time.perf_counter() - t0) / 60,
-            "baseline_val": pre["best_val_accuracy"], "baseline_test": pre["test_accuracy"],
+            "baseline_val": pre["val_accuracy"], "baseline_test": pre["test_accuracy"],
             "fat": {k: fat[k] for k in ("n_shipped", "n_meet_on_test", "total_epochs",
                                         "total_planned_epochs", "n_extended",
                                         "n_rejected_by_plan", "n_rejected_at_cap",

@@ -63,9 +63,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Baseline training: optimiser and the validation-plateau stopping rule."""
+    """Baseline training: optimiser and the plateau stopping rule on a training holdout."""
 
     max_epochs: int = _check(1, 1000)
+    early_stop_fraction: float = _check(0.0, 0.5, lo_open=True)   # of the training split,
+                                                                  # held out for early stopping
     patience: int = _check(1, 1000)
     min_delta: float = _check(0.0, 1.0)
     batch_size: int = _check(1, 65536)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,8 +121,8 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 class EpochRecord:
     epoch: int
     train_loss: float
-    val_accuracy: float
-    val_loss: float
+    holdout_accuracy: float      # on the early-stopping holdout of the training split
+    holdout_loss: float
     seconds: float
 
 
@@ -129,20 +130,39 @@ class EpochRecord:
 class PretrainResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = 0
-    best_val_accuracy: float = 0.0
+    best_holdout_accuracy: float = 0.0
     stopped_early: bool = False
+    n_holdout: int = 0
+
+
+def early_stop_split(y: torch.Tensor, fraction: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, holdout) indices of the training split, stratified and seeded: early stopping
+    reads the holdout, so the validation split that every later decision reads has not been
+    used to pick the baseline (picking the epoch that scores best on a split inflates the
+    baseline's accuracy there, and every chip would be judged against that luck)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    fit, holdout = train_test_split(idx, test_size=fraction, random_state=seed,
+                                    stratify=y.numpy())
+    return torch.from_numpy(np.sort(fit)), torch.from_numpy(np.sort(holdout))
 
 
 def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
              device: torch.device | str = "cpu",
              on_epoch: Callable[[EpochRecord], None] | None = None) -> PretrainResult:
-    """Train until validation accuracy plateaus (patience) or max_epochs; keeps the best weights."""
+    """Train on the training split less its early-stopping holdout until the holdout's
+    accuracy plateaus (patience) or max_epochs; keeps the best weights. The validation split is
+    not read."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x, y = data.x["train"], data.y["train"]
+    fit, holdout = early_stop_split(data.y["train"], cfg.early_stop_fraction, cfg.seed)
+    x, y = data.x["train"][fit], data.y["train"][fit]
+    x_stop, y_stop = data.x["train"][holdout], data.y["train"][holdout]
     stream = batches(len(y), cfg.batch_size, gen)
     optimizer = make_optimizer(model, cfg)
-    result = PretrainResult()
+    result = PretrainResult(n_holdout=len(holdout))
     best_state = copy.deepcopy(model.state_dict())
     best = -1.0
     since_best = 0
@@ -153,14 +173,14 @@ def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
         t0 = time.perf_counter()
         loss = train_steps(model, optimizer, x, y, stream,
                            steps_per_epoch(len(y), cfg.batch_size), device, augment=augment)
-        val_acc, val_loss = evaluate(model, data.x["val"], data.y["val"], device=device)
-        rec = EpochRecord(epoch, loss, val_acc, val_loss, time.perf_counter() - t0)
+        stop_acc, stop_loss = evaluate(model, x_stop, y_stop, device=device)
+        rec = EpochRecord(epoch, loss, stop_acc, stop_loss, time.perf_counter() - t0)
         result.history.append(rec)
         if on_epoch is not None:
             on_epoch(rec)
-        if val_acc > best + cfg.min_delta:
-            best, since_best = val_acc, 0
-            result.best_epoch, result.best_val_accuracy = epoch, val_acc
+        if stop_acc > best + cfg.min_delta:
+            best, since_best = stop_acc, 0
+            result.best_epoch, result.best_holdout_accuracy = epoch, stop_acc
             best_state = copy.deepcopy(model.state_dict())
         else:
             since_best += 1

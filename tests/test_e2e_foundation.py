@@ -52,7 +52,7 @@ def test_mlflow_run_pretrain_logs_params_and_metrics(tmp_path: Path) -> None:
     assert run.data.params["data.source"] == "digits"
     meta = json.loads((project / "data/prepared/meta.json").read_text())
     assert run.data.params["dataset_hash"] == meta["dataset_hash"]
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "holdout_accuracy")
     assert [m.step for m in history] == [1, 2, 3]
     assert run.data.metrics["test_accuracy"] > 0.5
     metrics = json.loads((project / "results/pretrain/metrics.json").read_text())

@@ -8,7 +8,7 @@ import torch
 
 from reduce_ops.config import Config
 from reduce_ops.models import build_model
-from reduce_ops.training import evaluate, pretrain
+from reduce_ops.training import early_stop_split, evaluate, pretrain
 
 
 def test_pretrain_on_digits_learns(tiny_cfg: Config, prepared_digits) -> None:
@@ -19,10 +19,43 @@ def test_pretrain_on_digits_learns(tiny_cfg: Config, prepared_digits) -> None:
     result = pretrain(model, prepared_digits, tiny_cfg.train)
     after, _ = evaluate(model, prepared_digits.x["test"], prepared_digits.y["test"])
     assert before < 0.3 and after > 0.85 > 5 * chance
-    # The returned model holds the best epoch's weights: its val accuracy is the recorded best.
-    val, _ = evaluate(model, prepared_digits.x["val"], prepared_digits.y["val"])
-    assert val == result.best_val_accuracy
+    # The returned model holds the best epoch's weights: its accuracy on the early-stopping
+    # holdout (carved from the training split) is the recorded best.
+    _, holdout = early_stop_split(prepared_digits.y["train"],
+                                  tiny_cfg.train.early_stop_fraction, tiny_cfg.train.seed)
+    acc, _ = evaluate(model, prepared_digits.x["train"][holdout],
+                      prepared_digits.y["train"][holdout])
+    assert acc == result.best_holdout_accuracy and result.n_holdout == len(holdout)
     assert [r.epoch for r in result.history] == list(range(1, len(result.history) + 1))
+
+
+def test_early_stopping_never_reads_the_validation_split(tiny_cfg: Config,
+                                                         prepared_digits) -> None:
+    """The validation split decides every later question, so picking the baseline must not
+    depend on it: scrambling its labels changes nothing in training."""
+    import copy
+
+    scrambled = copy.copy(prepared_digits)
+    object.__setattr__(scrambled, "y", {**prepared_digits.y,
+                                        "val": prepared_digits.y["val"].flip(0)})
+    weights = []
+    for data in (prepared_digits, scrambled):
+        torch.manual_seed(tiny_cfg.train.seed)
+        model = build_model("lenet", data.input_shape, data.num_classes)
+        pretrain(model, data, dataclasses.replace(tiny_cfg.train, max_epochs=3))
+        weights.append(model.state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
+def test_early_stop_split_is_stratified_and_disjoint(prepared_digits) -> None:
+    y = prepared_digits.y["train"]
+    fit, holdout = early_stop_split(y, 0.1, 0)
+    assert len(set(fit.tolist()) & set(holdout.tolist())) == 0
+    assert len(fit) + len(holdout) == len(y)
+    assert abs(len(holdout) - 0.1 * len(y)) <= 1
+    counts = torch.bincount(y[holdout], minlength=10).float()
+    assert (counts - torch.bincount(y, minlength=10).float() * 0.1).abs().max() <= 1.0
 
 
 def test_plateau_stops_early(tiny_cfg: Config, prepared_digits) -> None:
