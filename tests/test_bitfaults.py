@@ -333,7 +333,8 @@ OVERLAP[1, 2] = 0x10  # stuck_or bit 4 where stuck_and keeps bit 4
 BAD_FILES = [
     ("c7.csv", _text("row,col,bit,value\n4,0,1,1\n"), r"line 2: row 4 out of range .*0\.\.3"),
     ("c7.csv", _text("row,col,bit,value\n0,5,1,1\n"), r"line 2: col 5 out of range"),
-    ("c7.csv", _text("row,col,bit,value\n0,0,9,1\n"), r"line 2: bit position 9 out of range 0\.\.7"),
+    ("c7.csv", _text("row,col,bit,value\n0,0,9,1\n"),
+     r"line 2: bit position 9 out of range 0\.\.7"),
     ("c7.csv", _text("row,col,bit,value\n0,0,-1,1\n"), r"line 2: bit position -1 out of range"),
     ("c7.csv", _text("row,col,bit,value\n0,0,1,2\n"), r"line 2: stuck value must be 0 or 1, got 2"),
     ("c7.csv", _text("row,col,bit,value\n0,0,x,1\n"), r"line 2: bit 'x' is not an integer"),
@@ -388,8 +389,8 @@ def test_all_problems_of_a_file_are_listed_together(tmp_path):
 
 def test_pe_stuck_map_rejects_inconsistent_masks():
     with pytest.raises(FaultMapError, match="two non-empty 2-D uint8"):
-        PeStuckMap("c1", torch.full((4, 4), 0xFF, dtype=torch.uint8), torch.zeros(4, 3,
-                                                                                    dtype=torch.uint8))
+        PeStuckMap("c1", torch.full((4, 4), 0xFF, dtype=torch.uint8),
+                   torch.zeros(4, 3, dtype=torch.uint8))
     with pytest.raises(FaultMapError, match="or_mask sets bits"):
         PeStuckMap("c1", torch.full((4, 4), 0xFF, dtype=torch.uint8),
                    torch.ones(4, 4, dtype=torch.uint8))

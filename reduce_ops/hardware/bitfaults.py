@@ -22,9 +22,9 @@ import math
 import numbers
 import os
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ STUCK_NPZ_ARRAYS = ("stuck_and", "stuck_or")
 MAX_LISTED_PROBLEMS = 20          # a broken file lists this many problems, then a count
 
 # popcount of every byte value: bits set in 0..255
-_POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int64)
+_POPCOUNT = torch.tensor([v.bit_count() for v in range(256)], dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -449,7 +449,7 @@ def random_pe_stuck_map(geometry: ArrayGeometry, rate: float, generator: torch.G
     positions, each with `n_bits` stuck bits (see pe_stuck_map)."""
     rate = check_rate(rate, f"{key}.fault_rate", "fault rate")
     generator = _check_generator(generator, key)
-    n_faulty = int(round(rate * geometry.n_pes))
+    n_faulty = round(rate * geometry.n_pes)
     chosen = torch.randperm(geometry.n_pes, generator=generator, device=generator.device)
     grid = torch.zeros(geometry.n_pes, dtype=torch.bool)
     grid[chosen[:n_faulty].cpu()] = True
