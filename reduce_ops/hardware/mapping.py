@@ -62,34 +62,37 @@ def layer_keep_mask(
             f"fault map must be a 2-D bool tensor, "
             f"got {faulty.dtype} of shape {tuple(faulty.shape)}"
         )
-    return _tile_keep((~faulty).T.contiguous(), tuple(int(s) for s in weight_shape), out)
+    return tile_pe_grid((~faulty).T.contiguous(), tuple(int(s) for s in weight_shape), out)
 
 
-def _tile_keep(
-    keep_t: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor | None
+def tile_pe_grid(
+    grid_t: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Tile keep_t [cols, rows] (keep_t[c, r]: PE (r, c) works) over a weight's [M, K] view.
+    """Tile a per-PE grid_t [cols, rows] (grid_t[c, r]: the value of PE (r, c)) over a weight's
+    [M, K] view: out[m, k] = grid_t[m mod cols, k mod rows], in grid_t's dtype.
 
+    The keep mask (bool) and the per-PE stuck-bit masks (uint8) are both tiled here.
     Broadcasting copies only, no loop over weights or PEs: one [cols, K] strip, then whole
-    rows of it, so the cost is about one write of the mask.
+    rows of it, so the cost is about one write of the result.
     """
     if len(shape) < 2:
         raise FaultMapError(f"a mapped weight needs at least 2 dimensions, got shape {shape}")
-    cols, rows = keep_t.shape
+    cols, rows = grid_t.shape
     m, k = shape[0], math.prod(shape[1:])
     if out is None:
-        out = torch.empty(shape, dtype=torch.bool, device=keep_t.device)
-    elif out.shape != shape or out.dtype != torch.bool or not out.is_contiguous():
-        raise FaultMapError(f"mask buffer must be a contiguous bool tensor of shape {shape}")
+        out = torch.empty(shape, dtype=grid_t.dtype, device=grid_t.device)
+    elif out.shape != shape or out.dtype != grid_t.dtype or not out.is_contiguous():
+        dtype = str(grid_t.dtype).removeprefix("torch.")
+        raise FaultMapError(f"mask buffer must be a contiguous {dtype} tensor of shape {shape}")
     k_tiles = -(-k // rows)  # ceil(K / rows)
-    # [cols, K]: strip[c, k] = keep_t[c, k mod rows]; expand is free, reshape copies cols*K.
-    strip = keep_t.unsqueeze(1).expand(cols, k_tiles, rows).reshape(cols, k_tiles * rows)[:, :k]
-    mask = out.view(m, k)  # [M, K]; row m is strip[m mod cols]
+    # [cols, K]: strip[c, k] = grid_t[c, k mod rows]; expand is free, reshape copies cols*K.
+    strip = grid_t.unsqueeze(1).expand(cols, k_tiles, rows).reshape(cols, k_tiles * rows)[:, :k]
+    tiled = out.view(m, k)  # [M, K]; row m is strip[m mod cols]
     m_tiles, m_rest = divmod(m, cols)
     if m_tiles:
-        mask[: m_tiles * cols].view(m_tiles, cols, k).copy_(strip.expand(m_tiles, cols, k))
+        tiled[: m_tiles * cols].view(m_tiles, cols, k).copy_(strip.expand(m_tiles, cols, k))
     if m_rest:
-        mask[m_tiles * cols :].copy_(strip[:m_rest])
+        tiled[m_tiles * cols :].copy_(strip[:m_rest])
     return out
 
 
@@ -133,7 +136,7 @@ def build_masks(
             keep_t_on[target] = keep_t_cpu.to(target)
         param_name = _weight_param_name(name)
         buffer = out.get(param_name) if out is not None else None
-        masks[param_name] = _tile_keep(keep_t_on[target], tuple(weight.shape), buffer)
+        masks[param_name] = tile_pe_grid(keep_t_on[target], tuple(weight.shape), buffer)
     return masks
 
 
