@@ -157,14 +157,16 @@ def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: Fault
 def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
               policy_list: Sequence[Policy], rule: Rule, fat: FatConfig,
               hardware: HardwareConfig, device: torch.device | str = "cpu",
-              progress: Progress | None = None) -> pd.DataFrame:
-    """Every policy on every chip, from one FAT run per chip: the per-chip table."""
+              progress: Progress | None = None,
+              stuck: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Every policy on every chip, from one FAT run per chip (through its stuck bits, for a
+    stuck-at fleet): the per-chip table."""
     rows = []
     for fmap in fleet:
         if progress is not None:
             progress.start(f"chip {fmap.chip_id}")
         session = FatSession.from_baseline(baseline, fmap, hardware.layer_types, data, fat,
-                                           device)
+                                           device, (stuck or {}).get(fmap.chip_id))
         rows += run_policies(session, policy_list, fmap, rule)
         if progress is not None:
             progress.done(f"chip {fmap.chip_id}", f"fault rate {fmap.fault_rate:.3f}, trained to "

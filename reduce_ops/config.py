@@ -81,12 +81,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StuckAtConfig:
+    """fault_model stuck_at: which bits of a faulty PE's weight register are stuck, and how."""
+
+    bits: list[int] | None = _check(0, 7)          # positions that can stick; null = all 8
+    n_bits: int = _check(1, 8)                     # stuck bits per faulty PE
+    polarity: Literal["random", "zero", "one"]     # what they are stuck at
+
+
+@dataclass(frozen=True)
 class HardwareConfig:
-    """Systolic-array geometry and which layer types run on it."""
+    """Systolic-array geometry, which layer types run on it, and how a faulty PE fails."""
 
     rows: int = _check(1, 65536)
     cols: int = _check(1, 65536)
     layer_types: list[Literal["conv", "linear"]] = _check(nonempty=True)
+    fault_model: Literal["bypass", "stuck_at"]     # weights act as zero | int8 with stuck bits
+    stuck_at: StuckAtConfig
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,18 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class RobustnessConfig:
+    """Accuracy of the int8 baseline under faults in its stored weight bits."""
+
+    bers: list[float] = _check(0.0, 1.0, nonempty=True)          # bit error rates
+    fault_models: list[Literal["bit_flip", "stuck_at"]] = _check(nonempty=True)
+    repetitions: int = _check(1, 1000)
+    seed: int = _check(0)                         # fault seed, apart from every other seed
+    stuck_polarity: Literal["random", "zero", "one"]
+    stuck_bits: list[int] | None = _check(0, 7)   # bit positions a fault may hit; null = all
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     """MLflow Model Registry names: one registered model per chip, <prefix>-<chip_id>."""
 
@@ -213,6 +236,7 @@ class Config:
     verify: VerifyConfig
     group: GroupConfig
     compare: CompareConfig
+    robustness: RobustnessConfig
     registry: RegistryConfig
     tracking: TrackingConfig
     root: Path = field(default=Path("."), compare=False)
@@ -294,15 +318,17 @@ def _range_check(value: Any, meta: Any, key: str, where: str) -> None:
     if meta.get("nonempty") and isinstance(value, list) and not value:
         raise ConfigError(f"{where}: {key}: must not be empty")
     lo, hi = meta.get("lo"), meta.get("hi")
-    for v in value if isinstance(value, list) else [value]:
+    items = ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list)
+             else [(key, value)])
+    for name, v in items:
         if not isinstance(v, (int, float)):
             continue
         if lo is not None and (v <= lo if meta["lo_open"] else v < lo):
-            raise ConfigError(f"{where}: {key}: must be {'>' if meta['lo_open'] else '>='} {lo}, "
-                              f"got {v}")
+            raise ConfigError(f"{where}: {name}: must be {'>' if meta['lo_open'] else '>='} "
+                              f"{lo}, got {v}")
         if hi is not None and (v >= hi if meta["hi_open"] else v > hi):
-            raise ConfigError(f"{where}: {key}: must be {'<' if meta['hi_open'] else '<='} {hi}, "
-                              f"got {v}")
+            raise ConfigError(f"{where}: {name}: must be {'<' if meta['hi_open'] else '<='} "
+                              f"{hi}, got {v}")
 
 
 def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
@@ -337,6 +363,18 @@ def _cross_checks(cfg: Config, where: str) -> None:
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
         raise ConfigError(f"{where}: data.val_fraction + data.test_fraction must be < 0.9, got "
                           f"{cfg.data.val_fraction + cfg.data.test_fraction:g}")
+    stuck = cfg.hardware.stuck_at
+    bits = stuck.bits if stuck.bits is not None else list(range(8))
+    if len(set(bits)) != len(bits) or not bits:
+        raise ConfigError(f"{where}: hardware.stuck_at.bits: distinct bit positions 0..7, "
+                          f"got {stuck.bits}")
+    if stuck.n_bits > len(bits):
+        raise ConfigError(f"{where}: hardware.stuck_at.n_bits ({stuck.n_bits}) must be <= the "
+                          f"{len(bits)} positions in hardware.stuck_at.bits")
+    if cfg.hardware.fault_model == "stuck_at" and cfg.group.enabled:
+        raise ConfigError(f"{where}: group.enabled: eFAT fuses bypassed PEs (a union of zeroed "
+                          f"weights); with hardware.fault_model: stuck_at set group.enabled: "
+                          f"false")
     fm = cfg.faultmaps
     if fm.source == "generate" and fm.generator == "wafer" and fm.n_chips % fm.chips_per_wafer:
         raise ConfigError(f"{where}: faultmaps.chips_per_wafer ({fm.chips_per_wafer}) must "

@@ -31,24 +31,92 @@ def checkpoint_steps(amounts: Sequence[float], n_per_epoch: int) -> list[int]:
     return [int(round(a * n_per_epoch)) for a in amounts]
 
 
-class FatSession:
-    """Fault-aware training (FAT) of one model that can be continued.
+class Bypass:
+    """Faulty PEs bypassed (hardware.fault_model: bypass): every weight on one acts as zero.
 
     The masked weights are zeroed at the start (FAP), their gradients are zeroed before every
     step (so momentum buffers, Adam moments and weight decay never move them) and the weights are
-    re-zeroed after every step. `advance(amount)` trains up to `amount` epochs (fractional:
-    0.25 = a quarter of an epoch's optimizer steps) and can be called again: advancing to 1 and
-    then to 2 epochs gives exactly the model of one 2-epoch run (same batches, same optimizer
-    state), so a trial or a chip can be measured, then continued.
+    re-zeroed after every step.
     """
 
-    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], data: PreparedDataLike,
-                 cfg: FatConfig, device: torch.device | str = "cpu") -> None:
-        self.model = model.to(device)
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         self.masks = masks
-        self.data, self.cfg, self.device = data, cfg, device
-        self.masked = MaskedWeights(self.model, masks)
+        self.masked = MaskedWeights(model, masks)
+
+    @property
+    def affected_fraction(self) -> float:
+        """Fraction of mapped weights on faulty PEs (here: pruned)."""
+        return pruned_fraction(self.masks)
+
+    def attach(self) -> None:
         self.masked.apply()
+
+    def after_backward(self) -> None:
+        self.masked.zero_grads()
+
+    def after_step(self) -> None:
+        self.masked.apply()
+
+    def release(self) -> None:
+        """Nothing to undo: the zeros are the model's own weights."""
+
+
+class StuckAt:
+    """Faulty PEs whose weight registers have stuck bits (hardware.fault_model: stuck_at).
+
+    Every mapped weight runs as int8 (per output channel), read through the chip's stuck bits:
+    each forward pass quantizes the float master weights and forces the stuck bits, and the
+    backward pass hands the gradient to the masters unchanged (straight-through estimator), so
+    FAT trains through the forced bits the chip will read. `release` takes the quantization off:
+    the model is then the float masters (what is saved; the chip quantizes them again).
+    """
+
+    def __init__(self, model: nn.Module, stuck: Any, layer_types: Sequence[str]) -> None:
+        from reduce_ops.quant import QuantizedWeights
+
+        self.stuck = stuck
+        self.masks = build_masks(model, stuck.faulty.numpy(), layer_types)   # weights affected
+        # looked up by parameter name, so built before the quantization renames the weights
+        self.quantized = QuantizedWeights(model, layer_types, stuck.stuck_bits(model,
+                                                                               layer_types))
+
+    @property
+    def affected_fraction(self) -> float:
+        """Fraction of mapped weights on PEs with stuck bits."""
+        return pruned_fraction(self.masks)
+
+    def attach(self) -> None:
+        self.quantized.install()
+
+    def after_backward(self) -> None:
+        """Nothing: the master weights learn; the stuck bits are forced when read."""
+
+    def after_step(self) -> None:
+        """Nothing (see after_backward)."""
+
+    def release(self) -> None:
+        self.quantized.remove()
+
+
+class FatSession:
+    """Fault-aware training (FAT) of one model that can be continued.
+
+    `faults` is how the chip's faulty PEs act (Bypass: weights held at zero; StuckAt: int8
+    weights with forced bits, trained through with a straight-through estimator).
+    `advance(amount)` trains up to `amount` epochs (fractional: 0.25 = a quarter of an epoch's
+    optimizer steps) and can be called again: advancing to 1 and then to 2 epochs gives exactly
+    the model of one 2-epoch run (same batches, same optimizer state), so a trial or a chip can
+    be measured, then continued.
+    """
+
+    def __init__(self, model: nn.Module, faults: dict[str, torch.Tensor] | Bypass | StuckAt,
+                 data: PreparedDataLike, cfg: FatConfig,
+                 device: torch.device | str = "cpu") -> None:
+        self.model = model.to(device)
+        self.faults = faults if isinstance(faults, (Bypass, StuckAt)) else Bypass(model, faults)
+        self.masks = self.faults.masks
+        self.data, self.cfg, self.device = data, cfg, device
+        self.faults.attach()
         self.n_per_epoch = steps_per_epoch(len(data.y["train"]), cfg.batch_size)
         torch.manual_seed(cfg.seed)
         self._stream = batches(len(data.y["train"]), cfg.batch_size,
@@ -59,11 +127,21 @@ class FatSession:
 
     @classmethod
     def from_baseline(cls, baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
-                      data: PreparedDataLike, cfg: FatConfig,
-                      device: torch.device | str = "cpu") -> FatSession:
-        """A copy of the baseline pruned by `fault_map` (the baseline itself is untouched)."""
+                      data: PreparedDataLike, cfg: FatConfig, device: torch.device | str = "cpu",
+                      stuck: Any = None) -> FatSession:
+        """A copy of the baseline (left untouched) on a chip: `fault_map`'s PEs bypassed, or,
+        given the chip's stuck bits (`stuck`, a hardware.bitfaults.PeStuckMap), read through
+        them."""
         model = copy.deepcopy(baseline).to(device)
-        return cls(model, build_masks(model, fault_map, layer_types), data, cfg, device)
+        faults = (StuckAt(model, stuck, layer_types) if stuck is not None
+                  else Bypass(model, build_masks(model, fault_map, layer_types)))
+        return cls(model, faults, data, cfg, device)
+
+    def release(self) -> nn.Module:
+        """The model as it is saved: for stuck-at chips, the float masters without the
+        quantization (the session cannot train on after this)."""
+        self.faults.release()
+        return self.model
 
     @property
     def amount(self) -> float:
@@ -72,7 +150,8 @@ class FatSession:
 
     @property
     def pruned_fraction(self) -> float:
-        return pruned_fraction(self.masks)
+        """Fraction of mapped weights on faulty PEs (pruned, or read with stuck bits)."""
+        return self.faults.affected_fraction
 
     def advance(self, amount: float) -> None:
         """Train on until `amount` epochs of FAT are done in all."""
@@ -84,8 +163,8 @@ class FatSession:
             return
         t0 = time.perf_counter()
         train_steps(self.model, self.optimizer, self.data.x["train"], self.data.y["train"],
-                    self._stream, target - self.steps, self.device, self.masked.zero_grads,
-                    self.masked.apply)
+                    self._stream, target - self.steps, self.device, self.faults.after_backward,
+                    self.faults.after_step)
         self.train_seconds += time.perf_counter() - t0
         self.steps = target
         self.model.eval()
@@ -176,11 +255,14 @@ class FatCurve:
 def fat_curve(baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
               data: PreparedDataLike, amounts: Sequence[float], cfg: FatConfig,
               device: torch.device | str = "cpu", splits: Sequence[str] = ("val", "test"),
-              on_checkpoint: Callable[[FatCheckpoint], None] | None = None) -> FatCurve:
-    """FAP a copy of the baseline with `fault_map`, then ONE FAT run up to max(amounts) with the
-    accuracy of every split in `splits` measured at each amount (0 = FAP only)."""
+              on_checkpoint: Callable[[FatCheckpoint], None] | None = None,
+              stuck: Any = None) -> FatCurve:
+    """A copy of the baseline on the chip (`fault_map` bypassed, or its `stuck` bits), then ONE
+    FAT run up to max(amounts) with the accuracy of every split in `splits` measured at each
+    amount (0 = before any retraining)."""
     t0 = time.perf_counter()
-    session = FatSession.from_baseline(baseline, fault_map, layer_types, data, cfg, device)
+    session = FatSession.from_baseline(baseline, fault_map, layer_types, data, cfg, device,
+                                       stuck)
     curve = FatCurve(session, tuple(splits), [], {f"{s}_accuracy": [] for s in splits}, [], 0.0)
     curve.extend(sorted(set(amounts)), on_checkpoint)
     curve.seconds = time.perf_counter() - t0

@@ -54,6 +54,7 @@ class ChipJob:
     feasible: bool
     reason: str
     fault_map: FaultMap
+    stuck: Any = None          # the chip's stuck register bits (hardware.fault_model stuck_at)
 
 
 def read_plan(plan_dir: Path) -> tuple[pd.DataFrame, PlanInfo]:
@@ -82,8 +83,10 @@ def read_plan(plan_dir: Path) -> tuple[pd.DataFrame, PlanInfo]:
     return plan, info
 
 
-def chip_jobs(plan: pd.DataFrame, fleet: Sequence[FaultMap], plan_path: Path) -> list[ChipJob]:
-    """Join plan rows with the fleet's maps; a plan that does not match the fleet is stale."""
+def chip_jobs(plan: pd.DataFrame, fleet: Sequence[FaultMap], plan_path: Path,
+              stuck: dict[str, Any] | None = None) -> list[ChipJob]:
+    """Join plan rows with the fleet's maps (and stuck bits); a plan that does not match the
+    fleet is stale."""
     maps = {m.chip_id: m for m in fleet}
     planned = set(plan["chip_id"])
     if planned != set(maps):
@@ -102,7 +105,7 @@ def chip_jobs(plan: pd.DataFrame, fleet: Sequence[FaultMap], plan_path: Path) ->
                             f"run `reduce-ops plan` again")
         jobs.append(ChipJob(row.chip_id, fault_map.fault_rate, float(row.planned_epochs),
                             bool(row.feasible), "" if pd.isna(row.reason) else str(row.reason),
-                            fault_map))
+                            fault_map, (stuck or {}).get(row.chip_id)))
     return jobs
 
 
@@ -121,6 +124,11 @@ class Unit:
     @classmethod
     def chip(cls, job: ChipJob) -> Unit:
         return cls(f"chip {job.chip_id}", job.fault_map, job.planned_epochs, (job,))
+
+    @property
+    def stuck(self) -> Any:
+        """A chip's stuck register bits (stuck-at hardware; eFAT groups are bypass only)."""
+        return self.members[0].stuck if not self.group_id else None
 
 
 @dataclass
@@ -223,7 +231,7 @@ def _train(unit: Unit, baseline: nn.Module, data: Any, ctx: FleetContext,
     """FAT for the planned epochs, then the validation check, training on in steps up to the
     cap while it misses."""
     session = FatSession.from_baseline(baseline, unit.fault_map, ctx.layer_types, data, ctx.fat,
-                                       ctx.device)
+                                       ctx.device, unit.stuck)
 
     def measure(amount: float) -> float:
         session.advance(amount)
@@ -237,9 +245,10 @@ def _train(unit: Unit, baseline: nn.Module, data: Any, ctx: FleetContext,
     session.model.cpu().eval()
     session.device = "cpu"
     test = session.accuracies(("test",))[TEST_ACCURACY]      # reported, never decided on
+    affected = session.pruned_fraction
     return Trained(check, check.checks[-1][1], test, wilson_interval(test, len(data.y["test"])),
-                   test >= ctx.plan.constraint_level, session.pruned_fraction,
-                   session.train_seconds, session.model)
+                   test >= ctx.plan.constraint_level, affected, session.train_seconds,
+                   session.release())          # the float weights (a stuck-at chip quantizes)
 
 
 def _reason(t: Trained, ctx: FleetContext) -> str:

@@ -98,10 +98,23 @@ def grid_hash(res: ResilienceConfig, fat: FatConfig, hardware: HardwareConfig,
               target: TrialTarget, baseline_hash: str, dataset_hash: str) -> str:
     """Identity of a trial set: same hash = same trials (used to resume an interrupted run)."""
     spec = {"amounts": checkpoint_amounts(res), "generator": res.generator, "seed": res.seed,
-            "fat": dataclasses.asdict(fat), "rows": hardware.rows, "cols": hardware.cols,
-            "layer_types": hardware.layer_types, "target": dataclasses.asdict(target),
+            "fat": dataclasses.asdict(fat), "hardware": dataclasses.asdict(hardware),
+            "target": dataclasses.asdict(target),
             "baseline": baseline_hash, "dataset": dataset_hash}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trial_stuck_bits(fmap: FaultMap, spec: TrialSpec, hardware: HardwareConfig) -> Any:
+    """For stuck-at hardware, the trial's faulty PEs' stuck register bits (seeded by the
+    trial's fault seed); None when faulty PEs are bypassed."""
+    if hardware.fault_model != "stuck_at":
+        return None
+    from reduce_ops.hardware.bitfaults import pe_stuck_map
+    from reduce_ops.hardware.stuckfleet import POLARITY
+
+    s = hardware.stuck_at
+    return pe_stuck_map(fmap.faulty, torch.Generator().manual_seed(spec.fault_seed), s.bits,
+                        s.n_bits, POLARITY[s.polarity], fmap.chip_id, key="hardware.stuck_at")
 
 
 def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceConfig,
@@ -113,10 +126,11 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     geometry = ArrayGeometry(hardware.rows, hardware.cols)
     fmap: FaultMap = GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
                                               f"trial-{spec.key}")
+    stuck = trial_stuck_bits(fmap, spec, hardware)
     # Batch order differs per repetition too, so repetitions sample both sources of variance.
     fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
-                      fat_cfg, device, on_checkpoint=on_checkpoint)
+                      fat_cfg, device, on_checkpoint=on_checkpoint, stuck=stuck)
     val = curve.accuracy[VAL_ACCURACY]
     while (curve.amounts[-1] < target.cap - 1e-9
            and not settled(curve.amounts, val, target.level, target.confirm)):

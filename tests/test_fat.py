@@ -50,7 +50,7 @@ def _one_torch_thread():
 def baseline(prepared_digits) -> nn.Module:
     """LeNet pretrained briefly on digits (about 0.9 test accuracy); tests deep-copy it."""
     cfg = from_dict(tiny_params()).train
-    cfg = dataclasses.replace(cfg, max_epochs=3)
+    cfg = dataclasses.replace(cfg, max_epochs=5)
     torch.manual_seed(cfg.seed)
     model = build_model("lenet", prepared_digits.input_shape, prepared_digits.num_classes)
     pretrain(model, prepared_digits, cfg)

@@ -175,3 +175,34 @@ def test_grouping_disabled_trains_every_chip_alone(grouped: Path, tmp_path: Path
     assert (chips["group_size"] == 1).all()
     summary = json.loads((project / "results/fat/summary.json").read_text())
     assert summary["n_fat_runs"] == summary["n_planned"] == int(plan["feasible"].sum())
+
+
+def test_compare_counts_a_groups_epochs_once(grouped: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eFAT policy: members of a group that passes ship with the group's model (the same
+    validation and test accuracy), its epochs shared among them; chips on their own do what
+    the plan's Reduce policy does with them."""
+    from conftest import clone_project
+    from reduce_ops.cli import main
+
+    project = clone_project(grouped, tmp_path / "cmp")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    assert main(["compare", "--params", str(project / "params.yaml")]) == 0
+    per_chip = pd.read_csv(project / "results/compare/per_chip.csv")
+    efat = per_chip[per_chip["policy"] == "efat"].set_index("chip_id")
+    reduce = per_chip[per_chip["policy"] == "reduce-mean"].set_index("chip_id")
+    groups = read_groups(project / "results/group/groups.csv")
+    assert sorted(efat.index) == sorted(reduce.index)
+    for row in groups.itertuples():
+        members = efat.loc[list(row.members)]
+        if row.n_members == 1:
+            pd.testing.assert_series_equal(efat.loc[row.members[0]].drop("policy"),
+                                           reduce.loc[row.members[0]].drop("policy"),
+                                           check_names=False)
+        elif members["shipped"].all():
+            assert members["val_accuracy"].nunique() == 1 and members["test_accuracy"].nunique() == 1
+            assert members["epochs"].sum() == pytest.approx(members["epochs"].iloc[0]
+                                                            * row.n_members)
+    summary = pd.read_csv(project / "results/compare/summary.csv")
+    assert "efat" in set(summary["policy"])

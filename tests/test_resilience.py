@@ -18,7 +18,8 @@ from conftest import clone_project, make_project, run_stages
 
 GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
-        "resilience.accuracy_levels=[0.5, 0.9]", "compare.fixed_epochs=[0.25, 0.5]"]
+        "resilience.accuracy_levels=[0.5, 0.9]", "compare.fixed_epochs=[0.25, 0.5]",
+        "group.enabled=false"]        # eFAT in compare: test_grouping.py
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -40,10 +40,13 @@ def _problems_error(what: str, problems: list[str]) -> FaultMapError:
     return FaultMapError("\n".join([summary, *(f"  {p}" for p in problems)]))
 
 
-def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike) -> Path:
+def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike,
+                also: Callable[[Path], object] | None = None) -> Path:
     """Write the fleet atomically: all files go to a temporary sibling that then replaces out_dir.
 
-    On any error the temporary directory is removed and an existing out_dir is left as it was.
+    `also(folder)` writes more files beside the maps (a stuck-at fleet's stuck bits) before the
+    swap. On any error the temporary directory is removed and an existing out_dir is left as it
+    was.
     """
     maps = list(maps)
     out_dir = Path(out_dir)
@@ -78,6 +81,8 @@ def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike) -> Path:
                     "" if fault_map.seed is None else fault_map.seed,
                     hashlib.sha256(data).hexdigest(),
                 ])
+        if also is not None:
+            also(tmp_dir)
     return out_dir
 
 

@@ -13,6 +13,7 @@ from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.grouping import fuse, read_groups
 from reduce_ops.hardware import FaultMap
+from reduce_ops.hardware.stuckfleet import load_stuck
 from reduce_ops.models import load_checkpoint
 from reduce_ops.progress import Progress
 from reduce_ops.stages import plan as plan_stage
@@ -57,8 +58,10 @@ def run(cfg: Config) -> dict[str, Any]:
                           "decision_level": src.decision_level,
                           "constraint_level": src.constraint_level})
         with Progress(len(src.fleet), "compare", "chip") as progress:
+            stuck = (load_stuck(cfg.path("fleet"), src.fleet)
+                     if cfg.hardware.fault_model == "stuck_at" else None)
             per_chip = compare.run_chips(baseline, data, src.fleet, policy_list, rule, cfg.fat,
-                                         cfg.hardware, device, progress)
+                                         cfg.hardware, device, progress, stuck)
         if cfg.group.enabled:
             groups = _groups(cfg, src.fleet)
             with Progress(len(groups), "compare", "eFAT group") as progress:

@@ -13,6 +13,7 @@ from reduce_ops.errors import ReduceOpsError
 from reduce_ops.data import load_prepared
 from reduce_ops.grouping import fuse, read_groups
 from reduce_ops.hardware import ArrayGeometry, FaultMap, load_fleet
+from reduce_ops.hardware.stuckfleet import load_stuck
 from reduce_ops.models import load_checkpoint
 from reduce_ops.progress import Progress
 from reduce_ops.tracking import stage_run, tracking_uri
@@ -62,7 +63,9 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
                              f"{plan_info.budget_cap:g} (now {cfg.plan.budget_cap:g}); run "
                              f"`reduce-ops resilience` and `reduce-ops plan` again")
     maps = load_fleet(cfg.path("fleet"), ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))
-    jobs = fleet.chip_jobs(plan, maps, plan_dir / "plan.csv")
+    stuck = (load_stuck(cfg.path("fleet"), maps) if cfg.hardware.fault_model == "stuck_at"
+             else None)
+    jobs = fleet.chip_jobs(plan, maps, plan_dir / "plan.csv", stuck)
     units = _units(cfg, jobs, plan_info.run_id)
     rejected = [j for j in jobs if not j.feasible]
     data = load_prepared(cfg.path("prepared"))

@@ -1,4 +1,5 @@
-"""`reduce-ops faultmaps`: the fleet's fault maps, generated from params or imported."""
+"""`reduce-ops faultmaps`: the fleet's fault maps, generated from params or imported; for a
+stuck-at fleet (hardware.fault_model: stuck_at) also every faulty PE's stuck register bits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from reduce_ops.config import Config, set_params
 from reduce_ops.hardware import (ArrayGeometry, FaultMap, generate_fleet, import_fault_maps,
                                  wafer_fleet, write_fleet)
+from reduce_ops.hardware.stuckfleet import generate_stuck, import_stuck_maps, write_stuck
 
 
 def _source_dir(cfg: Config) -> Path:
@@ -15,12 +17,21 @@ def _source_dir(cfg: Config) -> Path:
     return folder if folder.is_absolute() else cfg.root / folder
 
 
+def _import(cfg: Config, folder: Path) -> tuple[list[FaultMap], dict]:
+    """A test floor's maps: faulty PEs (bypass) or stuck-at maps; every file checked first."""
+    geometry = ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols)
+    if cfg.hardware.fault_model == "stuck_at":
+        return import_stuck_maps(folder, geometry)
+    return import_fault_maps(folder, geometry), {}
+
+
 def run(cfg: Config) -> list[FaultMap]:
     """Write paths.fleet: faultmaps.import_dir's maps (source: import) or a generated fleet."""
     geometry = ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols)
     fm = cfg.faultmaps
+    stuck: dict = {}
     if fm.source == "import":
-        maps = import_fault_maps(_source_dir(cfg), geometry)
+        maps, stuck = _import(cfg, _source_dir(cfg))
         how = f"imported from {fm.import_dir}"
     elif fm.generator == "wafer":
         maps = wafer_fleet(fm.n_chips, geometry, fm.chips_per_wafer, fm.shared_fraction,
@@ -33,15 +44,20 @@ def run(cfg: Config) -> list[FaultMap]:
                               fm.rate_min, fm.rate_max, fm.seed, id_prefix=fm.id_prefix)
         how = (f"{fm.generator} defects, rates {fm.rate_distribution} in "
                f"[{fm.rate_min:g}, {fm.rate_max:g}]")
-    return _write(cfg, maps, how)
+    if cfg.hardware.fault_model == "stuck_at" and fm.source != "import":
+        s = cfg.hardware.stuck_at
+        stuck = generate_stuck(maps, fm.seed, s.bits, s.n_bits, s.polarity)
+    return _write(cfg, maps, stuck, how)
 
 
-def _write(cfg: Config, maps: list[FaultMap], how: str) -> list[FaultMap]:
+def _write(cfg: Config, maps: list[FaultMap], stuck: dict, how: str) -> list[FaultMap]:
     out = cfg.path("fleet")
-    write_fleet(maps, out)
+    write_fleet(maps, out, also=(lambda folder: write_stuck(stuck, folder)) if stuck else None)
     rates = [m.fault_rate for m in maps]
+    model = (f"stuck-at: {sum(s.n_stuck for s in stuck.values())} stuck register bits"
+             if stuck else "bypassed PEs")
     print(f"fleet of {len(maps)} chips on a {cfg.hardware.rows}x{cfg.hardware.cols} array "
-          f"({how}); fault rate {min(rates):.3f}..{max(rates):.3f} -> {out}")
+          f"({how}; {model}); fault rate {min(rates):.3f}..{max(rates):.3f} -> {out}")
     return maps
 
 
@@ -49,11 +65,10 @@ def import_maps(cfg: Config, params_file: Path, src: Path) -> list[FaultMap]:
     """Import a test floor's maps from `src` and record it in the params file
     (faultmaps.source: import, faultmaps.import_dir: src), so `dvc repro` keeps this fleet
     and re-imports it when its files change instead of generating one over it."""
-    # every map is checked before anything is written
-    maps = import_fault_maps(src, ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))
+    maps, stuck = _import(cfg, src)             # every map is checked before anything is written
     src = src.resolve()
     folder = os.path.relpath(src, cfg.root) if src.is_relative_to(cfg.root) else str(src)
     set_params(params_file, {"faultmaps.source": "import", "faultmaps.import_dir": folder})
     print(f"{params_file.name}: faultmaps.source = import, faultmaps.import_dir = {folder} "
           f"(dvc repro re-imports it)")
-    return _write(cfg, maps, f"imported from {folder}")
+    return _write(cfg, maps, stuck, f"imported from {folder}")

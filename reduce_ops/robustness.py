@@ -1,0 +1,126 @@
+"""Robustness of quantized (int8) models to faults in their stored weight bits: accuracy over a
+grid of bit error rates x fault models x repetitions, each trial a fresh seeded draw.
+
+Fault models: `bit_flip` (every stored bit flips with probability BER) and `stuck_at` (each bit
+cell is stuck, at random or given polarity, with probability BER). The same trial seed gives the
+same faults to every model variant of one architecture (a paired comparison).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from reduce_ops.hardware.bitfaults import check_rate, draw_model_bit_flips, stuck_at
+from reduce_ops.progress import Progress
+from reduce_ops.quant import QuantizedWeights
+from reduce_ops.training import evaluate
+
+FAULT_MODELS = ("bit_flip", "stuck_at")
+TRIAL_COLUMNS = ["variant", "fault_model", "ber", "repetition", "seed", "accuracy",
+                 "faulty_bits"]
+SUMMARY_COLUMNS = ["variant", "fault_model", "ber", "n", "mean", "std", "min", "max"]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One (fault model, BER, repetition) and the seed of its faults."""
+
+    fault_model: str
+    ber: float
+    repetition: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.fault_model}-ber{self.ber:.0e}-rep{self.repetition}"
+
+
+def trial_grid(fault_models: Sequence[str], bers: Sequence[float], repetitions: int,
+               seed: int, key: str = "robustness.bers") -> list[TrialSpec]:
+    """Every (fault model, BER, repetition), its seed keyed by all three: adding BERs or
+    repetitions never changes another trial's faults."""
+    for i, ber in enumerate(bers):
+        check_rate(ber, f"{key}[{i}]")
+    out = []
+    for model_index, fault_model in enumerate(fault_models):
+        for ber in sorted(bers):
+            for rep in range(repetitions):
+                ss = np.random.SeedSequence([seed, model_index, int(round(ber * 1e12)), rep])
+                out.append(TrialSpec(fault_model, float(ber), rep, int(ss.generate_state(1)[0])))
+    return out
+
+
+def draw_faults(spec: TrialSpec, shapes: Mapping[str, tuple[int, ...]],
+                polarity: int | str = "random", bits: Sequence[int] | None = None,
+                key: str = "robustness") -> tuple[dict, int]:
+    """The trial's faults for every weight (by parameter name) and the faulty bit count."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    if spec.fault_model == "bit_flip":
+        flips = draw_model_bit_flips(shapes, spec.ber, gen, f"{key}.bers")
+        return flips, sum(f.n_flipped for f in flips.values())
+    faults, n = {}, 0
+    for name, shape in shapes.items():
+        faults[name], count = stuck_at(shape, spec.ber, polarity, gen, bits, key)
+        n += count
+    return faults, n
+
+
+def quantized_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       layer_types: Sequence[str], faults: Mapping | None = None) -> float:
+    """Accuracy of `model` run as int8 (its mapped weights), read through `faults`; the model
+    itself is left as it was."""
+    with QuantizedWeights(model, layer_types, faults), parametrize.cached():
+        return evaluate(model, x, y)[0]
+
+
+def run_trials(variants: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+               specs: Sequence[TrialSpec], layer_types: Sequence[str],
+               polarity: int | str = "random", bits: Sequence[int] | None = None,
+               on_trial: Callable[[str, TrialSpec, float, int], None] | None = None,
+               progress: Progress | None = None) -> pd.DataFrame:
+    """Accuracy of every variant under every trial's faults (one draw per trial, shared by
+    the variants); `on_trial(variant, spec, accuracy, faulty_bits)` as each finishes."""
+    rows = []
+    for spec in specs:
+        if progress is not None:
+            progress.start(spec.key)
+        shapes = None
+        for name, model in variants.items():
+            with QuantizedWeights(model, layer_types) as quantized:
+                if quantized.shapes() != shapes:     # another architecture: its own draw
+                    shapes = quantized.shapes()
+                    faults, n_bits = draw_faults(spec, shapes, polarity, bits)
+                quantized.set_faults(faults, "robustness")
+                with parametrize.cached():
+                    accuracy = evaluate(model, x, y)[0]
+            rows.append((name, spec.fault_model, spec.ber, spec.repetition, spec.seed, accuracy,
+                         n_bits))
+            if on_trial is not None:
+                on_trial(name, spec, accuracy, n_bits)
+        if progress is not None:
+            progress.done(spec.key, ", ".join(f"{r[0]} {r[5]:.4f}" for r in rows[-len(variants):]))
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+
+
+def summarize(trials: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation and range of accuracy over repetitions, per variant, fault
+    model and BER."""
+    g = trials.groupby(["variant", "fault_model", "ber"], sort=True)["accuracy"]
+    out = g.agg(n="count", mean="mean", std="std", min="min", max="max").reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out[SUMMARY_COLUMNS]
+
+
+def accuracy_at(summary: pd.DataFrame, variant: str, fault_model: str, ber: float) -> float:
+    """The mean accuracy of one cell of the summary (NaN when it was not measured)."""
+    cell = summary[(summary["variant"] == variant) & (summary["fault_model"] == fault_model)
+                   & np.isclose(summary["ber"], ber)]
+    return float(cell["mean"].iloc[0]) if len(cell) else math.nan
