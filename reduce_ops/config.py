@@ -38,6 +38,7 @@ class PathsConfig:
     prepared: str
     fleet: str
     baseline: str
+    variants: str
     results: str
 
 
@@ -59,6 +60,7 @@ class ModelConfig:
     """Which architecture build_model constructs."""
 
     name: Literal["lenet", "mlp", "vgg11", "resnet18"]
+    activation_threshold: float = _check(0.0, 100.0)   # ReLU -> x if x > t else 0 (0 = ReLU)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,29 @@ class TrainConfig:
     seed: int = _check(0)
     augment_shift: int = _check(0, 64)
     device: str
+    sharpness: Literal["none", "sam", "saq"]     # plain steps | SAM | SAQ (int8 in the loop)
+    rho: float = _check(0.0, 10.0)               # SAM / SAQ ascent radius (L2, all weights)
+
+
+@dataclass(frozen=True)
+class FlatnessConfig:
+    """Flatness logged for every baseline: the mean loss increase under relative weight noise."""
+
+    sigma: float = _check(0.0, 10.0, lo_open=True)   # noise std, relative to each |weight|
+    draws: int = _check(1, 10000)
+    n_images: int = _check(1)                       # training images the loss is measured on
+    seed: int = _check(0)
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One more baseline for `variants` / `robustness`: trained like the baseline (train.*) but
+    with its own activation threshold and sharpness method."""
+
+    name: str
+    activation_threshold: float = _check(0.0, 100.0)
+    sharpness: Literal["none", "sam", "saq"]
+    rho: float = _check(0.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -237,6 +262,8 @@ class Config:
     group: GroupConfig
     compare: CompareConfig
     robustness: RobustnessConfig
+    flatness: FlatnessConfig
+    variants: list[VariantConfig]
     registry: RegistryConfig
     tracking: TrackingConfig
     root: Path = field(default=Path("."), compare=False)
@@ -288,6 +315,8 @@ def _convert(value: Any, hint: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key}: expected one of {', '.join(map(str, choices))}, "
                               f"got {value!r}{hint_txt}")
         return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key}: expected a list, got {_type_name(value)} {value!r}")
@@ -404,6 +433,14 @@ def _cross_checks(cfg: Config, where: str) -> None:
     problem = safe_name_problem(cfg.registry.prefix)
     if problem:
         raise ConfigError(f"{where}: registry.prefix: {problem}")
+    seen: set[str] = set()
+    for i, variant in enumerate(cfg.variants):
+        problem = safe_name_problem(variant.name)
+        if problem or variant.name == "baseline" or variant.name in seen:
+            why = problem or ("'baseline' names the pipeline's own baseline"
+                              if variant.name == "baseline" else "a name used twice")
+            raise ConfigError(f"{where}: variants[{i}].name: {why}")
+        seen.add(variant.name)
     if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith(("cuda", "mps")):
         raise ConfigError(f"{where}: train.device: expected auto, cpu, cuda[:N] or mps, "
                           f"got {cfg.train.device!r}")

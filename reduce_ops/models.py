@@ -15,6 +15,57 @@ from reduce_ops.errors import ConfigError, DataError
 MODEL_NAMES = ("lenet", "mlp", "vgg11", "resnet18")
 
 
+class ThresholdReLU(nn.Module):
+    """ReLU with a forced activation threshold (FATReLU): x where x > threshold, else 0.
+    Threshold 0 is the ReLU; a higher one makes activations sparse."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = float(threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > self.threshold, x, torch.zeros((), dtype=x.dtype,
+                                                              device=x.device))
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:g}"
+
+
+ACTIVATIONS = (nn.ReLU, ThresholdReLU)
+
+
+def _threshold_activations(module: nn.Module, threshold: float) -> None:
+    """Replace every ReLU in `module` (recursively) by a ThresholdReLU(threshold)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, ThresholdReLU(threshold))
+        else:
+            _threshold_activations(child, threshold)
+
+
+@torch.no_grad()
+def activation_sparsity(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of activations (outputs of every ReLU / ThresholdReLU) that are exactly zero on
+    inputs `x`, measured in eval mode."""
+    zeros, total = [0], [0]
+
+    def count(_module: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        zeros[0] += int((out == 0).sum())
+        total[0] += out.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, ACTIVATIONS)]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(x), batch_size):
+            model(x[start:start + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return zeros[0] / total[0] if total[0] else 0.0
+
+
 class LeNet(nn.Module):
     """LeNet-5 (6 and 16 channels, 120-84 classifier) with 'same' convs, for any input >= 4x4."""
 
@@ -72,18 +123,26 @@ def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
     return model
 
 
-def build_model(name: str, input_shape: tuple[int, ...] | list[int], num_classes: int) -> nn.Module:
-    """A freshly initialised model for inputs of shape (C, H, W) and `num_classes` outputs."""
+def build_model(name: str, input_shape: tuple[int, ...] | list[int], num_classes: int,
+                activation_threshold: float = 0.0) -> nn.Module:
+    """A freshly initialised model for inputs of shape (C, H, W) and `num_classes` outputs;
+    with `activation_threshold` > 0 its ReLUs are thresholded (activation-sparse)."""
     c, h, w = (int(v) for v in input_shape)
     if name == "lenet":
-        return LeNet(c, num_classes, min(h, w))
-    if name == "mlp":
-        return _mlp((c, h, w), num_classes)
-    if name == "vgg11":
-        return _vgg11(c, num_classes, min(h, w))
-    if name == "resnet18":
-        return _resnet18(c, num_classes)
-    raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+        model = LeNet(c, num_classes, min(h, w))
+    elif name == "mlp":
+        model = _mlp((c, h, w), num_classes)
+    elif name == "vgg11":
+        model = _vgg11(c, num_classes, min(h, w))
+    elif name == "resnet18":
+        model = _resnet18(c, num_classes)
+    else:
+        raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if activation_threshold < 0:
+        raise ConfigError(f"model.activation_threshold: must be >= 0, got {activation_threshold}")
+    if activation_threshold > 0:
+        _threshold_activations(model, activation_threshold)
+    return model
 
 
 def save_checkpoint(model: nn.Module, arch: dict[str, Any], info: dict[str, Any],
@@ -101,7 +160,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         arch = ckpt["arch"]
-        model = build_model(arch["name"], arch["input_shape"], arch["num_classes"])
+        model = build_model(arch["name"], arch["input_shape"], arch["num_classes"],
+                            arch.get("activation_threshold", 0.0))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, OSError, ValueError, TypeError,
             pickle.UnpicklingError) as exc:

@@ -108,18 +108,21 @@ def fake_quantize(weight: torch.Tensor, fault: WeightFault | None = None) -> tor
 
 
 class Int8Weight(nn.Module):
-    """Parametrization of a mapped weight: what the forward pass sees is fake_quantize(W, fault).
+    """Parametrization of a mapped weight: what the forward pass sees is fake_quantize(W, fault)
+    (+ `perturbation`, a float tensor added after the quantizer: SAQ's ascent).
 
-    `fault` is swapped freely (a trial's fresh bit flips, a chip's stuck bits); it holds no
+    `fault` is swapped freely (a trial's fresh bit flips, a chip's stuck bits); neither holds
     parameters or buffers, so state_dicts and optimizers see only the float master weight.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.fault: WeightFault | None = None
+        self.perturbation: torch.Tensor | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(weight, self.fault)
+        read = fake_quantize(weight, self.fault)
+        return read if self.perturbation is None else read + self.perturbation
 
 
 class QuantizedWeights:
@@ -200,6 +203,20 @@ class QuantizedWeights:
         self._check_faults(faults, key)
         self._faults = faults
         self._push_faults()
+
+    def set_perturbations(self, perturbations: Mapping[str, torch.Tensor] | None) -> None:
+        """Add each named tensor to its weight after the quantizer (and faults) until cleared
+        with None: the read weights become Q(W) + e (SAQ's ascent). Needs install()."""
+        perturbations = dict(perturbations) if perturbations else {}
+        for name in perturbations:
+            if name not in self.layers:
+                raise ConfigError(f"perturbation for {name!r}: not a mapped weight")
+        if not self.installed:
+            if perturbations:
+                raise ConfigError("perturbations need the quantized weights installed")
+            return
+        for name, module in self.layers.items():
+            module.parametrizations.weight[0].perturbation = perturbations.get(name)
 
     @property
     def faults(self) -> dict[str, WeightFault]:

@@ -124,3 +124,36 @@ def accuracy_at(summary: pd.DataFrame, variant: str, fault_model: str, ber: floa
     cell = summary[(summary["variant"] == variant) & (summary["fault_model"] == fault_model)
                    & np.isclose(summary["ber"], ber)]
     return float(cell["mean"].iloc[0]) if len(cell) else math.nan
+
+
+def ber_column(fault_model: str, ber: float) -> str:
+    """Column of the variant table holding the mean accuracy of one (fault model, BER)."""
+    return f"{fault_model}@{ber:.0e}"
+
+
+def variant_table(clean: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: its settings and measures (`clean`: variant, activation_threshold,
+    sharpness, rho, activation_sparsity, flatness_loss_increase, float_accuracy,
+    int8_accuracy) and its mean accuracy at every (fault model, BER), in `clean`'s order."""
+    wide = summary.assign(column=[ber_column(f, b) for f, b in
+                                  zip(summary["fault_model"], summary["ber"])])
+    wide = wide.pivot(index="variant", columns="column", values="mean")
+    ordered = [ber_column(f, b) for f, b in
+               dict.fromkeys(zip(summary["fault_model"], summary["ber"]))]
+    return clean.merge(wide[ordered], left_on="variant", right_index=True, how="left")
+
+
+def format_variant_table(table: pd.DataFrame) -> str:
+    """The variant table as text: one block per fault model, a column per BER."""
+    lines = []
+    ber_columns = [c for c in table.columns if "@" in c]
+    for fault_model in dict.fromkeys(c.split("@")[0] for c in ber_columns):
+        cols = [c for c in ber_columns if c.startswith(fault_model + "@")]
+        lines.append(f"{fault_model}: mean test accuracy over repetitions at each BER")
+        lines.append(f"  {'model':<16} {'sparsity':>8} {'flatness':>8} {'int8':>6} "
+                     + " ".join(f"{c.split('@')[1]:>6}" for c in cols))
+        for row in table.to_dict("records"):
+            lines.append(f"  {row['variant']:<16} {row['activation_sparsity']:>8.3f} "
+                         f"{row['flatness_loss_increase']:>8.4f} {row['int8_accuracy']:>6.3f} "
+                         + " ".join(f"{row[c]:>6.3f}" for c in cols))
+    return "\n".join(lines)

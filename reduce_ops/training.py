@@ -1,15 +1,11 @@
-"""Train / evaluate loops and baseline training with early stopping (pretrain)."""
+"""Train / evaluate loops shared by baseline training, resilience trials and per-chip FAT."""
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +17,14 @@ class PreparedDataLike(Protocol):
 
     x: dict[str, torch.Tensor]
     y: dict[str, torch.Tensor]
+
+
+class TwoPassStep(Protocol):
+    """A sharpness-aware update (reduce_ops.sharpness.SharpnessAware)."""
+
+    def step(self, loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer,
+             after_backward: Callable[[], None] | None = None) -> float:
+        ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,100 +99,31 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
                 device: torch.device | str = "cpu",
                 after_backward: Callable[[], None] | None = None,
                 after_step: Callable[[], None] | None = None,
-                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """Run `n_steps` optimizer steps on batches from `index_stream`; returns the mean loss."""
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                sharpness: TwoPassStep | None = None) -> float:
+    """Run `n_steps` optimizer steps on batches from `index_stream`; returns the mean loss
+    (at the weights each step started from). With `sharpness`, every step is its two-pass
+    SAM / SAQ update on the same batch."""
     model.train()
     loss_sum = 0.0
     for _ in range(n_steps):
         idx = next(index_stream)
         xb = x[idx] if augment is None else augment(x[idx])
         xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(xb), yb)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        optimizer.step()
+        if sharpness is not None:
+            loss_sum += sharpness.step(lambda: nn.functional.cross_entropy(model(xb), yb),
+                                       optimizer, after_backward)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            optimizer.step()
+            loss_sum += loss.item()
         if after_step is not None:
             after_step()
-        loss_sum += loss.item()
     return loss_sum / max(n_steps, 1)
-
-
-# --------------------------------------------------------------------------- baseline
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    holdout_accuracy: float      # on the early-stopping holdout of the training split
-    holdout_loss: float
-    seconds: float
-
-
-@dataclass
-class PretrainResult:
-    history: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int = 0
-    best_holdout_accuracy: float = 0.0
-    stopped_early: bool = False
-    n_holdout: int = 0
-
-
-def early_stop_split(y: torch.Tensor, fraction: float,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit, holdout) indices of the training split, stratified and seeded: early stopping
-    reads the holdout, so the validation split that every later decision reads has not been
-    used to pick the baseline (picking the epoch that scores best on a split inflates the
-    baseline's accuracy there, and every chip would be judged against that luck)."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    fit, holdout = train_test_split(idx, test_size=fraction, random_state=seed,
-                                    stratify=y.numpy())
-    return torch.from_numpy(np.sort(fit)), torch.from_numpy(np.sort(holdout))
-
-
-def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
-             device: torch.device | str = "cpu",
-             on_epoch: Callable[[EpochRecord], None] | None = None) -> PretrainResult:
-    """Train on the training split less its early-stopping holdout until the holdout's
-    accuracy plateaus (patience) or max_epochs; keeps the best weights. The validation split is
-    not read."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    fit, holdout = early_stop_split(data.y["train"], cfg.early_stop_fraction, cfg.seed)
-    x, y = data.x["train"][fit], data.y["train"][fit]
-    x_stop, y_stop = data.x["train"][holdout], data.y["train"][holdout]
-    stream = batches(len(y), cfg.batch_size, gen)
-    optimizer = make_optimizer(model, cfg)
-    result = PretrainResult(n_holdout=len(holdout))
-    best_state = copy.deepcopy(model.state_dict())
-    best = -1.0
-    since_best = 0
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    augment = (lambda xb: random_shift(xb, cfg.augment_shift, aug_gen)) \
-        if cfg.augment_shift > 0 else None
-    for epoch in range(1, cfg.max_epochs + 1):
-        t0 = time.perf_counter()
-        loss = train_steps(model, optimizer, x, y, stream,
-                           steps_per_epoch(len(y), cfg.batch_size), device, augment=augment)
-        stop_acc, stop_loss = evaluate(model, x_stop, y_stop, device=device)
-        rec = EpochRecord(epoch, loss, stop_acc, stop_loss, time.perf_counter() - t0)
-        result.history.append(rec)
-        if on_epoch is not None:
-            on_epoch(rec)
-        if stop_acc > best + cfg.min_delta:
-            best, since_best = stop_acc, 0
-            result.best_epoch, result.best_holdout_accuracy = epoch, stop_acc
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            since_best += 1
-            if since_best >= cfg.patience:
-                result.stopped_early = True
-                break
-    model.load_state_dict(best_state)
-    return result
 
 
 def split_accuracies(model: nn.Module, data: PreparedDataLike,

@@ -25,6 +25,8 @@ TINY = [
     "hardware.rows=16",
     "hardware.cols=16",
     "faultmaps.n_chips=4",
+    "flatness.draws=3",
+    "variants=[]",          # tests that need variants name their own
 ]
 
 # What a copy of the project needs to run its stages (code, pipeline, entry points).

@@ -24,11 +24,11 @@ from reduce_ops.hardware import (
 )
 from reduce_ops.models import build_model
 from reduce_ops.fault_aware import fault_aware_train
+from reduce_ops.baseline import pretrain
 from reduce_ops.training import (
     batches,
     evaluate,
     make_optimizer,
-    pretrain,
     steps_per_epoch,
     train_steps,
 )

@@ -6,9 +6,10 @@ import dataclasses
 
 import torch
 
+from reduce_ops.baseline import early_stop_split, pretrain
 from reduce_ops.config import Config
 from reduce_ops.models import build_model
-from reduce_ops.training import early_stop_split, evaluate, pretrain
+from reduce_ops.training import evaluate
 
 
 def test_pretrain_on_digits_learns(tiny_cfg: Config, prepared_digits) -> None:

@@ -20,13 +20,14 @@ STAGES: dict[str, str] = {
     "group": "eFAT: fuse chips' fault maps where one retraining can serve several",
     "fat": "retrain every chip as planned, register one model per chip",
     "compare": "fixed-epoch policies vs Reduce on the fleet (Fig. 3)",
-    "robustness": "accuracy of the int8 baseline under bit flips and stuck-at bits vs BER",
+    "variants": "train the baseline variants (activation-sparse, SAM, SAQ) beside the baseline",
+    "robustness": "accuracy of the int8 baseline and its variants under bit faults vs BER",
     "main": "the whole pipeline, one MLflow run with a child per step",
     "fetch": "show a chip's champion model, `fetch CHIP_ID --out DIR` downloads it",
     "ui": "the MLflow UI on this project's runs (prints the address of its training runs)",
 }
 PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "fat", "compare",
-            "robustness")
+            "variants", "robustness")
 
 
 def runner(stage: str) -> Callable[..., Any]:

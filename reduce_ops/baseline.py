@@ -1,0 +1,105 @@
+"""Baseline training (pretrain): plain, SAM or SAQ steps, early stopping on a stratified
+holdout of the training split, the best weights kept."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from reduce_ops.config import TrainConfig
+from reduce_ops.quant import QuantizedWeights
+from reduce_ops.sharpness import SharpnessAware
+from reduce_ops.training import (PreparedDataLike, batches, evaluate, make_optimizer,
+                                 random_shift, steps_per_epoch, train_steps)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    holdout_accuracy: float      # on the early-stopping holdout of the training split
+    holdout_loss: float
+    seconds: float
+
+
+@dataclass
+class PretrainResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_holdout_accuracy: float = 0.0
+    stopped_early: bool = False
+    n_holdout: int = 0
+
+
+def early_stop_split(y: torch.Tensor, fraction: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, holdout) indices of the training split, stratified and seeded: early stopping
+    reads the holdout, so the validation split that every later decision reads has not been
+    used to pick the baseline (picking the epoch that scores best on a split inflates the
+    baseline's accuracy there, and every chip would be judged against that luck)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    fit, holdout = train_test_split(idx, test_size=fraction, random_state=seed,
+                                    stratify=y.numpy())
+    return torch.from_numpy(np.sort(fit)), torch.from_numpy(np.sort(holdout))
+
+
+def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
+             device: torch.device | str = "cpu",
+             on_epoch: Callable[[EpochRecord], None] | None = None,
+             layer_types: Sequence[str] = ("conv", "linear")) -> PretrainResult:
+    """Train on the training split less its early-stopping holdout until the holdout's
+    accuracy plateaus (patience) or max_epochs; keeps the best weights. The validation split is
+    not read.
+
+    cfg.sharpness: 'sam' takes SAM steps of radius cfg.rho; 'saq' trains with the mapped
+    weights (`layer_types`) quantized to int8 and takes SAQ steps, and the holdout is read
+    through the same quantizer (the model that will be deployed); the float master weights
+    are what is kept."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fit, holdout = early_stop_split(data.y["train"], cfg.early_stop_fraction, cfg.seed)
+    x, y = data.x["train"][fit], data.y["train"][fit]
+    x_stop, y_stop = data.x["train"][holdout], data.y["train"][holdout]
+    stream = batches(len(y), cfg.batch_size, gen)
+    optimizer = make_optimizer(model, cfg)
+    quantized = QuantizedWeights(model, layer_types) if cfg.sharpness == "saq" else None
+    sharpness = (SharpnessAware(model, cfg.rho, quantized) if cfg.sharpness != "none"
+                 else None)
+    result = PretrainResult(n_holdout=len(holdout))
+    best_state = copy.deepcopy(model.state_dict())
+    best = -1.0
+    since_best = 0
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    augment = (lambda xb: random_shift(xb, cfg.augment_shift, aug_gen)) \
+        if cfg.augment_shift > 0 else None
+    for epoch in range(1, cfg.max_epochs + 1):
+        t0 = time.perf_counter()
+        with quantized if quantized is not None else contextlib.nullcontext():
+            loss = train_steps(model, optimizer, x, y, stream,
+                               steps_per_epoch(len(y), cfg.batch_size), device, augment=augment,
+                               sharpness=sharpness)
+            stop_acc, stop_loss = evaluate(model, x_stop, y_stop, device=device)
+        rec = EpochRecord(epoch, loss, stop_acc, stop_loss, time.perf_counter() - t0)
+        result.history.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
+        if stop_acc > best + cfg.min_delta:
+            best, since_best = stop_acc, 0
+            result.best_epoch, result.best_holdout_accuracy = epoch, stop_acc
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                result.stopped_early = True
+                break
+    model.load_state_dict(best_state)
+    return result

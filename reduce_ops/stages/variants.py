@@ -1,0 +1,120 @@
+"""`reduce-ops variants`: train every baseline variant of `variants` (activation threshold x
+sharpness method) like the baseline, one MLflow parent run with a child run per variant; writes
+paths.variants/<name>.pt and results/variants/ (summary.csv, metrics.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import pandas as pd
+
+from reduce_ops import atomic, provenance
+from reduce_ops.config import Config, VariantConfig, flatten
+from reduce_ops.data import load_prepared
+from reduce_ops.errors import DataError
+from reduce_ops.models import load_checkpoint, save_checkpoint
+from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.progress import Progress
+from reduce_ops.stages.pretrain import MEASURES, describe, train_baseline
+from reduce_ops.tracking import stage_run
+from reduce_ops.baseline import EpochRecord
+from reduce_ops.training import resolve_device
+
+SETTINGS = ("activation_threshold", "sharpness", "rho")
+SUMMARY_COLUMNS = ["variant", *SETTINGS, VAL_ACCURACY, TEST_ACCURACY, "int8_test_accuracy",
+                   "activation_sparsity", "flatness_loss_increase", "flatness_loss_increase_std",
+                   "best_epoch", "epochs_trained", "train_seconds"]
+
+
+def settings(variant: VariantConfig) -> dict[str, Any]:
+    """What makes a variant: saved with its checkpoint and checked when it is read."""
+    return {k: getattr(variant, k) for k in SETTINGS}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train each variant; returns {variant name: metrics}."""
+    t0 = time.perf_counter()
+    data = load_prepared(cfg.path("prepared"))
+    device = resolve_device(cfg.train.device)
+    out_dir = cfg.path("results") / "variants"
+    n_val, n_test = len(data.y["val"]), len(data.y["test"])
+    results: dict[str, dict[str, float]] = {}
+    rows = []
+    with stage_run(cfg.root, "variants", cfg.tracking.experiment,
+                   provenance.dataset_ref(cfg)) as stage, \
+            atomic.atomic_dir(cfg.path("variants")) as models_dir:
+        stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("model", "train", "flatness")}))
+        stage.log_params({"dataset_hash": data.dataset_hash, "device": str(device),
+                          "variants": [v.name for v in cfg.variants]})
+        stage.set_tags(provenance.identity_tags(provenance.Identity(None, data.dataset_hash)))
+        with Progress(len(cfg.variants), "variants", "variant") as progress:
+            for variant in cfg.variants:
+                progress.start(variant.name)
+                history: dict[str, list[tuple[int, float]]] = {
+                    "train_loss": [], "holdout_accuracy": [], "holdout_loss": []}
+
+                def on_epoch(rec: EpochRecord) -> None:
+                    for key in history:
+                        history[key].append((rec.epoch, getattr(rec, key)))
+                    progress.inside(f"epoch {rec.epoch}, holdout accuracy "
+                                    f"{rec.holdout_accuracy:.4f}")
+
+                train_cfg = dataclasses.replace(cfg.train, sharpness=variant.sharpness,
+                                                rho=variant.rho)
+                trained = train_baseline(cfg, data, variant.activation_threshold, train_cfg,
+                                         device, on_epoch)
+                metrics = trained.metrics
+                child = stage.child_run(
+                    variant.name, {"variant": variant.name, **settings(variant)},
+                    {**history, **{k: [(0, v)] for k, v in metrics.items()}},
+                    {"reduce_ops.variant": variant.name})
+                info = {"dataset_hash": data.dataset_hash, "variant": variant.name,
+                        **settings(variant), TEST_ACCURACY: metrics[TEST_ACCURACY],
+                        "best_epoch": trained.result.best_epoch, "run_id": child,
+                        **{k: metrics[k] for k in MEASURES}}
+                save_checkpoint(trained.model, trained.arch, info,
+                                models_dir / f"{variant.name}.pt")
+                results[variant.name] = metrics
+                rows.append({"variant": variant.name, **settings(variant),
+                             **{k: metrics[k] for k in SUMMARY_COLUMNS[4:]}})
+                progress.done(variant.name, describe(metrics, n_val, n_test))
+        table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+        atomic.write_csv(table, out_dir / "summary.csv")
+        atomic.write_json(out_dir / "metrics.json",
+                          {name: {k: m[k] for k in SUMMARY_COLUMNS[4:]}
+                           for name, m in results.items()})
+        stage.log_metrics({"stage_seconds": time.perf_counter() - t0})
+        stage.log_artifacts(out_dir)
+    print(f"variants: {len(cfg.variants)} baselines trained in {time.perf_counter() - t0:.0f} s "
+          f"-> {cfg.path('variants')}; MLflow run {stage.run_id}")
+    for row in rows:
+        print(f"  {row['variant']}: test {row[TEST_ACCURACY]:.4f} (int8 "
+              f"{row['int8_test_accuracy']:.4f}), sparsity {row['activation_sparsity']:.3f}, "
+              f"flatness {row['flatness_loss_increase']:.4f}")
+    return results
+
+
+def load_variants(cfg: Config, dataset_hash: str,
+                  device: Any = "cpu") -> dict[str, tuple[Any, dict[str, Any]]]:
+    """(model, checkpoint info) of every configured variant, by name; one line naming the file
+    when one is missing, was trained on other data or with other settings than `variants`
+    says."""
+    out = {}
+    for i, variant in enumerate(cfg.variants):
+        path = cfg.path("variants") / f"{variant.name}.pt"
+        if not path.is_file():
+            raise DataError(f"{path}: no model for variants[{i}] ({variant.name}); run "
+                            f"`reduce-ops variants` first")
+        model, ckpt = load_checkpoint(path, device)
+        info = ckpt["info"]
+        if info.get("dataset_hash") != dataset_hash:
+            raise DataError(f"{path}: trained on another prepared dataset; run "
+                            f"`reduce-ops variants` again")
+        trained_with = {k: info.get(k) for k in SETTINGS}
+        if trained_with != settings(variant):
+            raise DataError(f"{path}: trained with {trained_with}, variants[{i}] says "
+                            f"{settings(variant)}; run `reduce-ops variants` again")
+        out[variant.name] = (model, info)
+    return out
