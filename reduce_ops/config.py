@@ -245,6 +245,17 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ExecutionConfig:
+    """Where the independent units of work (resilience trials) run: in this process, or as Ray
+    tasks on `workers` CPUs of a local Ray instance or of a cluster."""
+
+    backend: Literal["local", "ray"]
+    address: str | None            # Ray: null = start a local instance; auto | ray://host:port
+    workers: int = _check(1, 100000)
+    torch_threads: int = _check(0, 1024)   # per process (0 = torch's default)
+
+
+@dataclass(frozen=True)
 class Config:
     """All parameters of one pipeline run, plus where they came from."""
 
@@ -266,6 +277,7 @@ class Config:
     variants: list[VariantConfig]
     registry: RegistryConfig
     tracking: TrackingConfig
+    execution: ExecutionConfig
     root: Path = field(default=Path("."), compare=False)
     source: str = field(default=DEFAULT_PARAMS, compare=False)
 

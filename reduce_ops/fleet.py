@@ -391,6 +391,19 @@ def _train_group(stage: tracking.StageRun, unit: Unit, todo: Sequence[ChipJob],
     return outcomes
 
 
+def _finish_registration(stage: tracking.StageRun, o: ChipOutcome, ctx: FleetContext) -> None:
+    """A chip registered for this plan by a run that died before it moved the champion alias
+    (SIGKILL between the two calls): a verified version becomes champion, a rejected one
+    withdraws an older champion. Nothing to do for a chip whose registration finished."""
+    name = registered_name(ctx.prefix, o.chip_id)
+    if o.status == SHIPPED and not o.champion_version:
+        tracking.set_alias(stage, name, CHAMPION, o.model_version)
+        o.champion_version = o.model_version
+    elif o.status == REJECTED and o.champion_version:
+        _withdraw(stage, name, o.reason)
+        o.champion_version = ""
+
+
 def _champion_version(uri: str, name: str) -> str:
     current = tracking.model_version_by_alias(uri, name, CHAMPION)
     return current.version if current else ""
@@ -434,6 +447,9 @@ def run_fleet(stage: tracking.StageRun, units: Sequence[Unit], rejected: Sequenc
         done = {j.chip_id: None if ctx.force else
                 _skip(j, registered_name(ctx.prefix, j.chip_id), ctx.uri, ctx.plan.run_id)
                 for j in unit.members}
+        for job in unit.members:
+            if done[job.chip_id] is not None:
+                _finish_registration(stage, done[job.chip_id], ctx)
         todo = [j for j in unit.members if done[j.chip_id] is None]
         if todo and unit.group_id:
             served = _train_group(stage, unit, todo, baseline, data, ctx, progress)

@@ -53,6 +53,7 @@ TAG_SERIALIZATION = "reduce_ops.serialization_format"
 TAG_PT2_FALLBACK = "reduce_ops.pt2_fallback"
 TAG_GROUP = "reduce_ops.group_id"
 TAG_GROUP_RUN = "reduce_ops.group_run_id"     # a member's chip run -> its group's run
+TAG_DRIVER = "reduce_ops.driver"       # host:pid:start of the process that owns a stage run
 
 # --------------------------------------------------------------------------- model version tags
 VTAG_CHIP = "chip_id"                    # also on the registered model itself

@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from reduce_ops import tracking
-from reduce_ops.config import FatConfig, HardwareConfig, ResilienceConfig
+from reduce_ops import execution, tracking
+from reduce_ops.config import ExecutionConfig, FatConfig, HardwareConfig, ResilienceConfig
 from reduce_ops.errors import TrackingError
 from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap
 from reduce_ops.names import (RETRAINING_EPOCHS, TAG_REUSED_FROM, TAG_TRIAL, TEST_ACCURACY,
@@ -193,36 +193,71 @@ def logged_trials(uri: str, run_id: str) -> pd.DataFrame:
     return trials_table([trial_from_run(c) for c in children])
 
 
+@dataclass(frozen=True)
+class TrialInputs:
+    """What every trial of a grid shares (sent to Ray's object store once)."""
+
+    baseline: nn.Module
+    data: Any
+    res: ResilienceConfig
+    fat: FatConfig
+    hardware: HardwareConfig
+    target: TrialTarget
+    device: torch.device | str
+    on_checkpoint: Callable[[FatCheckpoint], None] | None = None   # local backend only
+
+
+def _trial_task(inputs: TrialInputs, spec: TrialSpec) -> TrialResult:
+    return run_trial(inputs.baseline, inputs.data, spec, inputs.res, inputs.fat, inputs.hardware,
+                     inputs.target, inputs.device, inputs.on_checkpoint)
+
+
 def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: ResilienceConfig,
                fat: FatConfig, hardware: HardwareConfig, target: TrialTarget,
                device: torch.device | str, reusable: dict[str, TrialResult],
-               on_trial: Any = None, progress: Progress | None = None) -> list[TrialResult]:
-    """All trials of the grid, reusing finished ones (by key) from an interrupted run.
+               on_trial: Any = None, progress: Progress | None = None,
+               exe: ExecutionConfig | None = None) -> list[TrialResult]:
+    """All trials of the grid, reusing finished ones (by key) from an interrupted run; the rest
+    run on `exe`'s backend (default: here, one after another).
 
-    `on_trial(result)` is called as each trial finishes (to log it); `progress` hears of every
-    trial and of every checkpoint inside one.
+    `on_trial(result)` is called on this process as each trial finishes (to log it); `progress`
+    hears of every trial, and with the local backend of every checkpoint inside one.
+    Returns the results in the order of `specs`.
     """
-    results = []
-    for spec in specs:
-        if progress is not None:
-            progress.start(f"trial {spec.key}")
-        prior = reusable.get(spec.key)
-        if prior is not None and prior.spec == spec:
-            result = prior
-        else:
-            on_cp = None
-            if progress is not None:
-                def on_cp(cp: FatCheckpoint) -> None:
-                    progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
-                                    f"val {cp.metrics[VAL_ACCURACY]:.4f}")
-            result = run_trial(baseline, data, spec, res, fat, hardware, target, device, on_cp)
-        results.append(result)
+    exe = exe or ExecutionConfig("local", None, 1, 0)
+    results: dict[str, TrialResult] = {}
+
+    def finished(result: TrialResult) -> None:
+        results[result.spec.key] = result
         if on_trial is not None:
             on_trial(result)
         if progress is not None:
             how = (" (reused)" if result.reused_from else
                    f" (past the grid, to {result.amounts[-1]:g} epochs)" if result.extended else "")
-            progress.done(f"trial {spec.key}{how}",
+            progress.done(f"trial {result.spec.key}{how}",
                           f"val {result.val_accuracy[0]:.4f} -> {result.val_accuracy[-1]:.4f} "
                           f"after {result.amounts[-1]:g} epochs")
-    return results
+
+    todo = []
+    for spec in specs:
+        prior = reusable.get(spec.key)
+        if prior is not None and prior.spec == spec:
+            finished(prior)
+        else:
+            todo.append(spec)
+    on_cp = None
+    if progress is not None and exe.backend == "local":
+        def on_cp(cp: FatCheckpoint) -> None:
+            progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
+                            f"val {cp.metrics[VAL_ACCURACY]:.4f}")
+
+    def next_starts(i: int) -> None:
+        if progress is not None and i + 1 < len(todo):
+            progress.start(f"trial {todo[i + 1].key}")
+
+    if progress is not None and todo:
+        progress.start(f"trial {todo[0].key}")
+    inputs = TrialInputs(baseline, data, res, fat, hardware, target, device, on_cp)
+    execution.map_unordered(_trial_task, inputs, todo, exe,
+                            lambda i, result: (finished(result), next_starts(i)))
+    return [results[spec.key] for spec in specs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -213,7 +214,7 @@ def stage_run(root: Path, stage: str, experiment: str,
     with _ended_by_outcome():
         with handle._timed():
             _mark_model_training(client, run.info.experiment_id)
-        handle.set_tags({names.TAG_STAGE: stage})
+        handle.set_tags({names.TAG_STAGE: stage, names.TAG_DRIVER: driver_token()})
         if dataset is not None:
             handle.log_dataset(dataset)
         yield handle
@@ -285,6 +286,60 @@ def get_run(uri: str, run_id: str) -> RunRecord:
 
 def _all_experiment_ids(client: Any) -> list[str]:
     return [e.experiment_id for e in client.search_experiments(max_results=1000)]
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), "" when unknown; with the
+    pid it tells a live owner from a new process that reuses the pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def driver_token(pid: int | None = None) -> str:
+    """host:pid:start of this (or another) process, tagged on every stage run."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _owner_gone(token: str) -> bool:
+    """True when the process that tagged a run `token` is known to be dead: it ran on this
+    host and no process with its pid and start time exists. Runs of other hosts are never
+    judged (their owner may be alive)."""
+    host, _, rest = token.partition(":")
+    pid_text, _, ticks = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return bool(ticks) and _start_ticks(pid) != ticks
+
+
+def reap_abandoned(uri: str, tags: Mapping[str, str]) -> list[str]:
+    """Runs with `tags` left RUNNING by a process that died without ending them (SIGKILL, out
+    of memory, a power cut) are ended KILLED, with their RUNNING children, so that a rerun
+    reuses their finished work like that of an interrupted run. Returns their run ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    reaped = []
+    for run in find_runs(uri, tags, statuses=("RUNNING",)):
+        if not _owner_gone(run.tags.get(names.TAG_DRIVER, "")):
+            continue
+        for child in client.search_runs(_all_experiment_ids(client),
+                                        f"tags.`{names.TAG_PARENT}` = '{run.run_id}'"):
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, "KILLED")
+        client.set_terminated(run.run_id, "KILLED")
+        reaped.append(run.run_id)
+    return reaped
 
 
 def find_runs(uri: str, tags: Mapping[str, str], statuses: Sequence[str] | None = None,
@@ -443,6 +498,12 @@ def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_
         if alias:
             client.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)
+
+
+def set_alias(stage: StageRun, name: str, alias: str, version: str) -> None:
+    """Point `alias` of registered model `name` at `version`."""
+    with stage._timed():
+        stage.client.set_registered_model_alias(name, alias, version)
 
 
 def withdraw_alias(stage: StageRun, name: str, alias: str,

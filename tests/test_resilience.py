@@ -238,3 +238,46 @@ def test_plan_refuses_a_resilience_run_it_cannot_use(project: Path, tmp_path: Pa
     if which.startswith("another "):
         assert res_run in err[0] or which == "another stage"
     assert not plan_dir.exists()
+
+
+def test_resume_after_sigkill_reuses_finished_trials_and_gives_the_same_outputs(
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    project = clone_project(project, tmp_path / "clone")
+    reference = (project / "results/resilience/trials.csv").read_bytes()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own mlflow.db
+    uri = tracking_uri(project)
+    client = MlflowClient(uri)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",
+                                                             "MLFLOW_RUN_ID")}
+    proc = subprocess.Popen([sys.executable, "-m", "reduce_ops", "resilience", "--params",
+                             str(project / "params.yaml")], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        killed_id = None
+        while killed_id is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            for run in find_runs(uri, {"reduce_ops.stage": "resilience"}, statuses=("RUNNING",)):
+                if read_children(uri, run.run_id, ["val_accuracy"]):
+                    killed_id = run.run_id
+        assert killed_id is not None, "the run never logged a trial"
+    finally:
+        proc.send_signal(signal.SIGKILL)                      # no handler runs, no run is ended
+        proc.wait()
+    assert client.get_run(killed_id).info.status == "RUNNING"
+    done_before = len(read_children(uri, killed_id, ["val_accuracy"]))
+
+    assert _run(project, monkeypatch) == 0
+    assert client.get_run(killed_id).info.status == "KILLED"   # ended by the rerun
+    summary = json.loads((project / "results/resilience/summary.json").read_text())
+    assert summary["n_reused"] >= done_before >= 1
+    # the same outputs as a run that was never killed (same seeds, same machine)
+    assert (project / "results/resilience/trials.csv").read_bytes() == reference

@@ -16,7 +16,7 @@ from reduce_ops.hardware import ArrayGeometry, FaultMap, load_fleet
 from reduce_ops.hardware.stuckfleet import load_stuck
 from reduce_ops.models import load_checkpoint
 from reduce_ops.progress import Progress
-from reduce_ops.tracking import stage_run, tracking_uri
+from reduce_ops.tracking import reap_abandoned, stage_run, tracking_uri
 from reduce_ops.training import resolve_device
 
 
@@ -72,6 +72,10 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
     out_dir = cfg.path("results") / "fat"
+    # fat runs of this plan whose process died (SIGKILL, out of memory) end KILLED; their
+    # registered chips are reused below like those of any earlier run of the plan
+    reap_abandoned(tracking_uri(cfg.root), {names.TAG_STAGE: "fat",
+                                            names.TAG_PLAN_RUN: plan_info.run_id})
     with stage_run(cfg.root, "fat", cfg.tracking.experiment,
                    provenance.dataset_ref(cfg)) as stage, \
             Progress(len(jobs), "fat", "chip") as progress:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from reduce_ops import atomic, names, provenance, reports, resilience, tracking
+from reduce_ops import atomic, execution, names, provenance, reports, resilience, tracking
 from reduce_ops.config import Config
 from reduce_ops.data import load_prepared
 from reduce_ops.models import load_checkpoint
@@ -16,8 +16,10 @@ from reduce_ops.training import evaluate, resolve_device
 
 
 def _reusable(uri: str, grid_hash: str) -> dict[str, resilience.TrialResult]:
-    """Finished trials of interrupted runs with the same grid, baseline and data, by key."""
+    """Finished trials of interrupted or killed runs with the same grid, baseline and data."""
     reusable: dict[str, resilience.TrialResult] = {}
+    # a run whose process was SIGKILLed (or ran out of memory) is still RUNNING: end it KILLED
+    tracking.reap_abandoned(uri, {names.TAG_GRID_HASH: grid_hash})
     for old in tracking.find_runs(uri, {names.TAG_GRID_HASH: grid_hash},
                                   statuses=("KILLED", "FAILED")):
         for child in tracking.read_children(uri, old.run_id, resilience.TRIAL_METRICS):
@@ -29,6 +31,7 @@ def _reusable(uri: str, grid_hash: str) -> dict[str, resilience.TrialResult]:
 def run(cfg: Config) -> dict[str, Any]:
     """Write results/resilience/ (trials, map, figures, summary); returns the summary."""
     t0 = time.perf_counter()
+    execution.check_address(cfg.execution)
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
     baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
@@ -60,6 +63,9 @@ def run(cfg: Config) -> dict[str, Any]:
         stage.log_params({"baseline_hash": identity.baseline_hash,
                           "dataset_hash": identity.dataset_hash, "n_trials": len(specs),
                           "checkpoints": resilience.checkpoint_amounts(res),
+                          "execution.backend": cfg.execution.backend,
+                          "execution.workers": cfg.execution.workers,
+                          "execution.torch_threads": cfg.execution.torch_threads,
                           "device": str(device)})
         stage.log_metrics({"baseline_test_accuracy": base_test, "baseline_val_accuracy": base_val,
                            "decision_level": level, "constraint_level": test_level})
@@ -71,7 +77,8 @@ def run(cfg: Config) -> dict[str, Any]:
         reused = sum(1 for s in specs if s.key in reusable)
         with Progress(len(specs), "resilience", "trial") as progress:
             results = resilience.run_trials(baseline, data, specs, res, cfg.fat, cfg.hardware,
-                                            target, device, reusable, log_trial, progress)
+                                            target, device, reusable, log_trial, progress,
+                                            cfg.execution)
         trials = resilience.trials_table(results)
         levels = sorted(set(res.accuracy_levels) | {round(level, 6), round(bar, 6)})
         res_map = resilience_map(trials, levels)

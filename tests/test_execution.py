@@ -1,0 +1,101 @@
+"""Execution backends: Ray gives the trials local gives, retries a task whose worker died, and an
+unreachable cluster is one line before any training."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from reduce_ops import execution, resilience
+from reduce_ops.cli import main
+from reduce_ops.config import ExecutionConfig, from_dict
+from reduce_ops.models import build_model
+
+from conftest import make_project, tiny_params
+
+ray = pytest.importorskip("ray", reason="Ray is installed by `make install` (requirements.txt)")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance (2 CPUs) for the module; map_unordered joins it. Its workers can
+    import this module (the task below is defined here)."""
+    tests = str(Path(__file__).parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=execution.OBJECT_STORE_BYTES, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+def _trials(prepared_digits, exe: ExecutionConfig) -> list[resilience.TrialResult]:
+    cfg = from_dict(tiny_params(["resilience.fault_rates=[0.3]", "resilience.repetitions=3",
+                                 "resilience.max_epochs=0.25",
+                                 "resilience.checkpoint_every=0.25"]))
+    import torch
+
+    torch.manual_seed(0)
+    baseline = build_model("lenet", prepared_digits.x["train"].shape[1:], 10)
+    target = resilience.TrialTarget(0.0, 1.0, 0.0)
+    specs = resilience.trial_grid(cfg.resilience)
+    seen: list[str] = []
+    results = resilience.run_trials(baseline, prepared_digits, specs, cfg.resilience, cfg.fat,
+                                    cfg.hardware, target, "cpu", {},
+                                    lambda r: seen.append(r.spec.key), exe=exe)
+    assert sorted(seen) == sorted(s.key for s in specs)       # every trial reached the driver
+    assert [r.spec for r in results] == specs                 # returned in grid order
+    return results
+
+
+def test_ray_gives_the_trials_local_gives(prepared_digits, ray_instance) -> None:
+    local = _trials(prepared_digits, ExecutionConfig("local", None, 1, 1))
+    remote = _trials(prepared_digits, ExecutionConfig("ray", None, 2, 1))
+    for a, b in zip(local, remote):
+        assert dataclasses.replace(a, seconds=0.0) == dataclasses.replace(b, seconds=0.0)
+
+
+def _die_once(marker: str, item: int) -> tuple[int, int]:
+    """Kills its own worker process the first time it runs item 1."""
+    if item == 1 and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+    return item, os.getpid()
+
+
+def test_a_task_whose_worker_dies_is_retried(tmp_path: Path, ray_instance) -> None:
+    marker = str(tmp_path / "died")
+    got: dict[int, tuple[int, int]] = {}
+    execution.map_unordered(_die_once, marker, [0, 1, 2, 3], ExecutionConfig("ray", None, 2, 1),
+                            lambda i, r: got.__setitem__(i, r))
+    assert Path(marker).exists()                              # the worker did die once
+    assert sorted(got) == [0, 1, 2, 3] and all(got[i][0] == i for i in got)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_is_one_line_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_project(tmp_path / "p").parent
+    port = _closed_port()
+    code = main(["resilience", "--params", str(root / "params.yaml"),
+                 "--set", "execution.backend=ray", "--set",
+                 f"execution.address=ray://127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "error: execution.address:" in err
+    assert f"127.0.0.1:{port}" in err and "Traceback" not in err
+    assert not (root / "results").exists()                   # nothing started, nothing written
+
+
+def test_a_malformed_ray_address_names_the_key() -> None:
+    with pytest.raises(Exception, match="execution.address: expected null, auto"):
+        execution.check_address(ExecutionConfig("ray", "no-port-here", 2, 1))
