@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test clean-results
+.PHONY: install run test server clean-results
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # The main job: every DVC stage on params.yaml (cached stages are skipped).
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+# The team tracking server (PostgreSQL + MLflow, state in .server/) until Ctrl-C; pipelines use
+# it with MLFLOW_TRACKING_URI=http://127.0.0.1:5000.
+server: install
+	$(BIN)/reduce-ops server
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q

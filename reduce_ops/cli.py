@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui = parsers["ui"]
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    server = parsers["server"]
+    server.add_argument("--dir", type=Path, default=Path(".server"),
+                        help="PostgreSQL cluster, artifacts and logs (default: .server)")
+    server.add_argument("--port", type=int, default=5000, help="MLflow port (default: 5000)")
+    server.add_argument("--pg-port", type=int, default=5433,
+                        help="PostgreSQL port on 127.0.0.1 (default: 5433)")
     return parser
 
 
@@ -58,6 +64,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         runner("fat")(cfg, force=args.force)
     elif args.stage == "fetch":
         runner("fetch")(cfg, args.chip_id, args.out)
+    elif args.stage == "server":
+        runner("server")(cfg, args.dir, args.port, args.pg_port)
     elif args.stage == "ui":
         runner("ui")(cfg, args.host, args.port)
     else:

@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "main": "the whole pipeline, one MLflow run with a child per step",
     "fetch": "show a chip's champion model, `fetch CHIP_ID --out DIR` downloads it",
     "ui": "the MLflow UI on this project's runs (prints the address of its training runs)",
+    "server": "a team tracking server: PostgreSQL backend store + MLflow server, until Ctrl-C",
 }
 PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "fat", "compare",
             "variants", "robustness")
