@@ -52,8 +52,16 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location,
-                                    tags={names.TAG_EXPERIMENT_KIND: names.EXPERIMENT_KIND})
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={names.TAG_EXPERIMENT_KIND: names.EXPERIMENT_KIND})
+    except MlflowException as exc:
+        # another pipeline on the same server created it between our lookup and create
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _mark_model_training(client: Any, experiment_id: str) -> None:
