@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+from project_copy import REPO, copy_project
 import yaml
 
 from reduce_ops import teamserver
 from reduce_ops.config import apply_overrides, read_yaml
 
-REPO = Path(__file__).resolve().parents[1]
 COPY = ["params.yaml", "dvc.yaml", "MLproject", "reduce_ops"]
 SMALL = ["data.source=digits", "train.max_epochs=6", "hardware.rows=16", "hardware.cols=16",
          "faultmaps.n_chips=16", "resilience.fault_rates=[0.0, 0.2, 0.4]",
@@ -39,12 +39,7 @@ SMALL = ["data.source=digits", "train.max_epochs=6", "hardware.rows=16", "hardwa
 
 
 def pipeline(root: Path, seed: int, uri: str) -> dict:
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, root / name)
+    copy_project(root, COPY)
     params = apply_overrides(read_yaml(REPO / "params.yaml"), [*SMALL, f"train.seed={seed}"])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"},

@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+from project_copy import copy_project
 
-REPO = Path(__file__).resolve().parents[1]
 COPY = ["params.yaml", "dvc.yaml", "MLproject", "reduce_ops", "data/fault_maps"]
 
 
@@ -36,12 +36,7 @@ def run_seed(seed: int, sets: list[str], keep: Path | None, stages: list[str],
              threads: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"seed{seed}-") as tmp:
         root = Path(tmp)
-        for name in COPY:
-            src = REPO / name
-            if src.is_dir():
-                shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, root / name)
+        copy_project(root, COPY)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                "PYTHONPATH": str(root)}
         env.pop("MLFLOW_RUN_ID", None)
