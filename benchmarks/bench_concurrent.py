@@ -55,8 +55,10 @@ def pipeline(root: Path, seed: int, uri: str) -> dict:
             for stage in ("resilience", "fat")}
     return {"runs": runs,
             "n_trials": json.loads((res / "resilience/summary.json").read_text())["n_trials"],
-            "versions": {c: str(v) for c, v in zip(chips.chip_id, chips.model_version)
-                         if str(v) not in ("", "nan")}}
+            # version numbers as the registry spells them (pandas reads a column with gaps as
+            # floats: 3.0)
+            "versions": {c: str(int(v)) for c, v in zip(chips.chip_id, chips.model_version)
+                         if pd.notna(v) and str(v) != ""}}
 
 
 def main() -> None:
