@@ -149,7 +149,7 @@ def team_server(folder: Path, port: int, pg_port: int, install: bool = False,
                "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(port), "--workers", "2"]
         env = {k: v for k, v in os.environ.items()
-               if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+               if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID")}
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
         uri = f"http://127.0.0.1:{port}"

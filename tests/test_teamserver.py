@@ -49,7 +49,8 @@ def test_pipeline_on_ray_against_the_team_server_and_fetch_from_another_process(
     from mlflow.tracking import MlflowClient
 
     params = make_project(tmp_path / "project", PIPELINE)
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"},
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI")},
            "MLFLOW_TRACKING_URI": server}
     proc = subprocess.run([sys.executable, "-m", "reduce_ops", "main", "--params", str(params)],
                           cwd=params.parent, env=env, capture_output=True, text=True)
