@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -56,10 +57,7 @@ def run(cfg, baseline, data, specs, exe: ExecutionConfig) -> dict:  # noqa: ANN0
 def logging_cost(results: list[resilience.TrialResult], repeats: int = 20) -> float:
     """Seconds to log one trial as a child run (the driver's only MLflow work per trial)."""
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-        import os
-
-        os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         with tracking.stage_run(Path(tmp), "bench", "bench") as stage:
             params, history, tags = resilience.trial_run_payload(results[0])
             t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from torch import nn
 from reduce_ops.atomic import write_file
 from reduce_ops.errors import ConfigError, FaultMapError
 from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
-from reduce_ops.hardware.fleetio import _problems_error, _shape_text
+from reduce_ops.hardware.fleetio import _csv_lines, _problems_error, _shape_text
 from reduce_ops.hardware.geometry import ArrayGeometry
 from reduce_ops.hardware.mapping import (
     _faulty_array,
@@ -481,15 +481,7 @@ def _raise_problems(path: Path, problems: list[str]) -> None:
 
 def _stuck_csv(path: Path, geometry: ArrayGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """(and_mask, or_mask) [rows, cols] from a `row,col,bit,value` CSV."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM
-            lines = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise FaultMapError(f"{path}: unreadable or corrupt .csv file ({err})") from None
-    if not lines or [cell.strip().lower() for cell in lines[0]] != STUCK_CSV_HEADER:
-        got = ",".join(lines[0]) if lines else "an empty file"
-        raise FaultMapError(
-            f"{path}: first line must be the header 'row,col,bit,value', got {got!r}")
+    lines = _csv_lines(path, STUCK_CSV_HEADER)
     limits = (("row", geometry.rows), ("col", geometry.cols), ("bit", N_BITS), ("value", 2))
     problems: list[str] = []
     first: dict[tuple[int, int, int], tuple[int, int]] = {}  # cell -> (line, value)

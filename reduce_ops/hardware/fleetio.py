@@ -178,16 +178,24 @@ def _npy_map(path: Path, data: bytes, geometry: ArrayGeometry) -> np.ndarray:
     return array == 1
 
 
-def _csv_map(path: Path, geometry: ArrayGeometry) -> np.ndarray:
-    """Bool [rows, cols] from a CSV with header `row,col` and one faulty PE per line."""
+def _csv_lines(path: Path, header: list[str]) -> list[list[str]]:
+    """The rows of a map CSV, its first line checked against `header` (case and spaces
+    ignored, a BOM tolerated); one FaultMapError line for an unreadable file or a wrong header."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM
             lines = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise FaultMapError(f"{path}: unreadable or corrupt .csv file ({err})") from None
-    if not lines or [cell.strip().lower() for cell in lines[0]] != CSV_HEADER:
+    if not lines or [cell.strip().lower() for cell in lines[0]] != header:
         got = ",".join(lines[0]) if lines else "an empty file"
-        raise FaultMapError(f"{path}: first line must be the header 'row,col', got {got!r}")
+        raise FaultMapError(
+            f"{path}: first line must be the header '{','.join(header)}', got {got!r}")
+    return lines
+
+
+def _csv_map(path: Path, geometry: ArrayGeometry) -> np.ndarray:
+    """Bool [rows, cols] from a CSV with header `row,col` and one faulty PE per line."""
+    lines = _csv_lines(path, CSV_HEADER)
     faulty = np.zeros(geometry.shape, dtype=bool)
     first_line: dict[tuple[int, int], int] = {}
     for line_no, cells in enumerate(lines[1:], start=2):
