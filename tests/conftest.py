@@ -89,6 +89,17 @@ def run_stages(root: Path, *stages: str) -> None:
             assert main([stage, "--params", str(root / "params.yaml")]) == 0, stage
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module's tests, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory: pytest.TempPathFactory):
     """The digits split prepared once per session (read-only for tests)."""

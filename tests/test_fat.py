@@ -37,13 +37,8 @@ GEOMETRY = ArrayGeometry(16, 16)  # small array: even LeNet's 6-channel conv los
 FAULT_SEED = 0                    # fault-map seed, separate from the training seeds
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These models are tiny: a second intra-op thread only adds waiting on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: a second intra-op thread only adds waiting on a busy machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

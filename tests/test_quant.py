@@ -34,13 +34,8 @@ from reduce_ops.quant import (
 GEOMETRY = ArrayGeometry(16, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only adds waiting on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: a second intra-op thread only adds waiting on a busy machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:
