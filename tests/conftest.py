@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,38 @@ def run_stages(root: Path, *stages: str) -> None:
         mp.chdir(root)                                     # MLflow artifacts under the project
         for stage in stages:
             assert main([stage, "--params", str(root / "params.yaml")]) == 0, stage
+
+
+_KILL_AFTER = """
+import functools, importlib, os, signal, sys
+module = importlib.import_module(sys.argv[1])
+owner_name, _, attr = sys.argv[2].rpartition(".")
+owner = getattr(module, owner_name) if owner_name else module
+original, left = getattr(owner, attr), [int(sys.argv[3])]
+
+@functools.wraps(original)
+def counted(*args, **kwargs):
+    result = original(*args, **kwargs)
+    left[0] -= 1
+    if left[0] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(owner, attr, counted)
+from reduce_ops.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def run_killed_after(root: Path, argv: list[str], module: str, function: str,
+                     calls: int) -> subprocess.CompletedProcess:
+    """Run `reduce-ops ARGV` in a fresh process in `root` (its own mlflow.db) that SIGKILLs itself
+    right after the `calls`-th return of `module.function` ("Class.method" allowed): a crash at a
+    chosen point, with no handler, no `finally` and no ended run."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI")}
+    return subprocess.run([sys.executable, "-c", _KILL_AFTER, module, function, str(calls), *argv],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

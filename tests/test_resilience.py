@@ -14,7 +14,7 @@ from reduce_ops.cli import main
 from reduce_ops.config import load_config
 from reduce_ops.tracking import find_runs, read_children, tracking_uri
 
-from conftest import clone_project, make_project, run_stages
+from conftest import clone_project, make_project, run_killed_after, run_stages
 
 GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
@@ -242,12 +242,6 @@ def test_plan_refuses_a_resilience_run_it_cannot_use(project: Path, tmp_path: Pa
 
 def test_resume_after_sigkill_reuses_finished_trials_and_gives_the_same_outputs(
         project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from mlflow.tracking import MlflowClient
 
     project = clone_project(project, tmp_path / "clone")
@@ -255,23 +249,14 @@ def test_resume_after_sigkill_reuses_finished_trials_and_gives_the_same_outputs(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own mlflow.db
     uri = tracking_uri(project)
     client = MlflowClient(uri)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",
-                                                             "MLFLOW_RUN_ID")}
-    proc = subprocess.Popen([sys.executable, "-m", "reduce_ops", "resilience", "--params",
-                             str(project / "params.yaml")], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        killed_id = None
-        while killed_id is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            for run in find_runs(uri, {"reduce_ops.stage": "resilience"}, statuses=("RUNNING",)):
-                if read_children(uri, run.run_id, ["val_accuracy"]):
-                    killed_id = run.run_id
-        assert killed_id is not None, "the run never logged a trial"
-    finally:
-        proc.send_signal(signal.SIGKILL)                      # no handler runs, no run is ended
-        proc.wait()
+    # the driver SIGKILLs itself right after its second trial is logged: no handler runs, no
+    # run is ended, and the moment does not depend on how fast this machine is
+    proc = run_killed_after(project, ["resilience", "--params", str(project / "params.yaml")],
+                            "reduce_ops.tracking", "StageRun.child_run", 2)
+    assert proc.returncode == -9, proc.stderr
+    running = find_runs(uri, {"reduce_ops.stage": "resilience"}, statuses=("RUNNING",))
+    assert len(running) == 1, running
+    killed_id = running[0].run_id
     assert client.get_run(killed_id).info.status == "RUNNING"
     done_before = len(read_children(uri, killed_id, ["val_accuracy"]))
 
