@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from reduce_ops.config import FatConfig, HardwareConfig
+from reduce_ops import execution
+from reduce_ops.config import ExecutionConfig, FatConfig, HardwareConfig
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import FaultMap
 from reduce_ops.planning import check_amounts, verification
@@ -154,24 +155,47 @@ def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: Fault
     return [rows[i] for i in range(len(policy_list))]
 
 
+@dataclass(frozen=True)
+class _ChipInputs:
+    """What a worker needs to run every policy on a chip (sent to Ray's object store once)."""
+
+    baseline: nn.Module
+    data: Any
+    policy_list: Sequence[Policy]
+    rule: Rule
+    fat: FatConfig
+    layer_types: Sequence[str]
+    device: Any
+    stuck: dict[str, Any]
+
+
+def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[tuple], float]:
+    """One chip's rows (every policy, one FAT session) and how far it trained."""
+    session = FatSession.from_baseline(shared.baseline, fmap, shared.layer_types, shared.data,
+                                       shared.fat, shared.device, shared.stuck.get(fmap.chip_id))
+    return run_policies(session, shared.policy_list, fmap, shared.rule), session.amount
+
+
 def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
               policy_list: Sequence[Policy], rule: Rule, fat: FatConfig,
               hardware: HardwareConfig, device: torch.device | str = "cpu",
               progress: Progress | None = None,
-              stuck: dict[str, Any] | None = None) -> pd.DataFrame:
+              stuck: dict[str, Any] | None = None,
+              exe: ExecutionConfig | None = None) -> pd.DataFrame:
     """Every policy on every chip, from one FAT run per chip (through its stuck bits, for a
-    stuck-at fleet): the per-chip table."""
-    rows = []
-    for fmap in fleet:
+    stuck-at fleet), the chips on `exe`'s workers: the per-chip table, in fleet order."""
+    shared = _ChipInputs(baseline, data, tuple(policy_list), rule, fat,
+                         tuple(hardware.layer_types), device, stuck or {})
+    rows: dict[int, list[tuple]] = {}
+
+    def finished(i: int, result: tuple[list[tuple], float]) -> None:
+        rows[i], amount = result
         if progress is not None:
-            progress.start(f"chip {fmap.chip_id}")
-        session = FatSession.from_baseline(baseline, fmap, hardware.layer_types, data, fat,
-                                           device, (stuck or {}).get(fmap.chip_id))
-        rows += run_policies(session, policy_list, fmap, rule)
-        if progress is not None:
-            progress.done(f"chip {fmap.chip_id}", f"fault rate {fmap.fault_rate:.3f}, trained to "
-                          f"{session.amount:.2f} epochs")
-    return pd.DataFrame(rows, columns=PER_CHIP_COLUMNS)
+            progress.done(f"chip {fleet[i].chip_id}", f"fault rate {fleet[i].fault_rate:.3f}, "
+                          f"trained to {amount:.2f} epochs")
+
+    execution.map_unordered(_chip_task, shared, list(fleet), exe or ExecutionConfig(), finished)
+    return pd.DataFrame([r for i in range(len(fleet)) for r in rows[i]], columns=PER_CHIP_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -184,26 +208,42 @@ class GroupRun:
     planned_epochs: float
 
 
+def _group_task(shared: _ChipInputs, grp: GroupRun) -> tuple:
+    """A group's one FAT run on its fused map, verified like a chip: its eFAT row."""
+    session = FatSession.from_baseline(shared.baseline, grp.fused, shared.layer_types,
+                                       shared.data, shared.fat, shared.device)
+    policy = Policy(EFAT, REDUCE, {grp.group_id: grp.planned_epochs})
+    (row,) = run_policies(session, [policy], grp.fused, shared.rule)
+    return row
+
+
 def efat_rows(per_chip: pd.DataFrame, groups: Sequence[GroupRun], fallback: str, rule: Rule,
               baseline: nn.Module, data: Any, fat: FatConfig, hardware: HardwareConfig,
               device: torch.device | str = "cpu",
-              progress: Progress | None = None) -> pd.DataFrame:
+              progress: Progress | None = None,
+              exe: ExecutionConfig | None = None) -> pd.DataFrame:
     """The eFAT policy: each group of two or more trains ONE model on its fused map, verified
-    like a chip; its epochs are shared by its members. A chip on its own, and every member of
-    a group that misses at the cap (which then trains alone, after the group's epochs were
-    spent), is what the `fallback` Reduce policy does with it."""
+    like a chip (on `exe`'s workers); its epochs are shared by its members. A chip on its own,
+    and every member of a group that misses at the cap (which then trains alone, after the
+    group's epochs were spent), is what the `fallback` Reduce policy does with it."""
     own = per_chip[per_chip["policy"] == fallback].set_index("chip_id")
+    multi = [g for g in groups if len(g.members) >= 2]
+    shared = _ChipInputs(baseline, data, (), rule, fat, tuple(hardware.layer_types), device, {})
+    results: dict[int, tuple] = {}
+
+    def finished(i: int, row: tuple) -> None:
+        results[i] = row
+        grp, epochs, passed = multi[i], row[4], row[5]
+        if progress is not None:
+            progress.done(f"group {grp.group_id}", f"{len(grp.members)} chips, fused fault rate "
+                          f"{grp.fused.fault_rate:.3f}, {'shipped' if passed else 'missed'} "
+                          f"after {epochs:g} epochs")
+
+    execution.map_unordered(_group_task, shared, multi, exe or ExecutionConfig(), finished)
     rows = []
     grouped = set()
-    for grp in groups:
-        if len(grp.members) < 2:
-            continue
-        if progress is not None:
-            progress.start(f"group {grp.group_id}")
-        session = FatSession.from_baseline(baseline, grp.fused, hardware.layer_types, data, fat,
-                                           device)
-        policy = Policy(EFAT, REDUCE, {grp.group_id: grp.planned_epochs})
-        (row,) = run_policies(session, [policy], grp.fused, rule)
+    for i, grp in enumerate(multi):
+        row = results[i]
         epochs, passed, val, test, meets = row[4], row[5], row[6], row[7], row[9]
         share = epochs / len(grp.members)
         for m in grp.members:
@@ -217,10 +257,6 @@ def efat_rows(per_chip: pd.DataFrame, groups: Sequence[GroupRun], fallback: str,
                              alone["epochs"] + share, alone["shipped"], alone["val_accuracy"],
                              alone["test_accuracy"], alone["meets_on_test"],
                              alone["meets_unchecked"], alone["rejected_by"]))
-        if progress is not None:
-            progress.done(f"group {grp.group_id}", f"{len(grp.members)} chips, fused fault rate "
-                          f"{grp.fused.fault_rate:.3f}, {'shipped' if passed else 'missed'} "
-                          f"after {epochs:g} epochs")
     for chip_id, alone in own.iterrows():
         if chip_id not in grouped:
             rows.append((EFAT, chip_id, *alone[PER_CHIP_COLUMNS[2:]].tolist()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import dataclasses
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,9 +17,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from reduce_ops import names, tracking
+from reduce_ops import execution, names, tracking
 from reduce_ops.binomial import wilson_interval
-from reduce_ops.config import FatConfig
+from reduce_ops.config import ExecutionConfig, FatConfig
 from reduce_ops.errors import DataError
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import FaultMap
@@ -172,12 +173,10 @@ def _num(tags: dict[str, str], key: str) -> float:
     return float(tags.get(key, "nan"))
 
 
-def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None:
-    """The outcome of a chip already registered for this plan, or None when it still needs FAT."""
-    done = tracking.find_model_versions(uri, name, {names.VTAG_PLAN_RUN: plan_id})
-    if not done:
-        return None
-    mv = next((v for v in done if CHAMPION in v.aliases), None) or done[0]
+def _skipped(job: ChipJob, versions: Sequence[tracking.ModelVersionInfo],
+             ctx: FleetContext) -> ChipOutcome:
+    """The outcome of a chip registered for this plan already (`versions`: newest first)."""
+    mv = next((v for v in versions if CHAMPION in v.aliases), None) or versions[0]
     tags = mv.tags
     return ChipOutcome(job.chip_id, job.fault_rate, _num(tags, names.VTAG_PLANNED_EPOCHS),
                        SHIPPED if tags.get(names.VTAG_VERIFIED) == "true" else REJECTED,
@@ -186,7 +185,7 @@ def _skip(job: ChipJob, name: str, uri: str, plan_id: str) -> ChipOutcome | None
                        _num(tags, names.VTAG_TEST_ACCURACY), _num(tags, "test_ci_low"),
                        _num(tags, "test_ci_high"), tags.get(names.VTAG_CONSTRAINT_MET) == "true",
                        _num(tags, names.VTAG_PRUNED_FRACTION), mv.version,
-                       _champion_version(uri, name), mv.run_id, False,
+                       mv.version if CHAMPION in mv.aliases else "", mv.run_id, False,
                        tags.get(names.VTAG_GROUP, ""), int(_num(tags, names.VTAG_GROUP_SIZE)),
                        0.0, tags.get(names.VTAG_SERIALIZATION, ""))
 
@@ -355,27 +354,25 @@ def _register(stage: tracking.StageRun, unit: Unit, job: ChipJob, t: Trained, ru
                        t.train_seconds / len(unit.members), logged.seconds / len(unit.members))
 
 
-def _train_chip(stage: tracking.StageRun, job: ChipJob, baseline: nn.Module, data: Any,
-                ctx: FleetContext, progress: Progress | None) -> ChipOutcome:
-    """FAT one chip on its own map, verify it, log its run and register its model."""
-    unit = Unit.chip(job)
-    trained = _train(unit, baseline, data, ctx, progress)
+def _log_chip(stage: tracking.StageRun, unit: Unit, trained: Trained, ctx: FleetContext,
+              failed_group_epochs: float = 0.0) -> list[ChipOutcome]:
+    """Log a chip's FAT run and register its model."""
     with _unit_run(stage, unit, trained, ctx) as (child, logged):
-        return _register(stage, unit, job, trained, child.run_id, logged, ctx)
+        outcome = _register(stage, unit, unit.members[0], trained, child.run_id, logged, ctx)
+    outcome.failed_group_epochs = failed_group_epochs
+    return [outcome]
 
 
-def _train_group(stage: tracking.StageRun, unit: Unit, todo: Sequence[ChipJob],
-                 baseline: nn.Module, data: Any, ctx: FleetContext,
-                 progress: Progress | None) -> list[ChipOutcome] | None:
+def _log_group(stage: tracking.StageRun, unit: Unit, todo: Sequence[ChipJob], trained: Trained,
+               ctx: FleetContext) -> list[ChipOutcome]:
     """One FAT run on the group's fused map serves every member in `todo`: the group's run
     holds the model, each member gets a version of its own registered model from it and a
-    chip run linking to the group's. None when the group misses verification at the cap (its
-    members then train on their own)."""
-    trained = _train(unit, baseline, data, ctx, progress)
+    chip run linking to the group's. A group that missed verification at the cap gets its run
+    (its members then train on their own) and registers nothing."""
     outcomes = []
     with _unit_run(stage, unit, trained, ctx) as (child, logged):
         if not trained.check.passed:
-            return None
+            return []
         for job in todo:
             outcomes.append(_register(stage, unit, job, trained, child.run_id, logged, ctx))
             stage.child_run(f"chip {job.chip_id}",
@@ -399,14 +396,8 @@ def _finish_registration(stage: tracking.StageRun, o: ChipOutcome, ctx: FleetCon
     if o.status == SHIPPED and not o.champion_version:
         tracking.set_alias(stage, name, CHAMPION, o.model_version)
         o.champion_version = o.model_version
-    elif o.status == REJECTED and o.champion_version:
+    elif o.status == REJECTED:          # champion may still be on an older plan's version
         _withdraw(stage, name, o.reason)
-        o.champion_version = ""
-
-
-def _champion_version(uri: str, name: str) -> str:
-    current = tracking.model_version_by_alias(uri, name, CHAMPION)
-    return current.version if current else ""
 
 
 # --------------------------------------------------------------------------- the fleet
@@ -430,44 +421,123 @@ class FleetContext:
     warn: Callable[[str], None] = print
 
 
+@dataclass(frozen=True)
+class _Work:
+    """One FAT run for the workers: a unit and its members not registered for the plan yet."""
+
+    unit: Unit
+    todo: tuple[ChipJob, ...]
+
+
+def _train_task(shared: tuple[nn.Module, Any, FleetContext, Progress | None],
+                work: _Work) -> Trained:
+    """What a worker does for one unit: train and verify (no MLflow)."""
+    baseline, data, ctx, progress = shared
+    if progress is not None:
+        progress.start(work.unit.run_name)
+    return _train(work.unit, baseline, data, ctx, progress)
+
+
 def run_fleet(stage: tracking.StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
               baseline: nn.Module, data: Any, ctx: FleetContext,
-              progress: Progress | None = None) -> list[ChipOutcome]:
+              progress: Progress | None = None, exe: ExecutionConfig | None = None,
+              queue: tracking.BackgroundTracking | None = None) -> list[ChipOutcome]:
     """Chips the plan rejected get a run that says why; every unit (a chip, or an eFAT group)
-    is skipped for chips registered for this plan already (unless force), else trained,
-    verified and registered; a group that misses at the cap falls back to its members alone."""
-    outcomes = []
-    for job in rejected:
-        outcomes.append(_reject(stage, job, ctx))
-        if progress is not None:
-            progress.done(f"chip {job.chip_id}", _describe(outcomes[-1]))
-    for unit in units:
-        if progress is not None:
-            progress.start(unit.run_name)
-        done = {j.chip_id: None if ctx.force else
-                _skip(j, registered_name(ctx.prefix, j.chip_id), ctx.uri, ctx.plan.run_id)
-                for j in unit.members}
-        for job in unit.members:
-            if done[job.chip_id] is not None:
-                _finish_registration(stage, done[job.chip_id], ctx)
-        todo = [j for j in unit.members if done[j.chip_id] is None]
-        if todo and unit.group_id:
-            served = _train_group(stage, unit, todo, baseline, data, ctx, progress)
-            if served is None:
+    is skipped for chips registered for this plan already (unless force), else trained and
+    verified (on `exe`'s workers), then logged and registered by `queue`'s process while the
+    next units train; a group that misses at the cap falls back to its members alone.
+    Outcomes come in plan order (rejected chips first) whatever order the units finish in."""
+    exe = exe or ExecutionConfig()
+    own_queue = queue is None
+    queue = queue or tracking.BackgroundTracking(stage)
+    futures: dict[str, Any] = {}                 # chip id -> future of its outcome list
+    wctx = dataclasses.replace(ctx, warn=_warn_stderr)   # what other processes get
+    try:
+        for job in rejected:
+            futures[job.chip_id] = queue.submit(_reject_list, job, wctx, holds_model=False)
+            if progress is not None:
+                progress.done(f"chip {job.chip_id}", f"rejected ({job.reason or 'infeasible'})")
+        with stage.timed():
+            done = ({} if ctx.force else tracking.model_versions_with_tag(
+                ctx.uri, names.VTAG_PLAN_RUN, ctx.plan.run_id))
+        work = []
+        for unit in units:
+            todo = []
+            for job in unit.members:
+                before = done.get(registered_name(ctx.prefix, job.chip_id))
+                if before:
+                    o = _skipped(job, before, ctx)
+                    futures[job.chip_id] = queue.submit(_finish_list, o, wctx, holds_model=False)
+                    if progress is not None:
+                        progress.done(f"chip {job.chip_id}", _describe(o))
+                else:
+                    todo.append(job)
+            if todo:
+                work.append(_Work(unit, tuple(todo)))
+        fallback: list[_Work] = []
+        failed_share: dict[str, float] = {}      # a failed group's epochs, per member
+
+        def trained(batch: list[_Work], i: int, t: Trained) -> None:
+            unit, todo = batch[i].unit, batch[i].todo
+            if unit.group_id and not t.check.passed:
+                queue.submit(_log_group, unit, todo, t, wctx)
                 if progress is not None:
                     progress.note(f"{unit.run_name}: missed verification at the cap; its "
                                   f"{len(todo)} chips train on their own")
-                served = [_train_chip(stage, j, baseline, data, ctx, progress) for j in todo]
-                for o in served:
-                    o.failed_group_epochs = ctx.plan.budget_cap / len(todo)
-            done.update({o.chip_id: o for o in served})
-        elif todo:
-            done[todo[0].chip_id] = _train_chip(stage, todo[0], baseline, data, ctx, progress)
-        for job in unit.members:
-            outcomes.append(done[job.chip_id])
-            if progress is not None:
-                progress.done(f"chip {job.chip_id}", _describe(outcomes[-1]))
+                fallback.extend(_Work(Unit.chip(j), (j,)) for j in todo)
+                failed_share.update({j.chip_id: ctx.plan.budget_cap / len(todo) for j in todo})
+                return
+            if unit.group_id:
+                future = queue.submit(_log_group, unit, todo, t, wctx)
+            else:
+                future = queue.submit(_log_chip, unit, t, wctx,
+                                      failed_share.get(todo[0].chip_id, 0.0))
+            for job in todo:
+                futures[job.chip_id] = future
+                if progress is not None:
+                    progress.done(f"chip {job.chip_id}", _describe_trained(t, unit))
+
+        local = exe.backend == "local"
+        # workers get what they need to train; the driver's progress callback stays here
+        shared = (baseline, data, ctx if local else wctx, progress if local else None)
+        execution.map_unordered(_train_task, shared, work, exe,
+                                lambda i, t: trained(work, i, t))
+        if fallback:
+            execution.map_unordered(_train_task, shared, fallback, exe,
+                                    lambda i, t: trained(fallback, i, t))
+        queue.drain()
+    finally:
+        if own_queue:
+            queue.close()
+    outcomes: list[ChipOutcome] = []
+    for job_id in [j.chip_id for j in rejected] + [j.chip_id for u in units for j in u.members]:
+        found = futures[job_id].result()
+        outcomes.append(next(o for o in found if o.chip_id == job_id))
     return outcomes
+
+
+def _warn_stderr(line: str) -> None:
+    """A warning from a worker or the logger process (they have no progress bar)."""
+    import sys
+
+    print(f"fat: {line}", file=sys.stderr, flush=True)
+
+
+def _reject_list(stage: tracking.StageRun, job: ChipJob, ctx: FleetContext) -> list[ChipOutcome]:
+    return [_reject(stage, job, ctx)]
+
+
+def _finish_list(stage: tracking.StageRun, o: ChipOutcome, ctx: FleetContext
+                 ) -> list[ChipOutcome]:
+    _finish_registration(stage, o, ctx)
+    return [o]
+
+
+def _describe_trained(t: Trained, unit: Unit) -> str:
+    """One progress line for a chip whose FAT run has just finished."""
+    return (f"{SHIPPED if t.check.passed else REJECTED} after {t.check.epochs:g} epochs "
+            f"(planned {unit.planned_epochs:g}), val {t.val_accuracy:.4f}, "
+            f"test {t.test_accuracy:.4f}")
 
 
 def _describe(o: ChipOutcome) -> str:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -156,6 +157,11 @@ class StageRun(_RunLog):
     client: Any
     tracking_seconds: float = 0.0
 
+    def timed(self) -> Any:
+        """A block whose seconds count as this stage's tracking time (MLflow work done
+        outside the logging calls, e.g. a registry search)."""
+        return self._timed()
+
     @contextmanager
     def _timed(self) -> Iterator[None]:
         t0 = time.perf_counter()
@@ -184,6 +190,142 @@ class StageRun(_RunLog):
                                       params=params_l[i:i + 100])
             self.client.set_terminated(child_id, status)
         return child_id
+
+
+_WORKER_STAGE: StageRun | None = None      # in a BackgroundTracking process: its stage run
+_WORKER_FAILED = False
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it dies, so a logger
+    never outlives a driver that was SIGKILLed (it would race the rerun's registrations)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_init(uri: str, run_id: str, experiment_id: str) -> None:
+    import signal
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
+    _die_with_parent()
+    import torch
+
+    torch.set_num_threads(1)          # exporting models: leave the other cores to training
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    global _WORKER_STAGE
+    _WORKER_STAGE = StageRun(run_id, experiment_id, uri, MlflowClient(uri, registry_uri=uri))
+
+
+def _in_worker(fn: Any, *args: Any) -> tuple[Any, float]:
+    """Run fn(stage, *args) in the logger process; returns its result and its tracking time.
+    After a job failed, the jobs queued behind it do nothing."""
+    global _WORKER_FAILED
+    stage = _WORKER_STAGE
+    if _WORKER_FAILED or stage is None:
+        return None, 0.0
+    before = stage.tracking_seconds
+    try:
+        result = fn(stage, *args)
+    except BaseException:
+        _WORKER_FAILED = True
+        raise
+    return result, stage.tracking_seconds - before
+
+
+class BackgroundTracking:
+    """A stage's MLflow work in one separate process, in the order it is handed over, so that
+    logging and registering a unit's model overlaps the training of the next ones (a thread
+    would not: training small models holds the GIL most of the time).
+
+    `submit(fn, *args)` queues `fn(stage, *args)`, where `fn` is a module-level function and
+    `stage` the same stage run opened in that process. The driver waits only while `depth`
+    jobs are queued (their models are held until logged) and at the end; `blocked_seconds` is
+    that wait, the tracking time left on the critical path. A job that fails stops the jobs
+    after it and its error is raised in the driver. On close the queued jobs still run (their
+    models are trained: nothing is thrown away on Ctrl-C); the process ignores Ctrl-C and dies
+    with the driver.
+    """
+
+    def __init__(self, stage: StageRun, depth: int = 8) -> None:
+        self.stage, self.depth = stage, depth
+        self.blocked_seconds = 0.0
+        self.worker_seconds = 0.0         # MLflow time spent in the logger process
+        self._pending: list[Any] = []
+        self._heavy: list[Any] = []
+        self._lock = threading.Lock()
+        self._pool: Any = None
+
+    def start(self) -> BackgroundTracking:
+        """Start the process now (importing MLflow and torch takes seconds), so that it is
+        ready when the first model is."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                initargs=(self.stage.uri, self.stage.run_id, self.stage.experiment_id))
+            self._pool.submit(int)                  # the pool spawns its process on a submit
+        return self
+
+    def submit(self, fn: Any, *args: Any, holds_model: bool = True) -> Any:
+        """Queue fn(stage, *args); returns a future whose result() is fn's result. Only jobs
+        that hold a model count towards `depth` (a job that logs a few numbers never waits)."""
+        self._wait(lambda: sum(not f.done() for f in self._heavy) >= self.depth)
+        self.start()
+        future = self._pool.submit(_in_worker, fn, *args)
+        future.add_done_callback(self._count)
+        self._pending.append(future)
+        if holds_model:
+            self._heavy.append(future)
+        return _Unwrapped(future)
+
+    def _count(self, future: Any) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with self._lock:
+                self.worker_seconds += future.result()[1]
+
+    def _wait(self, busy: Any) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        t0 = time.perf_counter()
+        while busy():
+            wait([f for f in self._heavy + self._pending if not f.done()],
+                 return_when=FIRST_COMPLETED)
+        self.blocked_seconds += time.perf_counter() - t0
+        for f in self._pending:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()
+
+    def drain(self) -> None:
+        """Wait for every queued job; raise the first error."""
+        self._wait(lambda: any(not f.done() for f in self._pending))
+
+    def close(self) -> None:
+        """Finish the queued jobs and stop the process."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+@dataclass(frozen=True)
+class _Unwrapped:
+    """A BackgroundTracking job's future, whose result is the job's own."""
+
+    future: Any
+
+    def result(self) -> Any:
+        return self.future.result()[0]
 
 
 @contextmanager
@@ -342,7 +484,8 @@ def reap_abandoned(uri: str, tags: Mapping[str, str]) -> list[str]:
         if not _owner_gone(run.tags.get(names.TAG_DRIVER, "")):
             continue
         for child in client.search_runs(_all_experiment_ids(client),
-                                        f"tags.`{names.TAG_PARENT}` = '{run.run_id}'"):
+                                        f"tags.`{names.TAG_PARENT}` = '{run.run_id}'",
+                                        max_results=50000):      # a fleet's chips, not 1,000
             if child.info.status == "RUNNING":
                 client.set_terminated(child.info.run_id, "KILLED")
         client.set_terminated(run.run_id, "KILLED")
@@ -565,6 +708,33 @@ def find_model_versions(uri: str, name: str,
     out = [replace(info, aliases=tuple(sorted(by_version.get(info.version, ()))))
            for info in map(_version_info, found)]
     return sorted(out, key=lambda v: -int(v.version))
+
+
+def model_versions_with_tag(uri: str, key: str, value: str) -> dict[str, list[ModelVersionInfo]]:
+    """{registered model name: its versions carrying tag key=value, newest first, each with its
+    aliases}, for every model in the registry: one paged search instead of one per model."""
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    found: dict[str, list[ModelVersionInfo]] = {}
+    token = None
+    while True:
+        page = client.search_model_versions(f"tags.`{key}` = '{value}'", max_results=1000,
+                                            page_token=token)
+        for info in map(_version_info, page):
+            found.setdefault(info.name, []).append(info)
+        token = page.token
+        if not token:
+            break
+    for name, versions in found.items():
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (client.get_registered_model(name).aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+        found[name] = sorted((replace(v, aliases=tuple(sorted(by_version.get(v.version, ()))))
+                              for v in versions), key=lambda v: -int(v.version))
+    return found
 
 
 def registered_model_tags_of(uri: str, name: str) -> dict[str, str]:

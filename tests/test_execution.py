@@ -15,7 +15,7 @@ from reduce_ops.cli import main
 from reduce_ops.config import ExecutionConfig, from_dict
 from reduce_ops.models import build_model
 
-from conftest import make_project, tiny_params
+from conftest import clone_project, make_project, run_stages, tiny_params
 
 ray = pytest.importorskip("ray", reason="Ray is installed by `make install` (requirements.txt)")
 
@@ -99,3 +99,33 @@ def test_unreachable_ray_address_is_one_line_before_training(
 def test_a_malformed_ray_address_names_the_key() -> None:
     with pytest.raises(Exception, match="execution.address: expected null, auto"):
         execution.check_address(ExecutionConfig("ray", "no-port-here", 2, 1))
+
+
+def test_fat_and_compare_on_ray_give_what_local_gives(tmp_path: Path, ray_instance,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-chip and per-group FAT with verification, and compare's per-chip runs, as Ray tasks:
+    the same chips, epochs and accuracies as one after another in the driver."""
+    import pandas as pd
+
+    from test_grouping import WAFER
+
+    base = tmp_path / "base"
+    make_project(base, WAFER + ["execution.torch_threads=1"])
+    run_stages(base, "prepare", "pretrain", "faultmaps", "resilience", "plan", "group")
+    out = {}
+    for backend in ("local", "ray"):
+        root = clone_project(base, tmp_path / backend)
+        monkeypatch.chdir(root)
+        for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow sets them
+            monkeypatch.delenv(leaked, raising=False)            # each project its own store
+        for stage in ("fat", "compare"):
+            assert main([stage, "--params", str(root / "params.yaml"), "--set",
+                         f"execution.backend={backend}", "--set", "execution.workers=2"]) == 0
+        out[backend] = root
+    chips = {b: pd.read_csv(r / "results/fat/chips.csv").drop(
+        columns=["model_version", "champion_version", "run_id", "train_seconds",
+                 "log_model_seconds"]) for b, r in out.items()}
+    assert (chips["local"]["group_size"] > 1).any()           # groups were trained too
+    pd.testing.assert_frame_equal(chips["local"], chips["ray"])
+    assert ((out["local"] / "results/compare/per_chip.csv").read_bytes()
+            == (out["ray"] / "results/compare/per_chip.csv").read_bytes())

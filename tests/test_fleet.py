@@ -109,32 +109,30 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
     plan, plan_id = _plan(in_project)
     feasible = plan.loc[plan["feasible"], "chip_id"].tolist()
     assert 2 <= len(feasible) < len(plan)        # the setup gives both kinds of chips
-    real_register = tracking.register_model_version
-    registered: list[str] = []
+    real = fleet._train
+    calls: list[str] = []
 
-    def interrupt_second(stage, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if registered:                           # Ctrl-C while the 2nd chip's run is open
+    def interrupt_second(unit, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls.append(unit.members[0].chip_id)
+        if len(calls) == 2:                       # Ctrl-C while the 2nd chip trains
             raise KeyboardInterrupt
-        registered.append(name)
-        return real_register(stage, name, *args, **kwargs)
+        return real(unit, *args, **kwargs)
 
-    monkeypatch.setattr(tracking, "register_model_version", interrupt_second)
+    monkeypatch.setattr(fleet, "_train", interrupt_second)
     assert _fat(in_project) == 130
     uri = tracking_uri(in_project)
     (killed,) = find_runs(uri, {"reduce_ops.stage": "fat"}, statuses=("KILLED",))
     assert not (in_project / "results/fat/chips.csv").exists()       # nothing half-written
+    # the first chip's model, trained before Ctrl-C, was still logged and registered
     assert [len(_versions(in_project, c)) for c in feasible] == [1] + [0] * (len(feasible) - 1)
     children = {r.tags["reduce_ops.chip_id"]: r.status
                 for r in find_runs(uri, {"mlflow.parentRunId": killed.run_id})
                 if "reduce_ops.rejected" not in r.tags}       # the plan's rejections come first
-    assert children == {feasible[0]: "FINISHED", feasible[1]: "KILLED"}
+    assert children == {feasible[0]: "FINISHED"}
 
-    monkeypatch.setattr(tracking, "register_model_version", real_register)
-    real = fleet._train_chip
-    calls: list[str] = []
-    monkeypatch.setattr(fleet, "_train_chip",
-                        lambda stage, job, *a, **k: (calls.append(job.chip_id),
-                                                     real(stage, job, *a, **k))[1])
+    calls.clear()
+    monkeypatch.setattr(fleet, "_train", lambda unit, *a, **k: (
+        calls.append(unit.members[0].chip_id), real(unit, *a, **k))[1])
     assert _fat(in_project) == 0
     assert calls == feasible[1:]                  # the chip done before Ctrl-C is not retrained
     assert all(len(_versions(in_project, c)) == 1 for c in feasible)
@@ -271,14 +269,14 @@ def test_rerun_registers_nothing_and_a_chip_rejected_later_loses_its_champion(
     # margin): it is rejected at the cap, and its champion of the earlier run is withdrawn.
     first = feasible[0]
     assert any(names.CHAMPION in v.aliases for v in _versions(in_project, first))
-    real = fleet._train_chip
+    real = fleet._train
 
-    def miss_first(stage, job, baseline, data, ctx, *args):  # noqa: ANN001, ANN002
-        if job.chip_id == first:
+    def miss_first(unit, baseline, data, ctx, *args):  # noqa: ANN001, ANN002
+        if unit.members[0].chip_id == first:
             ctx = dataclasses.replace(ctx, margin=1.0)
-        return real(stage, job, baseline, data, ctx, *args)
+        return real(unit, baseline, data, ctx, *args)
 
-    monkeypatch.setattr(fleet, "_train_chip", miss_first)
+    monkeypatch.setattr(fleet, "_train", miss_first)
     assert _fat(in_project, "--force") == 0
     after = {c: _versions(in_project, c) for c in feasible}
     assert {c: len(v) for c, v in after.items()} == {c: n + 1 for c, n in before.items()}
@@ -362,3 +360,32 @@ def test_stale_plan_is_a_clear_error() -> None:
     plan["fault_rate"] = [0.0, 0.5]
     with pytest.raises(DataError, match="chip 'b' planned at fault rate 0.5, its map has 1"):
         fleet.chip_jobs(plan, maps, Path("plan.csv"))
+
+
+def test_sigkill_mid_fleet_then_rerun_registers_each_chip_once(
+        trained: Path, planned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver is SIGKILLed right after its 2nd chip trained (the process logging the 1st
+    chip's model dies with it): the rerun reaps the dead run, finishes what was registered,
+    trains the rest, and every chip ends with exactly one version for the plan and the
+    outcome of a run that was never killed."""
+    from conftest import run_killed_after
+
+    project = clone_project(planned, tmp_path / "project")
+    proc = run_killed_after(project, ["fat", "--params", str(project / "params.yaml")],
+                            "reduce_ops.fleet", "_train", 2)
+    assert proc.returncode == -9, proc.stderr
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(project)
+    (dead,) = find_runs(uri, {"reduce_ops.stage": "fat"}, statuses=("RUNNING",))
+    monkeypatch.chdir(project)
+    assert _fat(project) == 0
+    assert tracking.find_runs(uri, {"reduce_ops.stage": "fat"},
+                              statuses=("KILLED",))[0].run_id == dead.run_id
+    plan, plan_id = _plan(project)
+    for chip in plan.loc[plan["feasible"], "chip_id"]:
+        mine = [v for v in _versions(project, chip) if v.tags.get("plan_run_id") == plan_id]
+        assert len(mine) == 1, (chip, mine)
+        assert names.CHAMPION in mine[0].aliases or mine[0].tags["verified"] == "false"
+    cols = ["chip_id", "status", "actual_epochs", "val_accuracy", "test_accuracy",
+            "planned_epochs", "n_checks", "meets_on_test"]
+    pd.testing.assert_frame_equal(_chips(project)[cols], _chips(trained)[cols])

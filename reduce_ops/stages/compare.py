@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from reduce_ops import atomic, compare, names, provenance, reports
+from reduce_ops import atomic, compare, execution, names, provenance, reports
 from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.grouping import fuse, read_groups
@@ -37,6 +37,7 @@ def _groups(cfg: Config, fleet: list[FaultMap]) -> list[compare.GroupRun]:
 def run(cfg: Config) -> dict[str, Any]:
     """Write results/compare/ (per chip, summary, metrics, Fig. 3); returns the metrics."""
     t0 = time.perf_counter()
+    execution.check_address(cfg.execution)
     src = plan_stage.inputs(cfg)
     stats = list(dict.fromkeys([*cfg.compare.statistics, cfg.plan.statistic]))
     plans = {f"reduce-{stat}": plan_stage.plan_for(cfg, src, stat).plan for stat in stats}
@@ -55,18 +56,22 @@ def run(cfg: Config) -> dict[str, Any]:
         stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("compare", "plan", "verify",
                                                                    "constraint", "fat")}))
         stage.log_params({"resilience_run_id": src.run_id, "n_chips": len(chip_ids),
+                          "execution.backend": cfg.execution.backend,
+                          "execution.workers": cfg.execution.workers,
+                          "execution.torch_threads": cfg.execution.torch_threads,
                           "decision_level": src.decision_level,
                           "constraint_level": src.constraint_level})
         with Progress(len(src.fleet), "compare", "chip") as progress:
             stuck = (load_stuck(cfg.path("fleet"), src.fleet)
                      if cfg.hardware.fault_model == "stuck_at" else None)
             per_chip = compare.run_chips(baseline, data, src.fleet, policy_list, rule, cfg.fat,
-                                         cfg.hardware, device, progress, stuck)
+                                         cfg.hardware, device, progress, stuck, cfg.execution)
         if cfg.group.enabled:
             groups = _groups(cfg, src.fleet)
             with Progress(len(groups), "compare", "eFAT group") as progress:
                 efat = compare.efat_rows(per_chip, groups, f"reduce-{cfg.plan.statistic}", rule,
-                                         baseline, data, cfg.fat, cfg.hardware, device, progress)
+                                         baseline, data, cfg.fat, cfg.hardware, device, progress,
+                                         cfg.execution)
             per_chip = pd.concat([per_chip, efat], ignore_index=True)
             policy_list.append(compare.Policy(compare.EFAT, compare.EFAT, {}))
         summary = compare.summarize(per_chip, policy_list)

@@ -3,11 +3,13 @@ model per chip."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from typing import Any
 
-from reduce_ops import atomic, fleet, names, provenance
+from reduce_ops import atomic, execution, fleet, names, provenance
 from reduce_ops.config import Config, flatten
 from reduce_ops.errors import ReduceOpsError
 from reduce_ops.data import load_prepared
@@ -16,7 +18,7 @@ from reduce_ops.hardware import ArrayGeometry, FaultMap, load_fleet
 from reduce_ops.hardware.stuckfleet import load_stuck
 from reduce_ops.models import load_checkpoint
 from reduce_ops.progress import Progress
-from reduce_ops.tracking import reap_abandoned, stage_run, tracking_uri
+from reduce_ops.tracking import BackgroundTracking, reap_abandoned, stage_run, tracking_uri
 from reduce_ops.training import resolve_device
 
 
@@ -52,6 +54,7 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     """Write results/fat/ (chips.csv, summary); `force` retrains chips already registered for
     the current plan. Returns the summary."""
     t0 = time.perf_counter()
+    execution.check_address(cfg.execution)
     plan_dir = cfg.path("results") / "plan"
     plan, plan_info = fleet.read_plan(plan_dir)
     identity = provenance.current_identity(cfg)
@@ -72,6 +75,10 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
     out_dir = cfg.path("results") / "fat"
+    exe = cfg.execution
+    if exe.backend == "local" and exe.torch_threads == 0:
+        # one core goes to the process that logs and registers the models meanwhile
+        exe = dataclasses.replace(exe, torch_threads=max(1, (os.cpu_count() or 1) - 1))
     # fat runs of this plan whose process died (SIGKILL, out of memory) end KILLED; their
     # registered chips are reused below like those of any earlier run of the plan
     reap_abandoned(tracking_uri(cfg.root), {names.TAG_STAGE: "fat",
@@ -91,11 +98,27 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
                           "decision_level": plan_info.decision_level,
                           "constraint_level": plan_info.constraint_level,
                           "budget_cap": plan_info.budget_cap, "force": force,
+                          "execution.backend": cfg.execution.backend,
+                          "execution.workers": cfg.execution.workers,
+                          "execution.torch_threads": exe.torch_threads,
                           "device": str(device)})
-        outcomes = fleet.run_fleet(stage, units, rejected, baseline, data, ctx, progress)
+        # logging and registering each model overlaps the next chips' training
+        queue = BackgroundTracking(stage).start()
+        try:
+            outcomes = fleet.run_fleet(stage, units, rejected, baseline, data, ctx, progress,
+                                       exe, queue)
+        finally:
+            queue.close()
         seconds = time.perf_counter() - t0
+        # MLflow work on the critical path: the driver's own calls, and its waits for the
+        # process that logs and registers the chips' models
+        critical = stage.tracking_seconds + queue.blocked_seconds
         summary = {**fleet.fleet_summary(outcomes, plan_info), "run_id": stage.run_id,
-                   "stage_seconds": seconds, "tracking_seconds": stage.tracking_seconds}
+                   "stage_seconds": seconds,
+                   "tracking_seconds": stage.tracking_seconds + queue.worker_seconds,
+                   "tracking_critical_seconds": critical,
+                   "tracking_blocked_seconds": queue.blocked_seconds,
+                   "tracking_critical_fraction": critical / seconds}
         atomic.write_csv(fleet.chips_table(outcomes), out_dir / "chips.csv")
         atomic.write_json(out_dir / "summary.json", summary)
         stage.log_numbers(summary)
