@@ -173,8 +173,7 @@ def _num(tags: dict[str, str], key: str) -> float:
     return float(tags.get(key, "nan"))
 
 
-def _skipped(job: ChipJob, versions: Sequence[tracking.ModelVersionInfo],
-             ctx: FleetContext) -> ChipOutcome:
+def _skipped(job: ChipJob, versions: Sequence[tracking.ModelVersionInfo]) -> ChipOutcome:
     """The outcome of a chip registered for this plan already (`versions`: newest first)."""
     mv = next((v for v in versions if CHAMPION in v.aliases), None) or versions[0]
     tags = mv.tags
@@ -466,7 +465,7 @@ def run_fleet(stage: tracking.StageRun, units: Sequence[Unit], rejected: Sequenc
             for job in unit.members:
                 before = done.get(registered_name(ctx.prefix, job.chip_id))
                 if before:
-                    o = _skipped(job, before, ctx)
+                    o = _skipped(job, before)
                     futures[job.chip_id] = queue.submit(_finish_list, o, wctx, holds_model=False)
                     if progress is not None:
                         progress.done(f"chip {job.chip_id}", _describe(o))

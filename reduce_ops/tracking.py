@@ -300,8 +300,7 @@ class BackgroundTracking:
 
         t0 = time.perf_counter()
         while busy():
-            wait([f for f in self._heavy + self._pending if not f.done()],
-                 return_when=FIRST_COMPLETED)
+            wait([f for f in self._pending if not f.done()], return_when=FIRST_COMPLETED)
         self.blocked_seconds += time.perf_counter() - t0
         for f in self._pending:
             if f.done() and not f.cancelled() and f.exception() is not None:
@@ -692,29 +691,30 @@ def model_version_by_alias(uri: str, name: str, alias: str) -> ModelVersionInfo 
 def find_model_versions(uri: str, name: str,
                         tags: Mapping[str, str] | None = None) -> list[ModelVersionInfo]:
     """Versions of registered model `name` carrying all `tags`, newest first ([] if unknown)."""
-    from dataclasses import replace
-
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri, registry_uri=uri)
     filters = [f"name = '{name}'", *(f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items())]
     found = client.search_model_versions(" and ".join(filters))
-    if not found:
-        return []
-    # search results carry no aliases; the registered model has them ({alias: version})
+    return _with_aliases(client, name, list(map(_version_info, found))) if found else []
+
+
+def _with_aliases(client: Any, name: str,
+                  versions: Sequence[ModelVersionInfo]) -> list[ModelVersionInfo]:
+    """Versions of `name` with their aliases, newest first: search results carry no aliases,
+    the registered model has them ({alias: version})."""
+    from dataclasses import replace
+
     by_version: dict[str, list[str]] = {}
     for alias, version in (client.get_registered_model(name).aliases or {}).items():
         by_version.setdefault(str(version), []).append(alias)
-    out = [replace(info, aliases=tuple(sorted(by_version.get(info.version, ()))))
-           for info in map(_version_info, found)]
+    out = [replace(v, aliases=tuple(sorted(by_version.get(v.version, ())))) for v in versions]
     return sorted(out, key=lambda v: -int(v.version))
 
 
 def model_versions_with_tag(uri: str, key: str, value: str) -> dict[str, list[ModelVersionInfo]]:
     """{registered model name: its versions carrying tag key=value, newest first, each with its
     aliases}, for every model in the registry: one paged search instead of one per model."""
-    from dataclasses import replace
-
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri, registry_uri=uri)
@@ -728,13 +728,7 @@ def model_versions_with_tag(uri: str, key: str, value: str) -> dict[str, list[Mo
         token = page.token
         if not token:
             break
-    for name, versions in found.items():
-        by_version: dict[str, list[str]] = {}
-        for alias, version in (client.get_registered_model(name).aliases or {}).items():
-            by_version.setdefault(str(version), []).append(alias)
-        found[name] = sorted((replace(v, aliases=tuple(sorted(by_version.get(v.version, ()))))
-                              for v in versions), key=lambda v: -int(v.version))
-    return found
+    return {name: _with_aliases(client, name, versions) for name, versions in found.items()}
 
 
 def registered_model_tags_of(uri: str, name: str) -> dict[str, str]:
