@@ -137,6 +137,7 @@ class FaultMapsConfig:
     chips_per_wafer: int = _check(1, 100000)      # wafer generator: chips cut from one wafer
     shared_fraction: float = _check(0.0, 1.0)     # wafer: share of a chip's faults that are the
                                                   # wafer's systematic defects
+    rate_spread: float = _check(0.0, 1.0)         # wafer: chip rate = wafer rate +- this
     rate_distribution: Literal["uniform", "beta"]
     rate_min: float = _check(0.0, 1.0)
     rate_max: float = _check(0.0, 1.0)
@@ -208,6 +209,7 @@ class GroupConfig:
     max_size: int = _check(1, 100000)             # chips in one group at most
     candidates: int = _check(1, 100000)           # partners considered per chip
     sample_pes: int = _check(1, 1 << 30)          # PEs sampled to estimate map overlaps
+    refine_rounds: int = _check(0, 1000)          # passes of single-chip moves after merging
 
 
 @dataclass(frozen=True)

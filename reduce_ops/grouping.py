@@ -12,7 +12,11 @@ Grouping is a greedy merge on exact rewards, made to scale to a fab's fleet:
    estimated from the overlap of their maps on `sample_pes` sampled PEs (one matrix product);
 2. greedy merge: repeatedly merge the two groups whose merge saves the most epochs, computed on
    the exact fused maps (bit-packed OR + popcount), while a merge saves something, the merged
-   group stays within `max_size` and within the feasible region of the plan.
+   group stays within `max_size` and within the feasible region of the plan;
+3. refinement: a merge is never undone, so a chip merged early can sit in the wrong group. Each
+   chip in turn moves to another group (any group on fleets of up to 1,000 chips, else those of
+   its candidate partners) or out on its own where that saves the most epochs, exactly computed,
+   until no move saves anything (`refine_rounds` passes at most).
 Chips the plan rejects, and chips that need no retraining, stay out of every group.
 """
 
@@ -31,6 +35,8 @@ from reduce_ops.errors import ConfigError, DataError
 from reduce_ops.hardware import FaultMap
 
 CHUNK = 1024        # rows of the candidate search at a time
+EVERY_GROUP = 1000  # refinement tries every group for each chip up to this many chips, beyond it
+                    # the groups of the chip's candidate partners
 
 
 @dataclass(frozen=True)
@@ -105,9 +111,10 @@ class _Merger:
 def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
                        planned_at: Callable[[np.ndarray], np.ndarray], n_candidates: int,
                        sample_pes: int, seed: int = 0) -> list[np.ndarray]:
-    """For each chip, up to `n_candidates` partners whose merge with it saves the most epochs,
+    """For each chip, up to `n_candidates` partners whose merge with it saves the most epochs
+    (a saving may be zero or negative: a chip may still fit an existing group of a partner),
     estimated from the maps' overlap on `sample_pes` uniformly sampled PEs: one product of the
-    [chips, sample] 0/1 matrix with its transpose, no loop over pairs."""
+    [chips, sample] 0/1 matrix with its transpose, no loop over pairs. Feasible merges only."""
     n = len(maps)
     n_pes = maps[0].faulty.size
     pes = np.random.default_rng(seed).choice(n_pes, size=min(sample_pes, n_pes), replace=False)
@@ -127,13 +134,80 @@ def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
             out += [np.empty(0, dtype=np.int64)] * len(rows)
             continue
         best = np.argpartition(-gain, k - 1, axis=1)[:, :k]                   # [chunk, k]
-        out += [row[gain[i, row] > 0] for i, row in enumerate(best)]
+        out += [row[np.isfinite(gain[i, row])] for i, row in enumerate(best)]
     return out
+
+
+def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
+           planned_at: Callable[[np.ndarray], np.ndarray], max_size: int,
+           partners: Sequence[np.ndarray], n_pes: int, rounds: int) -> list[list[int]]:
+    """Single-chip moves between groups, each taken only when it lowers the total planned epochs
+    (exact, on the bit-packed maps): to another group (any group up to EVERY_GROUP chips, else one
+    holding a candidate partner of the chip), or out on its own. Returns the groups (lists of chip indices), none empty."""
+    n = len(own)
+    members: list[list[int]] = [list(g) for g in groups] + [[] for _ in range(n)]
+    words = np.zeros((len(members), chip_words.shape[1]), dtype=np.uint64)
+    planned = np.zeros(len(members))
+    where = np.empty(n, dtype=np.int64)
+    free = list(range(len(members) - 1, len(groups) - 1, -1))   # empty slots, popped from the end
+
+    def cost(chips: list[int], fused: np.ndarray) -> float:
+        if len(chips) == 1:
+            return float(own[chips[0]])
+        return float(planned_at(np.array([np.bitwise_count(fused).sum() / n_pes]))[0])
+
+    def fused_of(chips: list[int]) -> np.ndarray:
+        return np.bitwise_or.reduce(chip_words[chips], axis=0)
+
+    everywhere = n <= EVERY_GROUP
+    for k, g in enumerate(groups):
+        words[k] = fused_of(g)
+        planned[k] = cost(g, words[k])
+        where[g] = k
+    for _ in range(rounds):
+        moved = 0
+        for i in range(n):
+            g = int(where[i])
+            rest = [j for j in members[g] if j != i]
+            rest_words = fused_of(rest) if rest else None
+            rest_cost = cost(rest, rest_words) if rest else 0.0
+            if everywhere:
+                targets = np.flatnonzero([bool(m) for m in members])
+            else:
+                targets = np.unique(where[partners[i]]) if len(partners[i]) else where[:0]
+            targets = np.array([h for h in targets
+                                if h != g and len(members[h]) < max_size], dtype=np.int64)
+            best, to = -1e-9, None
+            if targets.size:
+                union = np.bitwise_count(words[targets] | chip_words[i]).sum(axis=1)
+                delta = rest_cost + planned_at(union / n_pes) - planned[g] - planned[targets]
+                delta[~np.isfinite(delta)] = math.inf
+                k = int(np.argmin(delta))
+                if delta[k] < best:
+                    best, to = float(delta[k]), int(targets[k])
+            if rest and rest_cost + own[i] - planned[g] < best:
+                to = free.pop()
+            if to is None:
+                continue
+            members[g] = rest
+            words[g] = rest_words if rest else 0
+            planned[g] = rest_cost
+            if not rest:
+                free.append(g)
+            members[to] = members[to] + [i]
+            words[to] = words[to] | chip_words[i]
+            planned[to] = cost(members[to], words[to])
+            where[i] = to
+            moved += 1
+        if not moved:
+            break
+    return [m for m in members if m]
 
 
 def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
                 planned_at: Callable[[np.ndarray], np.ndarray], max_size: int,
-                n_candidates: int = 16, sample_pes: int = 8192, seed: int = 0) -> list[Group]:
+                n_candidates: int = 16, sample_pes: int = 8192, seed: int = 0,
+                refine_rounds: int = 10) -> list[Group]:
     """Greedy reward-driven fusion of the chips in `maps` (all plannable, own planned > 0).
 
     `planned_at(fault_rates)` gives the plan's epochs at each fault rate (inf where
@@ -173,14 +247,20 @@ def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
             owner[owner == h] = g
             # the merged group's candidates: its members' partners, in their current groups
             push(g, owner[np.concatenate([partners[m] for m in merger.members[g]])])
-    founders = sorted(np.flatnonzero(merger.alive), key=lambda g: min(merger.members[g]))
-    width = max(3, len(str(len(founders))))
+    found = [merger.members[g] for g in np.flatnonzero(merger.alive)]
+    if max_size > 1 and len(maps) > 1 and refine_rounds > 0:
+        chip_words = np.stack([_packed(m.faulty) for m in maps])
+        found = refine(chip_words, own, found, planned_at, max_size, partners,
+                       merger.n_pes, refine_rounds)
+    found = sorted((sorted(m) for m in found), key=lambda m: m[0])
+    width = max(3, len(str(len(found))))
     groups = []
-    for k, g in enumerate(founders):
-        members = sorted(merger.members[g])
+    for k, members in enumerate(found):
+        fused = fuse([maps[i] for i in members])
+        planned = (float(own[members[0]]) if len(members) == 1 else
+                   float(planned_at(np.array([np.count_nonzero(fused) / fused.size]))[0]))
         groups.append(Group(f"group-{k:0{width}d}", tuple(maps[i].chip_id for i in members),
-                            fuse([maps[i] for i in members]), float(merger.planned[g]),
-                            float(own[members].sum())))
+                            fused, planned, float(own[members].sum())))
     return groups
 
 

@@ -16,7 +16,7 @@ from conftest import make_project, run_stages
 from reduce_ops import registry, tracking
 from reduce_ops.config import from_dict
 from reduce_ops.errors import ConfigError
-from reduce_ops.grouping import form_groups, fuse, read_groups
+from reduce_ops.grouping import _packed, form_groups, fuse, read_groups, refine
 from reduce_ops.hardware import (ArrayGeometry, FaultMap, build_masks, load_fleet,
                                  uniform_fault_map, wafer_fleet)
 
@@ -85,8 +85,59 @@ def test_no_group_is_infeasible_or_too_big() -> None:
         form_groups(maps, own, planned_at, max_size=0)
 
 
+def test_refinement_moves_a_chip_out_of_a_group_that_a_merge_left_it_in() -> None:
+    """c and d have the same map; a and b are disjoint from them and from each other. Started
+    from [c, a] and [d, b] (4 faulty PEs each: 2 epochs, no saving), moving c next to d saves an
+    epoch; the result is every chip once, 3 epochs in all."""
+    maps = [_map("a", [(0, 0), (0, 1)]), _map("b", [(1, 0), (1, 1)]),
+            _map("c", [(2, 2), (2, 3)]), _map("d", [(2, 2), (2, 3)])]
+    own = _step([m.fault_rate for m in maps])
+    words = np.stack([_packed(m.faulty) for m in maps])
+    everyone = [np.array([j for j in range(4) if j != i]) for i in range(4)]
+    groups = refine(words, own, [[2, 0], [3, 1]], _step, 4, everyone, 16, rounds=5)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3]
+    cost = sum(own[g[0]] if len(g) == 1 else _step([fuse([maps[i] for i in g]).mean()])[0]
+               for g in groups)
+    assert cost == 3.0
+    assert any(set(g) >= {2, 3} for g in groups)
+    # no rounds: the groups as given
+    assert refine(words, own, [[2, 0], [3, 1]], _step, 4, everyone, 16, rounds=0) == [[2, 0],
+                                                                                       [3, 1]]
+
+
+def test_refinement_never_plans_more_and_finds_more_on_a_wafer_fleet() -> None:
+    def planned_at(rates):
+        r = np.asarray(rates, dtype=float)
+        return np.where(r <= 0.2, np.ceil((0.25 + 16 * r) * 4) / 4, math.inf)
+
+    gains = []
+    for seed in range(6):
+        fleet = wafer_fleet(40, ArrayGeometry(64, 64), 10, 0.8, "uniform", 0.0, 0.3, seed, "c",
+                            rate_spread=0.3)
+        own = planned_at([m.fault_rate for m in fleet])
+        maps, own = [m for m, o in zip(fleet, own) if math.isfinite(o)], own[np.isfinite(own)]
+        greedy = form_groups(maps, own, planned_at, 8, refine_rounds=0)
+        refined = form_groups(maps, own, planned_at, 8)
+        assert sorted(c for g in refined for c in g.members) == sorted(m.chip_id for m in maps)
+        assert all(len(g.members) <= 8 and math.isfinite(g.planned_epochs) for g in refined)
+        gains.append(sum(g.planned_epochs for g in greedy) - sum(g.planned_epochs
+                                                                 for g in refined))
+    assert min(gains) >= 0 and max(gains) > 0
+
+
+def test_chips_of_a_wafer_draw_their_rates_around_the_wafers() -> None:
+    fleet = wafer_fleet(40, ArrayGeometry(64, 64), 10, 0.8, "uniform", 0.0, 0.5, 3,
+                        rate_spread=0.02)
+    rates = np.array([m.fault_rate for m in fleet]).reshape(4, 10)
+    assert (rates.max(axis=1) - rates.min(axis=1) <= 0.04 + 1 / 4096).all()
+    assert rates.mean(axis=1).std() > 0.05          # wafers differ
+    with pytest.raises(ConfigError, match=r"faultmaps\.rate_spread: must be <= 1\.0, got 1\.5"):
+        from_dict({**tiny_params(["faultmaps.rate_spread=1.5"])})
+
+
 def test_wafer_chips_share_defects_and_the_wafer_size_must_divide_the_fleet() -> None:
-    fleet = wafer_fleet(20, ArrayGeometry(64, 64), 10, 0.8, "uniform", 0.1, 0.3, 1)
+    fleet = wafer_fleet(20, ArrayGeometry(64, 64), 10, 0.8, "uniform", 0.1, 0.3, 1,
+                        rate_spread=0.2)
     same = [(fleet[i].faulty & fleet[j].faulty).mean() for i in range(10) for j in range(i)]
     other = [(fleet[i].faulty & fleet[10 + j].faulty).mean() for i in range(10) for j in range(10)]
     assert np.mean(same) > 2 * np.mean(other)

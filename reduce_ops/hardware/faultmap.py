@@ -258,30 +258,41 @@ def wafer_fleet(
     rate_high: float,
     seed: int,
     id_prefix: str = "chip",
+    rate_spread: float = 0.02,
 ) -> list[FaultMap]:
     """A fleet of wafers whose chips share part of their defects (systematic defects repeat at
     the same array position on every die of a wafer; the rest are random per die).
 
-    Each wafer draws an ordered list of systematic defect sites, round(shared_fraction *
-    rate_high * N) PEs. A chip with fault rate r (drawn per chip as in `generate_fleet`) has
-    n = round(r * N) faulty PEs: the first min(round(shared_fraction * n), list length) sites of
-    its wafer's list (a worse die shows more of them) and the rest uniformly among the other PEs.
-    Chips sharing a wafer therefore overlap far more than independent chips, and a group of them
-    fuses into a map barely larger than its worst member's. Seeded like `generate_fleet`: the
-    fleet seed spawns one stream for the rates, one per wafer and one per chip.
+    Defect density is a property of the wafer (wafer-to-wafer variation dominates die-to-die
+    variation on one wafer): each wafer draws a fault rate from `distribution` on [rate_low,
+    rate_high], and each of its chips that rate plus a uniform offset in [-rate_spread,
+    +rate_spread], clipped to [rate_low, rate_high] (a spread as wide as the range makes the
+    chips' rates nearly independent of their wafer). Each wafer draws an ordered list of
+    systematic defect sites, round(shared_fraction * rate_high * N) PEs. A chip with fault rate r
+    has n = round(r * N) faulty PEs: the first min(round(shared_fraction * n), list length) sites
+    of its wafer's list (a worse die shows more of them) and the rest uniformly among the other
+    PEs. Chips sharing a wafer therefore overlap far more than independent chips, and a group of
+    them fuses into a map barely larger than its worst member's. Seeded like `generate_fleet`:
+    the fleet seed spawns one stream for the rates, one per wafer and one per chip.
     """
     if chips_per_wafer < 1 or n_chips % chips_per_wafer:
         raise FaultMapError(f"faultmaps.chips_per_wafer: {chips_per_wafer} does not divide the "
                             f"fleet of {n_chips} chips")
     if not 0.0 <= shared_fraction <= 1.0:
         raise FaultMapError(f"faultmaps.shared_fraction: must be in [0, 1], got {shared_fraction}")
+    if not 0.0 <= rate_spread <= 1.0:
+        raise FaultMapError(f"faultmaps.rate_spread: must be in [0, 1], got {rate_spread}")
     ids = chip_ids(n_chips, id_prefix)
+    n_wafers = n_chips // chips_per_wafer
     rates_stream, wafers_stream, chips_stream = np.random.SeedSequence(seed).spawn(3)
-    rates = sample_fleet_rates(n_chips, distribution, rate_low, rate_high, rates_stream)
+    wafer_seed, offset_seed = rates_stream.spawn(2)
+    wafer_rates = sample_fleet_rates(n_wafers, distribution, rate_low, rate_high, wafer_seed)
+    offsets = np.random.default_rng(offset_seed).uniform(-rate_spread, rate_spread, n_chips)
+    rates = np.clip(np.repeat(wafer_rates, chips_per_wafer) + offsets, rate_low, rate_high)
     n_pes = geometry.n_pes
     n_shared = int(round(shared_fraction * rate_high * n_pes))
     wafers = [np.random.default_rng(s).permutation(n_pes)[:n_shared]
-              for s in wafers_stream.spawn(n_chips // chips_per_wafer)]
+              for s in wafers_stream.spawn(n_wafers)]
     fleet = []
     for i, (chip_id, rate, stream) in enumerate(zip(ids, rates, chips_stream.spawn(n_chips))):
         n_faulty = _n_target(geometry, float(rate))

@@ -35,10 +35,11 @@ def run(cfg: Config) -> list[FaultMap]:
         how = f"imported from {fm.import_dir}"
     elif fm.generator == "wafer":
         maps = wafer_fleet(fm.n_chips, geometry, fm.chips_per_wafer, fm.shared_fraction,
-                           fm.rate_distribution, fm.rate_min, fm.rate_max, fm.seed, fm.id_prefix)
+                           fm.rate_distribution, fm.rate_min, fm.rate_max, fm.seed, fm.id_prefix,
+                           fm.rate_spread)
         how = (f"{fm.n_chips // fm.chips_per_wafer} wafers of {fm.chips_per_wafer} chips sharing "
-               f"{fm.shared_fraction:.0%} of their defects, rates {fm.rate_distribution} in "
-               f"[{fm.rate_min:g}, {fm.rate_max:g}]")
+               f"{fm.shared_fraction:.0%} of their defects, wafer rates {fm.rate_distribution} "
+               f"in [{fm.rate_min:g}, {fm.rate_max:g}], chips within +-{fm.rate_spread:g}")
     else:
         maps = generate_fleet(fm.n_chips, geometry, fm.generator, fm.rate_distribution,
                               fm.rate_min, fm.rate_max, fm.seed, id_prefix=fm.id_prefix)

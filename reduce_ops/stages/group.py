@@ -40,7 +40,7 @@ def run(cfg: Config) -> dict[str, Any]:
     g = cfg.group
     groups = form_groups([maps[c] for c in trained["chip_id"]], trained["planned_epochs"],
                          planned_at, g.max_size if g.enabled else 1, g.candidates,
-                         g.sample_pes)
+                         g.sample_pes, refine_rounds=g.refine_rounds)
     groups += [Group(f"alone-{c}", (c,), maps[c].faulty, 0.0, 0.0) for c in alone["chip_id"]]
     baseline, _ = load_checkpoint(cfg.path("baseline"))
     table = pd.DataFrame([(grp.group_id, MEMBER_SEP.join(grp.members), len(grp.members),
