@@ -138,6 +138,12 @@ def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
     return out
 
 
+def _planned_fused(maps: Sequence[FaultMap], planned_at: Callable[[np.ndarray], np.ndarray]
+                   ) -> float:
+    fused = fuse(maps)
+    return float(planned_at(np.array([np.count_nonzero(fused) / fused.size]))[0])
+
+
 def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
            planned_at: Callable[[np.ndarray], np.ndarray], max_size: int,
            partners: Sequence[np.ndarray], n_pes: int, rounds: int) -> list[list[int]]:
@@ -252,13 +258,17 @@ def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
         chip_words = np.stack([_packed(m.faulty) for m in maps])
         found = refine(chip_words, own, found, planned_at, max_size, partners,
                        merger.n_pes, refine_rounds)
+    # a move out of a group can leave the rest costing more than its members alone: split those
+    found = [part for m in found for part in
+             ([m] if len(m) == 1 or _planned_fused([maps[i] for i in m], planned_at)
+              <= own[m].sum() else [[i] for i in m])]
     found = sorted((sorted(m) for m in found), key=lambda m: m[0])
     width = max(3, len(str(len(found))))
     groups = []
     for k, members in enumerate(found):
         fused = fuse([maps[i] for i in members])
         planned = (float(own[members[0]]) if len(members) == 1 else
-                   float(planned_at(np.array([np.count_nonzero(fused) / fused.size]))[0]))
+                   _planned_fused([maps[i] for i in members], planned_at))
         groups.append(Group(f"group-{k:0{width}d}", tuple(maps[i].chip_id for i in members),
                             fused, planned, float(own[members].sum())))
     return groups

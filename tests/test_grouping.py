@@ -120,6 +120,7 @@ def test_refinement_never_plans_more_and_finds_more_on_a_wafer_fleet() -> None:
         refined = form_groups(maps, own, planned_at, 8)
         assert sorted(c for g in refined for c in g.members) == sorted(m.chip_id for m in maps)
         assert all(len(g.members) <= 8 and math.isfinite(g.planned_epochs) for g in refined)
+        assert all(g.reward >= 0 for g in refined)     # no group costs more than its members
         gains.append(sum(g.planned_epochs for g in greedy) - sum(g.planned_epochs
                                                                  for g in refined))
     assert min(gains) >= 0 and max(gains) > 0
