@@ -14,7 +14,8 @@ from reduce_ops.errors import ConfigError, DataError
 
 TRIAL_KEYS = ["fault_rate", "repetition"]
 MAP_COLUMNS = ["level", "fault_rate", "n_reps", "n_reached", "n_never", "min", "mean", "max"]
-NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never", "reach_fraction", "reach_fitted"]
+NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never", "reach_fraction", "reach_fitted",
+                "reached_need"]
 PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
 _STATISTIC_HELP = "expected 'max', 'mean' or 'qP' with 0<P<=1"
 DECISION_METRIC = "val_accuracy"     # every decision reads the validation split
@@ -141,7 +142,8 @@ def aggregate_needs(needs_df: pd.DataFrame, statistic="max",
     with its neighbours instead of cutting the feasible region there; a rate is feasible when the
     fitted fraction is at least `min_reached` (1.0: every repetition, the worst case). The need
     of a feasible rate is `statistic` over the repetitions that reached: 'max' (the worst of
-    them), 'mean', or a quantile (numpy's method 'higher', never interpolated down).
+    them), 'mean', or a quantile (numpy's method 'higher', never interpolated down);
+    `reached_need` is that statistic at every rate, planned or not (inf where none reached).
     """
     stat = parse_statistic(statistic)
     missing = [c for c in ("fault_rate", "needed") if c not in needs_df.columns]
@@ -169,7 +171,7 @@ def aggregate_needs(needs_df: pd.DataFrame, statistic="max",
     fitted = (np.asarray(IsotonicRegression(increasing=False).fit_transform(rates, reach))
               if len(rates) > 1 else reach)
     needed = [v if f >= min_reached - 1e-9 else math.inf for v, f in zip(values, fitted)]
-    return pd.DataFrame(list(zip(rates, needed, sizes, nevers, reach, fitted)),
+    return pd.DataFrame(list(zip(rates, needed, sizes, nevers, reach, fitted, values)),
                         columns=NEED_COLUMNS)
 
 
@@ -180,16 +182,16 @@ class MonotoneCurve:
     `fitted` is the upper monotone envelope of the measured needs (their running maximum), so at
     every measured rate the curve is at least what the statistic says there; between measured
     rates it is linear. The feasible region runs from the lowest measured rate up to
-    `max_feasible_rate`, the highest measured rate such that it and every lower measured rate
-    have a finite need. Everything above is infeasible, including rates between the last finite
-    and the first infinite measurement and finite measurements above an infinite one
-    (conservative: no evidence that they are reachable). With no feasible point
-    `max_feasible_rate` is -inf.
+    `max_feasible_rate`: from `fit_monotone_curve`, the highest measured rate such that it and
+    every lower measured rate have a finite need; everything above is infeasible, including
+    finite measurements above an infinite one (no evidence that they are reachable). With no
+    feasible point `max_feasible_rate` is -inf. `fit_plan_curve` may move the edge part of the
+    way to the next measured rate (then `fitted` has one more point, the need there).
     """
 
     rates: np.ndarray  # measured fault rates, sorted, shape (n,)
     needed: np.ndarray  # measured aggregate needs in epochs, inf = never reached, shape (n,)
-    fitted: np.ndarray  # running max of the needs on rates[:n_feasible], non-decreasing
+    fitted: np.ndarray  # non-decreasing need on rates[:fitted.size], nowhere below `needed`
     max_feasible_rate: float
     max_amount: float  # the most retraining measured (the budget cap), epochs
 
@@ -227,6 +229,39 @@ def fit_monotone_curve(rates, needed, max_amount: float) -> MonotoneCurve:
     fitted = np.maximum.accumulate(np.maximum(y[:n_feasible], 0.0))
     max_rate = float(x[n_feasible - 1]) if n_feasible else -math.inf
     return MonotoneCurve(x, y, fitted, max_rate, float(max_amount))
+
+
+def fit_plan_curve(points: pd.DataFrame, max_amount: float,
+                   min_reached: float = 1.0) -> MonotoneCurve:
+    """The plan's curve from `aggregate_needs` output: the monotone fit over the planned rates,
+    its feasible edge then interpolated in the reach fraction.
+
+    Between the last planned rate (fitted reach fraction >= `min_reached`) and the next
+    measured one (below it), the reach fraction is taken as linear, like the need: the feasible
+    region ends where it crosses `min_reached`, and the need up to there is linear between the
+    two rates' statistics over the repetitions that reached (the next one's never below the
+    last's). The edge stays at the last planned rate where no repetition of the next rate
+    reached within the cap, and with `min_reached` 1.0 (the worst case: every repetition).
+    """
+    missing = [c for c in ("fault_rate", "needed", "reach_fitted", "reached_need")
+               if c not in points.columns]
+    if missing:
+        raise DataError(f"aggregate needs: missing column(s) {', '.join(missing)}; "
+                        "run `reduce-ops plan` again")
+    p = points.sort_values("fault_rate")
+    curve = fit_monotone_curve(p["fault_rate"], p["needed"], max_amount)
+    rates, reach = p["fault_rate"].to_numpy(float), p["reach_fitted"].to_numpy(float)
+    reached = p["reached_need"].to_numpy(float)
+    k = curve.fitted.size                   # the first rate the plan leaves out
+    if not (0 < k < rates.size and math.isfinite(reached[k])
+            and reach[k] < min_reached - 1e-9 < reach[k - 1]):
+        return curve
+    edge = rates[k - 1] + (rates[k] - rates[k - 1]) * (reach[k - 1] - min_reached) / (
+        reach[k - 1] - reach[k])
+    if edge <= rates[k - 1]:
+        return curve
+    fitted = np.append(curve.fitted, max(curve.fitted[-1], min(reached[k], max_amount)))
+    return MonotoneCurve(curve.rates, curve.needed, fitted, float(edge), curve.max_amount)
 
 
 @dataclass(frozen=True)
@@ -334,7 +369,7 @@ def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic
     points = aggregate_needs(needs, statistic, min_reached)
     spread = needs.groupby("fault_rate")["needed"].agg(["min", "max"]).reset_index()
     points = points.merge(spread, on="fault_rate", how="left")
-    curve = fit_monotone_curve(points["fault_rate"], points["needed"], max_amount=cap)
+    curve = fit_plan_curve(points, cap, min_reached)
     plan = plan_fleet(curve, chips, granularity, safety_margin)
     return PlanResult(float(level), points, curve, plan)
 

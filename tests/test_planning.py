@@ -14,6 +14,7 @@ from reduce_ops.planning import (
     MonotoneCurve,
     aggregate_needs,
     fit_monotone_curve,
+    fit_plan_curve,
     make_plan,
     parse_statistic,
     plan_fleet,
@@ -357,6 +358,61 @@ def test_curve_is_a_frozen_dataclass(linear_curve):
     assert isinstance(linear_curve, MonotoneCurve)
     with pytest.raises(AttributeError):
         linear_curve.max_amount = 5.0
+
+
+# ---- fit_plan_curve: the feasible edge between two measured rates -------------------------------
+
+def edge_points(reached_at_03=3.0):
+    """Rates 0.1/0.2 planned (reach 1.0, 0.8), 0.3 not (0.4 reached)."""
+    return pd.DataFrame({"fault_rate": [0.1, 0.2, 0.3], "needed": [1.0, 2.0, math.inf],
+                         "reach_fitted": [1.0, 0.8, 0.4], "reached_need": [1.0, 2.0, reached_at_03]})
+
+
+def test_plan_curve_edge_is_interpolated_in_the_reach_fraction():
+    """Reach 0.8 at 0.2 and 0.4 at 0.3 cross min_reached 0.7 a quarter of the way: 0.225; the
+    need there is a quarter of the way from 2.0 to 0.3's need over the repetitions that reached."""
+    c = fit_plan_curve(edge_points(), 4.0, min_reached=0.7)
+    assert c.max_feasible_rate == pytest.approx(0.225)
+    assert c(np.array([0.2, 0.225])).tolist() == pytest.approx([2.0, 2.25])
+    assert c(np.array([0.23, 0.3])).tolist() == [math.inf, math.inf]
+
+
+def test_plan_curve_edge_never_plans_less_than_the_last_planned_rate():
+    c = fit_plan_curve(edge_points(reached_at_03=1.5), 4.0, min_reached=0.7)
+    assert c(np.array([0.2, 0.21, 0.225])).tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("points, min_reached", [
+    (edge_points(), 1.0),                          # worst case: every repetition must reach
+    (edge_points(reached_at_03=math.inf), 0.7),    # none reached at 0.3: nothing to interpolate
+    (edge_points().assign(reach_fitted=[1.0, 0.7, 0.4]), 0.7),   # 0.2 sits on the threshold
+])
+def test_plan_curve_edge_stays_at_the_last_planned_rate(points, min_reached):
+    points.loc[points["reach_fitted"] < min_reached, "needed"] = math.inf
+    last = points.loc[np.isfinite(points["needed"]), "fault_rate"].max()   # 0.1 at 1.0, else 0.2
+    c = fit_plan_curve(points, 4.0, min_reached)
+    assert c.max_feasible_rate == last and c(np.array([last + 1e-4]))[0] == math.inf
+
+
+def test_plan_curve_needs_the_reach_columns():
+    with pytest.raises(DataError, match=r"^aggregate needs: missing column\(s\) reach_fitted, "
+                                        r"reached_need; run `reduce-ops plan` again$"):
+        fit_plan_curve(edge_points().drop(columns=["reach_fitted", "reached_need"]), 4.0)
+
+
+def test_make_plan_plans_chips_up_to_the_interpolated_edge():
+    """Five repetitions per rate; at 0.3 two of five reach (fraction 0.4): at min_reached 0.7
+    chips up to 0.2 + 0.1 * (1 - 0.7) / (1 - 0.4) = 0.25 are planned, at 1.0 none above 0.2."""
+    reach, miss = [0.80, 0.90, 0.95, 0.96], [0.80, 0.85, 0.88, 0.90]
+    curves = {(0.2, k): reach for k in range(5)}
+    curves.update({(0.3, k): reach if k < 2 else miss for k in range(5)})
+    trials = make_trials(curves)
+    loose = make_plan(trials, chips(0.2, 0.24, 0.26), 0.95, "max", 0.25, 1.0, 3.0, 0.7)
+    assert loose.curve.max_feasible_rate == pytest.approx(0.25)
+    assert loose.plan["feasible"].tolist() == [True, True, False]
+    assert loose.plan["planned_epochs"].tolist()[:2] == [2.0, 2.0]
+    strict = make_plan(trials, chips(0.2, 0.24, 0.26), 0.95, "max", 0.25, 1.0, 3.0, 1.0)
+    assert strict.plan["feasible"].tolist() == [True, False, False]
 
 
 # ---- make_plan: one noisy checkpoint, the budget cap -------------------------------------------

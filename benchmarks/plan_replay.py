@@ -1,0 +1,166 @@
+"""Replay plan settings against every chip's full FAT curve, one training seed at a time.
+
+    .venv/bin/python benchmarks/plan_replay.py --seeds 0 1 2 --jobs 2 --out /tmp/replay
+    .venv/bin/python benchmarks/plan_replay.py --seeds 6 7 --set faultmaps.seed=99 --out /tmp/r99
+    .venv/bin/python benchmarks/plan_replay.py --out /tmp/replay --seeds 0 1 2 \\
+        --min-reached 0.6 0.7 --statistics mean max          # replay only: curves are kept
+
+Per seed, in a throw-away copy of the project: `prepare`, `faultmaps`, `pretrain` and
+`resilience` with train.seed set (plus any --set), then every fleet chip's FAT curve from the
+baseline, validation and test accuracy every `resilience.checkpoint_every` epochs up to
+`plan.budget_cap` (ONE run per chip, as `fat` and `compare` train it). The replay then runs the
+project's own `make_plan` and verification rule over those curves for each (statistic,
+min_reached) and the fixed policies of `compare.fixed_epochs`, with the validation check of
+`verify.margin`: chips shipped, shipped chips meeting the constraint on test, total epochs, and
+the ratio to fixed 4 epochs. Curves and trials are kept under --out/<seed>/, so a second call
+with other settings only replays. One JSON line per seed and setting, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from project_copy import REPO, copy_project
+
+sys.path.insert(0, str(REPO))
+from reduce_ops.config import load_config
+from reduce_ops.planning import check_amounts, make_plan
+
+STAGES = ["prepare", "faultmaps", "pretrain", "resilience"]
+
+
+def measure(seed: int, sets: list[str], out: Path) -> None:
+    """Train the seed's baseline and trials, then every chip's curve -> out/{trials,curves}.csv."""
+    with tempfile.TemporaryDirectory(prefix=f"replay{seed}-") as tmp:
+        root = Path(tmp)
+        copy_project(root, ["params.yaml", "dvc.yaml", "MLproject", "reduce_ops",
+                            "data/fault_maps"])
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+               "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env.pop("MLFLOW_RUN_ID", None)
+        args = ["--params", str(root / "params.yaml"), "--set", f"train.seed={seed}",
+                *[a for s in sets for a in ("--set", s)]]
+        for stage in STAGES:
+            proc = subprocess.run([sys.executable, "-m", "reduce_ops", stage, *args], cwd=root,
+                                  env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"seed {seed}: reduce-ops {stage} failed:\n{proc.stderr[-2000:]}")
+        proc = subprocess.run([sys.executable, __file__, "--curves-of", str(root), *args[2:]],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"seed {seed}: chip curves failed:\n{proc.stderr[-2000:]}")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("trials.csv", "summary.json"):
+            (out / name).write_bytes((root / "results/resilience" / name).read_bytes())
+        (out / "curves.csv").write_bytes((root / "curves.csv").read_bytes())
+
+
+def chip_curves(root: Path, sets: list[str]) -> None:
+    """In a measured project copy: every chip's curve -> root/curves.csv (one torch thread)."""
+    import torch
+
+    from reduce_ops.data import load_prepared
+    from reduce_ops.fault_aware import fat_curve
+    from reduce_ops.hardware import ArrayGeometry, load_fleet
+    from reduce_ops.models import load_checkpoint
+
+    torch.set_num_threads(1)
+    cfg = load_config(root / "params.yaml", sets)
+    data = load_prepared(cfg.path("prepared"))
+    baseline, _ = load_checkpoint(cfg.path("baseline"))
+    step = cfg.resilience.checkpoint_every
+    amounts = [round(k * step, 9) for k in range(round(cfg.plan.budget_cap / step) + 1)]
+    rows = []
+    for fmap in load_fleet(cfg.path("fleet"), ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols)):
+        c = fat_curve(baseline, fmap, cfg.hardware.layer_types, data, amounts, cfg.fat, "cpu")
+        rows += [(fmap.chip_id, fmap.fault_rate, a, v, t) for a, v, t in
+                 zip(c.amounts, c.accuracy["val_accuracy"], c.accuracy["test_accuracy"])]
+    pd.DataFrame(rows, columns=["chip_id", "fault_rate", "amount", "val_accuracy",
+                                "test_accuracy"]).to_csv(root / "curves.csv", index=False)
+
+
+def replay(out: Path, cfg, statistic: str, min_reached: float) -> list[dict]:
+    """The fixed policies and one verified Reduce plan over the kept curves of one seed."""
+    info = json.loads((out / "summary.json").read_text())
+    trials, curves = pd.read_csv(out / "trials.csv"), pd.read_csv(out / "curves.csv")
+    bar = info["decision_level"] + cfg.verify.margin
+    constraint = info["constraint_level"]
+    by_chip = {c: g.set_index(g["amount"].round(6)) for c, g in curves.groupby("chip_id")}
+    chips = curves.groupby("chip_id", sort=False)["fault_rate"].first().reset_index()
+
+    def row(policy: str, amounts: dict[str, float | None], tried: dict[str, float]) -> dict:
+        shipped = [c for c, a in amounts.items() if a is not None]
+        meet = sum(by_chip[c].loc[round(amounts[c], 6), "test_accuracy"] >= constraint
+                   for c in shipped)
+        return {"policy": policy, "shipped": len(shipped), "meet_on_test": int(meet),
+                "epochs": float(sum(tried.values()))}
+
+    rows = []
+    for k in cfg.compare.fixed_epochs:
+        ok = {c: (float(k) if g.loc[round(k, 6), "val_accuracy"] >= bar else None)
+              for c, g in by_chip.items()}
+        rows.append(row(f"fixed-{k:g}", ok, {c: float(k) for c in by_chip}))
+    plan = make_plan(trials, chips, bar, statistic, cfg.resilience.checkpoint_every,
+                     cfg.plan.safety_margin, cfg.plan.budget_cap, min_reached)
+    shipped, tried = {}, {}
+    for cid, planned in zip(plan.plan["chip_id"], plan.plan["planned_epochs"]):
+        if not np.isfinite(planned):
+            continue
+        g = by_chip[cid]
+        passing = [a for a in check_amounts(planned, cfg.verify.step, cfg.plan.budget_cap)
+                   if g.loc[round(a, 6), "val_accuracy"] >= bar]
+        shipped[cid] = passing[0] if passing else None
+        tried[cid] = passing[0] if passing else cfg.plan.budget_cap
+    r = row(f"reduce-{statistic}@{min_reached:g}", shipped, tried)
+    r["max_feasible_rate"] = float(plan.curve.max_feasible_rate)
+    rows.append(r)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, required=True, help="curves are kept in OUT/seedN")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds measured at once")
+    parser.add_argument("--statistics", nargs="+", default=None)
+    parser.add_argument("--min-reached", type=float, nargs="+", default=None)
+    parser.add_argument("--curves-of", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.curves_of is not None:
+        return chip_curves(args.curves_of, args.sets)
+    cfg = load_config(REPO / "params.yaml", args.sets)
+    todo = [s for s in args.seeds if not (args.out / f"seed{s}" / "curves.csv").is_file()]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(lambda s: measure(s, args.sets, args.out / f"seed{s}"), todo))
+    table = []
+    for seed in args.seeds:
+        for stat in args.statistics or [cfg.plan.statistic]:
+            for mr in args.min_reached or [cfg.plan.min_reached]:
+                for r in replay(args.out / f"seed{seed}", cfg, stat, mr):
+                    r["seed"] = seed
+                    if not r["policy"].startswith("fixed") or (stat, mr) == (
+                            (args.statistics or [cfg.plan.statistic])[0],
+                            (args.min_reached or [cfg.plan.min_reached])[0]):
+                        print(json.dumps(r), flush=True)
+                        table.append(r)
+    df = pd.DataFrame(table)
+    f4 = df[df["policy"] == "fixed-4"].set_index("seed")
+    df["ratio_to_fixed4"] = df["epochs"] / df["seed"].map(f4["epochs"])
+    df["fixed4_shipped"] = df["seed"].map(f4["shipped"])
+    df["meet_rate"] = df["meet_on_test"] / df["shipped"].where(df["shipped"] > 0)
+    print(df.pivot_table(index="policy", columns="seed",
+                         values=["shipped", "ratio_to_fixed4", "meet_rate"]).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
