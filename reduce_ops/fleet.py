@@ -43,7 +43,6 @@ class PlanInfo:
     budget_cap: float          # epochs
     baseline_hash: str
     dataset_hash: str
-    min_reached: float = 1.0   # plan.min_reached the plan was made with (its feasible edge)
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,7 @@ def read_plan(plan_dir: Path) -> tuple[pd.DataFrame, PlanInfo]:
         summary = json.loads(summary_path.read_text())
         info = PlanInfo(str(summary["run_id"]), float(summary["decision_level"]),
                         float(summary["constraint_level"]), float(summary["budget_cap"]),
-                        str(summary.get("baseline_hash", "")), str(summary.get("dataset_hash", "")),
-                        float(summary.get("min_reached", 1.0)))
+                        str(summary.get("baseline_hash", "")), str(summary.get("dataset_hash", "")))
     except (ValueError, KeyError, TypeError, OSError, pd.errors.ParserError) as exc:
         raise DataError(f"{plan_dir}: unreadable plan ({type(exc).__name__}: {exc})") from None
     missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
