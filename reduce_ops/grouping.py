@@ -138,12 +138,6 @@ def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
     return out
 
 
-def _planned_fused(maps: Sequence[FaultMap], planned_at: Callable[[np.ndarray], np.ndarray]
-                   ) -> float:
-    fused = fuse(maps)
-    return float(planned_at(np.array([np.count_nonzero(fused) / fused.size]))[0])
-
-
 def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
            planned_at: Callable[[np.ndarray], np.ndarray], max_size: int,
            partners: Sequence[np.ndarray], n_pes: int, rounds: int) -> list[list[int]]:
@@ -258,19 +252,26 @@ def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
         chip_words = np.stack([_packed(m.faulty) for m in maps])
         found = refine(chip_words, own, found, planned_at, max_size, partners,
                        merger.n_pes, refine_rounds)
-    # a move out of a group can leave the rest costing more than its members alone: split those
-    found = [part for m in found for part in
-             ([m] if len(m) == 1 or _planned_fused([maps[i] for i in m], planned_at)
-              <= own[m].sum() else [[i] for i in m])]
-    found = sorted((sorted(m) for m in found), key=lambda m: m[0])
-    width = max(3, len(str(len(found))))
-    groups = []
-    for k, members in enumerate(found):
+
+    def planned(members: list[int]) -> tuple[np.ndarray, float]:   # fused map, its epochs
         fused = fuse([maps[i] for i in members])
-        planned = (float(own[members[0]]) if len(members) == 1 else
-                   _planned_fused([maps[i] for i in members], planned_at))
+        return fused, (float(own[members[0]]) if len(members) == 1 else
+                       float(planned_at(np.array([np.count_nonzero(fused) / fused.size]))[0]))
+
+    kept: dict[tuple[int, ...], tuple[np.ndarray, float]] = {}
+    for m in found:
+        fused, epochs = planned(sorted(m))
+        # a move out of a group can leave the rest costing more than its members alone: split
+        if len(m) > 1 and epochs > own[m].sum():
+            kept.update({(i,): planned([i]) for i in m})
+        else:
+            kept[tuple(sorted(m))] = (fused, epochs)
+    width = max(3, len(str(len(kept))))
+    groups = []
+    for k, members in enumerate(sorted(kept, key=lambda m: m[0])):
+        fused, epochs = kept[members]
         groups.append(Group(f"group-{k:0{width}d}", tuple(maps[i].chip_id for i in members),
-                            fused, planned, float(own[members].sum())))
+                            fused, epochs, float(own[list(members)].sum())))
     return groups
 
 
