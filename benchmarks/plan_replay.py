@@ -9,11 +9,12 @@ Per seed, in a throw-away copy of the project: `prepare`, `faultmaps`, `pretrain
 `resilience` with train.seed set (plus any --set), then every fleet chip's FAT curve from the
 baseline, validation and test accuracy every `resilience.checkpoint_every` epochs up to
 `plan.budget_cap` (ONE run per chip, as `fat` and `compare` train it). The replay then runs the
-project's own `make_plan` and verification rule over those curves for each (statistic,
-min_reached) and the fixed policies of `compare.fixed_epochs`, with the validation check of
-`verify.margin`: chips shipped, shipped chips meeting the constraint on test, total epochs, and
-the ratio to fixed 4 epochs. Curves and trials are kept under --out/<seed>/, so a second call
-with other settings only replays. One JSON line per seed and setting, then a table.
+project's own `make_plan` for each (statistic, min_reached) and `compare`'s own policies over
+those curves (the fixed policies of `compare.fixed_epochs`, each verified Reduce plan, the
+oracle, all with the validation check of `verify.margin`): compare's summary per seed (chips
+shipped, shipped chips meeting the constraint on test, total epochs) and the ratio to fixed 4
+epochs. Curves and trials are kept under --out/<seed>/, so a second call with other settings
+only replays. One JSON line per seed and policy, then a table.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 from project_copy import REPO, copy_project
 
 sys.path.insert(0, str(REPO))
+from reduce_ops import compare
 from reduce_ops.config import load_config
-from reduce_ops.planning import check_amounts, make_plan
+from reduce_ops.planning import make_plan
 
 STAGES = ["prepare", "faultmaps", "pretrain", "resilience"]
 
@@ -88,42 +90,42 @@ def chip_curves(root: Path, sets: list[str]) -> None:
                                 "test_accuracy"]).to_csv(root / "curves.csv", index=False)
 
 
-def replay(out: Path, cfg, statistic: str, min_reached: float) -> list[dict]:
-    """The fixed policies and one verified Reduce plan over the kept curves of one seed."""
+class _Recorded:
+    """One chip's kept curve in place of a FAT session: `compare.run_policies` advances it and
+    reads accuracies, and gets what the one run measured at that amount."""
+
+    def __init__(self, curve: pd.DataFrame) -> None:
+        self.curve, self.amount = curve.set_index(curve["amount"].round(6)), 0.0
+
+    def advance(self, amount: float) -> None:
+        self.amount = amount
+
+    def accuracies(self, splits) -> dict[str, float]:
+        row = self.curve.loc[round(self.amount, 6)]
+        return {f"{s}_accuracy": float(row[f"{s}_accuracy"]) for s in splits}
+
+
+def replay(out: Path, cfg, settings: list[tuple[str, float]]) -> pd.DataFrame:
+    """compare's summary (fixed policies, one verified Reduce plan per (statistic, min_reached),
+    the oracle) over the kept curves of one seed, through compare's own policies."""
     info = json.loads((out / "summary.json").read_text())
     trials, curves = pd.read_csv(out / "trials.csv"), pd.read_csv(out / "curves.csv")
-    bar = info["decision_level"] + cfg.verify.margin
-    constraint = info["constraint_level"]
-    by_chip = {c: g.set_index(g["amount"].round(6)) for c, g in curves.groupby("chip_id")}
     chips = curves.groupby("chip_id", sort=False)["fault_rate"].first().reset_index()
-
-    def row(policy: str, amounts: dict[str, float | None], tried: dict[str, float]) -> dict:
-        shipped = [c for c, a in amounts.items() if a is not None]
-        meet = sum(by_chip[c].loc[round(amounts[c], 6), "test_accuracy"] >= constraint
-                   for c in shipped)
-        return {"policy": policy, "shipped": len(shipped), "meet_on_test": int(meet),
-                "epochs": float(sum(tried.values()))}
-
-    rows = []
-    for k in cfg.compare.fixed_epochs:
-        ok = {c: (float(k) if g.loc[round(k, 6), "val_accuracy"] >= bar else None)
-              for c, g in by_chip.items()}
-        rows.append(row(f"fixed-{k:g}", ok, {c: float(k) for c in by_chip}))
-    plan = make_plan(trials, chips, bar, statistic, cfg.resilience.checkpoint_every,
-                     cfg.plan.safety_margin, cfg.plan.budget_cap, min_reached)
-    shipped, tried = {}, {}
-    for cid, planned in zip(plan.plan["chip_id"], plan.plan["planned_epochs"]):
-        if not np.isfinite(planned):
-            continue
-        g = by_chip[cid]
-        passing = [a for a in check_amounts(planned, cfg.verify.step, cfg.plan.budget_cap)
-                   if g.loc[round(a, 6), "val_accuracy"] >= bar]
-        shipped[cid] = passing[0] if passing else None
-        tried[cid] = passing[0] if passing else cfg.plan.budget_cap
-    r = row(f"reduce-{statistic}@{min_reached:g}", shipped, tried)
-    r["max_feasible_rate"] = float(plan.curve.max_feasible_rate)
-    rows.append(r)
-    return rows
+    plans = {f"reduce-{stat}@{mr:g}": make_plan(
+        trials, chips, info["decision_level"] + cfg.verify.margin, stat,
+        cfg.resilience.checkpoint_every, cfg.plan.safety_margin, cfg.plan.budget_cap, mr)
+        for stat, mr in settings}
+    policy_list = compare.policies(cfg.compare.fixed_epochs,
+                                   {name: r.plan for name, r in plans.items()}, chips["chip_id"])
+    rule = compare.Rule(info["decision_level"], info["constraint_level"], cfg.verify.margin,
+                        cfg.verify.step, cfg.plan.budget_cap)
+    rows = [row for (cid, rate), g in curves.groupby(["chip_id", "fault_rate"], sort=False)
+            for row in compare.run_policies(_Recorded(g), policy_list,
+                                            SimpleNamespace(chip_id=cid, fault_rate=rate), rule)]
+    summary = compare.summarize(pd.DataFrame(rows, columns=compare.PER_CHIP_COLUMNS), policy_list)
+    summary["max_feasible_rate"] = summary["policy"].map(
+        {name: r.curve.max_feasible_rate for name, r in plans.items()})
+    return summary
 
 
 def main() -> None:
@@ -142,25 +144,19 @@ def main() -> None:
     todo = [s for s in args.seeds if not (args.out / f"seed{s}" / "curves.csv").is_file()]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(lambda s: measure(s, args.sets, args.out / f"seed{s}"), todo))
-    table = []
+    settings = [(stat, mr) for stat in args.statistics or [cfg.plan.statistic]
+                for mr in args.min_reached or [cfg.plan.min_reached]]
+    parts = []
     for seed in args.seeds:
-        for stat in args.statistics or [cfg.plan.statistic]:
-            for mr in args.min_reached or [cfg.plan.min_reached]:
-                for r in replay(args.out / f"seed{seed}", cfg, stat, mr):
-                    r["seed"] = seed
-                    if not r["policy"].startswith("fixed") or (stat, mr) == (
-                            (args.statistics or [cfg.plan.statistic])[0],
-                            (args.min_reached or [cfg.plan.min_reached])[0]):
-                        print(json.dumps(r), flush=True)
-                        table.append(r)
-    df = pd.DataFrame(table)
-    f4 = df[df["policy"] == "fixed-4"].set_index("seed")
-    df["ratio_to_fixed4"] = df["epochs"] / df["seed"].map(f4["epochs"])
-    df["fixed4_shipped"] = df["seed"].map(f4["shipped"])
-    df["meet_rate"] = df["meet_on_test"] / df["shipped"].where(df["shipped"] > 0)
-    print(df.pivot_table(index="policy", columns="seed",
-                         values=["shipped", "ratio_to_fixed4", "meet_rate"]).round(3).to_string())
-
+        summary = replay(args.out / f"seed{seed}", cfg, settings).assign(seed=seed)
+        for r in summary.to_dict("records"):
+            print(json.dumps(r), flush=True)
+        parts.append(summary)
+    df = pd.concat(parts, ignore_index=True)
+    f4 = df[df["policy"] == compare.fixed_policy_name(4)].set_index("seed")["total_epochs"]
+    df["ratio_to_fixed4"] = df["total_epochs"] / df["seed"].map(f4)
+    print(df.pivot_table(index="policy", columns="seed", sort=False,
+                         values=["n_shipped", "ratio_to_fixed4", "meet_rate"]).round(3).to_string())
 
 if __name__ == "__main__":
     main()
