@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, required=True, help="curves are kept in OUT/seedN")
+    parser.add_argument("--out", type=Path, help="curves are kept in OUT/seedN (required)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds measured at once")
     parser.add_argument("--statistics", nargs="+", default=None)
     parser.add_argument("--min-reached", type=float, nargs="+", default=None)
@@ -140,6 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.curves_of is not None:
         return chip_curves(args.curves_of, args.sets)
+    if args.out is None:
+        parser.error("--out is required")
     cfg = load_config(REPO / "params.yaml", args.sets)
     todo = [s for s in args.seeds if not (args.out / f"seed{s}" / "curves.csv").is_file()]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
