@@ -196,9 +196,11 @@ _WORKER_STAGE: StageRun | None = None      # in a BackgroundTracking process: it
 _WORKER_FAILED = False
 
 
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the process that started it dies, so a logger
-    never outlives a driver that was SIGKILLed (it would race the rerun's registrations)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when the process that started it (pid `parent`) dies,
+    so a logger never outlives a driver that was SIGKILLed (it would race the rerun's
+    registrations, or wait on its queue forever). A driver that died before this ran (while
+    the process was starting) is no longer its parent: then it ends at once."""
     import ctypes
     import signal
 
@@ -206,17 +208,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
-def _worker_init(uri: str, run_id: str, experiment_id: str) -> None:
+def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int) -> None:
     import signal
 
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    _die_with_parent()
+    _die_with_parent(parent)                         # before the slow imports below
+    import mlflow
     import torch
+    from mlflow.tracking import MlflowClient
 
     torch.set_num_threads(1)          # exporting models: leave the other cores to training
     os.environ.pop("MLFLOW_RUN_ID", None)
@@ -274,7 +277,7 @@ class BackgroundTracking:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                initargs=(self.stage.uri, self.stage.run_id, self.stage.experiment_id))
+                initargs=(self.stage.uri, self.stage.run_id, self.stage.experiment_id, os.getpid()))
             self._pool.submit(int)                  # the pool spawns its process on a submit
         return self
 
