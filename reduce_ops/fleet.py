@@ -186,7 +186,8 @@ def _skipped(job: ChipJob, versions: Sequence[tracking.ModelVersionInfo]) -> Chi
                        _num(tags, names.VTAG_PRUNED_FRACTION), mv.version,
                        mv.version if CHAMPION in mv.aliases else "", mv.run_id, False,
                        tags.get(names.VTAG_GROUP, ""), int(_num(tags, names.VTAG_GROUP_SIZE)),
-                       0.0, tags.get(names.VTAG_SERIALIZATION, ""))
+                       float(tags.get(names.VTAG_FAILED_GROUP_EPOCHS, 0.0)),
+                       tags.get(names.VTAG_SERIALIZATION, ""))
 
 
 def _withdraw(stage: tracking.StageRun, name: str, reason: str) -> None:
@@ -310,9 +311,12 @@ def _unit_run(stage: tracking.StageRun, unit: Unit, t: Trained, ctx: FleetContex
 
 
 def _register(stage: tracking.StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str,
-              logged: tracking.LoggedModel, ctx: FleetContext) -> ChipOutcome:
+              logged: tracking.LoggedModel, ctx: FleetContext,
+              failed_group: tuple[str, float] = ("", 0.0)) -> ChipOutcome:
     """The unit's model as a new version of the chip's own registered model; champion only if
-    verified, and a chip that missed loses an older champion."""
+    verified, and a chip that missed loses an older champion. `failed_group`: the eFAT group
+    that missed at the cap before the chip trained alone, and the chip's share of its epochs
+    (a tag, so a resumed `fat` still counts them)."""
     reason = _reason(t, ctx)
     status = SHIPPED if t.check.passed else REJECTED
     name = registered_name(ctx.prefix, job.chip_id)
@@ -332,7 +336,10 @@ def _register(stage: tracking.StageRun, unit: Unit, job: ChipJob, t: Trained, ru
                     names.VTAG_GROUP_SIZE: len(unit.members),
                     **({names.VTAG_GROUP: unit.group_id,
                         names.VTAG_FUSED_RATE: unit.fault_map.fault_rate}
-                       if unit.group_id else {})}
+                       if unit.group_id else {}),
+                    **({names.VTAG_FAILED_GROUP: failed_group[0],
+                        names.VTAG_FAILED_GROUP_EPOCHS: failed_group[1]}
+                       if failed_group[0] else {})}
     model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
                   "n_faulty_pes": job.fault_map.n_faulty, names.MTAG_STATUS: status,
                   names.MTAG_REASON: reason}
@@ -349,17 +356,16 @@ def _register(stage: tracking.StageRun, unit: Unit, job: ChipJob, t: Trained, ru
                        t.check.epochs, len(t.check.checks), t.val_accuracy, t.test_accuracy,
                        t.test_ci[0], t.test_ci[1], t.meets, t.pruned_fraction, version,
                        version if t.check.passed else "", run_id, True, unit.group_id,
-                       len(unit.members), 0.0, logged.serialization_format,
+                       len(unit.members), failed_group[1], logged.serialization_format,
                        t.train_seconds / len(unit.members), logged.seconds / len(unit.members))
 
 
 def _log_chip(stage: tracking.StageRun, unit: Unit, trained: Trained, ctx: FleetContext,
-              failed_group_epochs: float = 0.0) -> list[ChipOutcome]:
+              failed_group: tuple[str, float] = ("", 0.0)) -> list[ChipOutcome]:
     """Log a chip's FAT run and register its model."""
     with _unit_run(stage, unit, trained, ctx) as (child, logged):
-        outcome = _register(stage, unit, unit.members[0], trained, child.run_id, logged, ctx)
-    outcome.failed_group_epochs = failed_group_epochs
-    return [outcome]
+        return [_register(stage, unit, unit.members[0], trained, child.run_id, logged, ctx,
+                          failed_group)]
 
 
 def _log_group(stage: tracking.StageRun, unit: Unit, todo: Sequence[ChipJob], trained: Trained,
@@ -474,7 +480,7 @@ def run_fleet(stage: tracking.StageRun, units: Sequence[Unit], rejected: Sequenc
             if todo:
                 work.append(_Work(unit, tuple(todo)))
         fallback: list[_Work] = []
-        failed_share: dict[str, float] = {}      # a failed group's epochs, per member
+        failed_share: dict[str, tuple[str, float]] = {}  # member -> failed group, its share
 
         def trained(batch: list[_Work], i: int, t: Trained) -> None:
             unit, todo = batch[i].unit, batch[i].todo
@@ -484,13 +490,14 @@ def run_fleet(stage: tracking.StageRun, units: Sequence[Unit], rejected: Sequenc
                     progress.note(f"{unit.run_name}: missed verification at the cap; its "
                                   f"{len(todo)} chips train on their own")
                 fallback.extend(_Work(Unit.chip(j), (j,)) for j in todo)
-                failed_share.update({j.chip_id: ctx.plan.budget_cap / len(todo) for j in todo})
+                failed_share.update({j.chip_id: (unit.group_id, ctx.plan.budget_cap / len(todo))
+                                     for j in todo})
                 return
             if unit.group_id:
                 future = queue.submit(_log_group, unit, todo, t, wctx)
             else:
                 future = queue.submit(_log_chip, unit, t, wctx,
-                                      failed_share.get(todo[0].chip_id, 0.0))
+                                      failed_share.get(todo[0].chip_id, ("", 0.0)))
             for job in todo:
                 futures[job.chip_id] = future
                 if progress is not None:

@@ -74,6 +74,9 @@ VTAG_DECISION_LEVEL = "decision_level"
 VTAG_GROUP = "group_id"                  # eFAT group the model was trained for
 VTAG_GROUP_SIZE = "group_size"
 VTAG_FUSED_RATE = "fused_fault_rate"
+VTAG_FAILED_GROUP_EPOCHS = "failed_group_epochs"   # chip trained alone after its group missed:
+                                                  # its share of that group run's epochs
+VTAG_FAILED_GROUP = "failed_group_id"
 
 # --------------------------------------------------------------------------- registered model tags
 MTAG_STATUS = "status"                   # shipped | rejected, under the current plan

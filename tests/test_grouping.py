@@ -258,3 +258,35 @@ def test_compare_counts_a_groups_epochs_once(grouped: Path, tmp_path: Path,
                                                             * row.n_members)
     summary = pd.read_csv(project / "results/compare/summary.csv")
     assert "efat" in set(summary["policy"])
+
+
+def test_a_group_that_misses_counts_its_epochs_in_a_resumed_fat(
+        grouped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every check misses (a margin no model reaches): each group runs to the cap, then its
+    members alone; a rerun that finds every chip registered for the plan reports the same
+    epochs, the failed groups' included (each member's share is a tag of its model version)."""
+    from conftest import clone_project
+    from reduce_ops.cli import main
+
+    project = clone_project(grouped, tmp_path / "miss")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    args = ["fat", "--params", str(project / "params.yaml"), "--set", "verify.margin=0.9"]
+    assert main([*args, "--force"]) == 0
+    first = json.loads((project / "results/fat/summary.json").read_text())
+    groups = read_groups(project / "results/group/groups.csv")
+    shared = groups[groups["n_members"] > 1]
+    cap = first["budget_cap"]
+    assert first["n_shipped"] == 0
+    assert first["failed_group_epochs"] == pytest.approx(cap * len(shared))
+    assert first["total_epochs"] == pytest.approx(cap * (len(shared) + first["n_planned"]))
+    uri = tracking.tracking_uri(project)
+    member = shared["members"].iloc[0][0]
+    tags = tracking.find_model_versions(uri, f"reduce-ops-{member}")[0].tags
+    assert tags["failed_group_id"] == shared["group_id"].iloc[0]
+    assert float(tags["failed_group_epochs"]) == pytest.approx(cap / shared["n_members"].iloc[0])
+    assert main(args) == 0                       # resumed: every chip registered already
+    again = json.loads((project / "results/fat/summary.json").read_text())
+    assert again["n_trained"] == 0
+    for key in ("total_epochs", "failed_group_epochs", "n_shipped", "n_planned"):
+        assert again[key] == pytest.approx(first[key]), key
