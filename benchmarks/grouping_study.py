@@ -9,6 +9,10 @@ fractions and rate spreads. Per setting it prints the ratio of planned epochs (g
 per-chip Reduce), mean [min, max] over the fleet seeds, with the greedy merge alone and with the
 refinement. Planned epochs only: what training adds (a group that misses its plan trains on) is
 measured by `reduce-ops compare` and benchmarks/seed_study.py.
+
+On fleets of independent maps (uniform) it also prints a lower bound on the ratio that holds for
+ANY grouping, whatever the algorithm (`independent_bound`). `--curve` reads another plan's
+curve_points.csv (e.g. one kept by seed_study.py --keep) instead of the pipeline's.
 """
 
 from __future__ import annotations
@@ -39,13 +43,43 @@ SETTINGS = [
 ]
 
 
+def independent_bound(planned_at, rates: np.ndarray, own: np.ndarray, edge: float) -> float:
+    """A lower bound on (planned epochs of any grouping) / (per-chip planned epochs) for chips
+    with independent fault maps of these rates, groups within fault rate `edge`.
+
+    A group's fused rate is in expectation u = 1 - prod(1 - r_i) >= 1 - exp(-sum r_i); staying
+    within `edge` bounds sum r_i <= x0 = -ln(1 - edge), and on [0, x0] the concave 1 - exp(-x)
+    is >= x * edge / x0. For any line a + b*u (b >= 0) below the plan's epochs on [min r, edge]
+    a group then costs >= a + b * (edge / x0) * sum of its members' rates: summed over groups,
+    >= a * n_groups + b * (edge / x0) * sum r, with n_groups >= ceil(sum r / x0) (all chips if
+    a < 0). The best such line is the bound. Exact maps deviate from the expectation by about
+    sqrt(r / n_PEs) in fault rate (0.1 % of a 256x256 array), far below the plan's granularity.
+    """
+    x0 = -np.log1p(-edge)
+    total = float(rates.sum())
+    u = np.linspace(float(rates.min()), edge, 4001)
+    cost = planned_at(u)
+    best = 0.0
+    for b in np.linspace(0.0, float(cost.max()) / max(edge - float(rates.min()), 1e-9), 2001):
+        a = float((cost - b * u).min())
+        n_groups = np.ceil(total / x0 - 1e-12) if a >= 0 else len(rates)
+        best = max(best, a * n_groups + b * (edge / x0) * total)
+    return best / float(own.sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fleets", type=int, default=10, help="fleet seeds per setting")
     parser.add_argument("--chips", type=int, default=100)
+    parser.add_argument("--curve", type=Path, default=REPO / "results/plan/curve_points.csv",
+                        help="a plan's curve_points.csv (default: the pipeline's)")
+    parser.add_argument("--uniform-only", action="store_true",
+                        help="only the default fleet's setting (independent maps)")
     args = parser.parse_args()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    points = pd.read_csv(REPO / "results/plan/curve_points.csv")
+    if not args.curve.is_file():
+        raise SystemExit(f"{args.curve}: no plan curve; run `dvc repro plan` first")
+    points = pd.read_csv(args.curve)
     curve = fit_monotone_curve(points["fault_rate"], points["needed"],
                                params["plan"]["budget_cap"])
     fm, group = params["faultmaps"], params["group"]
@@ -55,11 +89,12 @@ def main() -> None:
                               params["plan"]["safety_margin"])
 
     geometry = ArrayGeometry(params["hardware"]["rows"], params["hardware"]["cols"])
-    print(f"plan: results/plan (feasible up to fault rate {curve.max_feasible_rate:.3f}); "
+    print(f"plan: {args.curve} (feasible up to fault rate {curve.max_feasible_rate:.3f}); "
           f"{args.chips} chips, rates {fm['rate_distribution']} in [{fm['rate_min']}, "
           f"{fm['rate_max']}], group.max_size {group['max_size']}; {args.fleets} fleets each")
-    for label, generator, per_wafer, shared, spread in SETTINGS:
+    for label, generator, per_wafer, shared, spread in SETTINGS[:1 if args.uniform_only else None]:
         ratios: dict[str, list[float]] = {"greedy": [], "refined": []}
+        bounds: list[float] = []
         grouped: list[float] = []
         empty = 0
         for seed in range(args.fleets):
@@ -76,6 +111,10 @@ def main() -> None:
                 empty += 1          # every chip infeasible or needing nothing: nothing to group
                 continue
             maps, mine = [fleet[i] for i in keep], own[keep]
+            if generator == "uniform":
+                bounds.append(independent_bound(planned_at, np.array([m.fault_rate
+                                                                      for m in maps]),
+                                                mine, curve.max_feasible_rate))
             for name, rounds in (("greedy", 0), ("refined", group["refine_rounds"])):
                 groups = form_groups(maps, mine, planned_at, group["max_size"],
                                      group["candidates"], group["sample_pes"],
@@ -86,6 +125,8 @@ def main() -> None:
         stat = {k: f"{np.mean(v):.2f} [{min(v):.2f}, {max(v):.2f}]" for k, v in ratios.items()}
         print(f"{label}: planned epochs ratio greedy {stat['greedy']}, refined "
               f"{stat['refined']}; chips in groups {np.mean(grouped):.0%}"
+              + (f"; any grouping >= {np.mean(bounds):.2f} [{min(bounds):.2f}, "
+                 f"{max(bounds):.2f}]" if bounds else "")
               + (f" ({empty} fleets with nothing to group left out)" if empty else ""), flush=True)
 
 
