@@ -206,6 +206,35 @@ def test_group_models_are_zero_on_every_members_faults_and_members_are_champions
     assert summary["n_fat_runs"] == group_summary["n_runs"] < summary["n_planned"]
 
 
+def test_chips_in_the_plans_interpolated_edge_train_alone(grouped: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused map never goes past the last fault rate the plan measured as planned, into the
+    interpolated edge where fewer repetitions reached: the plan is made to end its measured
+    rates at 0.2 (as if too few repetitions had reached at 0.3): its edge is then interpolated
+    to about 0.28, and the chips above 0.2 that it still plans train alone."""
+    from conftest import clone_project
+    from reduce_ops.cli import main
+
+    project = clone_project(grouped, tmp_path / "edge")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    points_csv = project / "results/plan/curve_points.csv"
+    points = pd.read_csv(points_csv)
+    above = points["fault_rate"] > 0.2 + 1e-9        # 0.3: 40 % reached, below min_reached
+    points.loc[above, ["needed", "reach_fraction", "reach_fitted"]] = [math.inf, 0.4, 0.4]
+    points.to_csv(points_csv, index=False)
+    plan = pd.read_csv(project / "results/plan/plan.csv", dtype={"chip_id": str})
+    in_edge = set(plan[plan["feasible"] & (plan["fault_rate"] > 0.2)
+                       & (plan["planned_epochs"] > 0)]["chip_id"])
+    assert in_edge, "the fleet must have planned chips above 0.2"
+    assert main(["group", "--params", str(project / "params.yaml")]) == 0
+    groups = read_groups(project / "results/group/groups.csv")
+    shared = groups[groups["n_members"] > 1]
+    assert (shared["fused_fault_rate"] <= 0.2).all()
+    assert not in_edge & {c for members in shared["members"] for c in members}
+    alone = groups[groups["n_members"] == 1]
+    assert in_edge <= {m[0] for m in alone["members"]}
+
 def test_grouping_disabled_trains_every_chip_alone(grouped: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import clone_project
