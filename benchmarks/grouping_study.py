@@ -73,6 +73,11 @@ def main() -> None:
     parser.add_argument("--chips", type=int, default=100)
     parser.add_argument("--curve", type=Path, default=REPO / "results/plan/curve_points.csv",
                         help="a plan's curve_points.csv (default: the pipeline's)")
+    parser.add_argument("--fleet-seed", type=int, default=0,
+                        help="first fleet seed (1234 with --fleets 1: the default fleet)")
+    parser.add_argument("--max-size", type=int, help="group.max_size instead of params.yaml's")
+    parser.add_argument("--candidates", type=int, help="group.candidates instead")
+    parser.add_argument("--refine-rounds", type=int, help="group.refine_rounds instead")
     parser.add_argument("--uniform-only", action="store_true",
                         help="only the default fleet's setting (independent maps)")
     args = parser.parse_args()
@@ -83,6 +88,8 @@ def main() -> None:
     curve = fit_monotone_curve(points["fault_rate"], points["needed"],
                                params["plan"]["budget_cap"])
     fm, group = params["faultmaps"], params["group"]
+    group.update({k: v for k, v in (("max_size", args.max_size), ("candidates", args.candidates),
+                                    ("refine_rounds", args.refine_rounds)) if v is not None})
 
     def planned_at(r: np.ndarray) -> np.ndarray:
         return planned_epochs(curve, r, params["resilience"]["checkpoint_every"],
@@ -91,13 +98,15 @@ def main() -> None:
     geometry = ArrayGeometry(params["hardware"]["rows"], params["hardware"]["cols"])
     print(f"plan: {args.curve} (feasible up to fault rate {curve.max_feasible_rate:.3f}); "
           f"{args.chips} chips, rates {fm['rate_distribution']} in [{fm['rate_min']}, "
-          f"{fm['rate_max']}], group.max_size {group['max_size']}; {args.fleets} fleets each")
+          f"{fm['rate_max']}], group.max_size {group['max_size']}, candidates "
+          f"{group['candidates']}, refine_rounds {group['refine_rounds']}; {args.fleets} fleets "
+          f"each (seeds from {args.fleet_seed})")
     for label, generator, per_wafer, shared, spread in SETTINGS[:1 if args.uniform_only else None]:
         ratios: dict[str, list[float]] = {"greedy": [], "refined": []}
         bounds: list[float] = []
         grouped: list[float] = []
         empty = 0
-        for seed in range(args.fleets):
+        for seed in range(args.fleet_seed, args.fleet_seed + args.fleets):
             if generator == "wafer":
                 fleet = wafer_fleet(args.chips, geometry, per_wafer, shared,
                                     fm["rate_distribution"], fm["rate_min"], fm["rate_max"],
