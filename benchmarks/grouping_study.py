@@ -28,9 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from reduce_ops.grouping import form_groups  # noqa: E402
+from reduce_ops.grouping import form_groups, fused_plan  # noqa: E402
 from reduce_ops.hardware import ArrayGeometry, generate_fleet, wafer_fleet  # noqa: E402
-from reduce_ops.planning import fit_monotone_curve, planned_epochs  # noqa: E402
 
 # (label, generator, chips per wafer, shared fraction, rate spread)
 SETTINGS = [
@@ -85,16 +84,12 @@ def main() -> None:
     if not args.curve.is_file():
         raise SystemExit(f"{args.curve}: no plan curve; run `dvc repro plan` first")
     points = pd.read_csv(args.curve)
-    curve = fit_monotone_curve(points["fault_rate"], points["needed"],
-                               params["plan"]["budget_cap"])
     fm, group = params["faultmaps"], params["group"]
     group.update({k: v for k, v in (("max_size", args.max_size), ("candidates", args.candidates),
                                     ("refine_rounds", args.refine_rounds)) if v is not None})
-
-    def planned_at(r: np.ndarray) -> np.ndarray:
-        return planned_epochs(curve, r, params["resilience"]["checkpoint_every"],
-                              params["plan"]["safety_margin"])
-
+    curve, planned_at = fused_plan(points, params["plan"]["budget_cap"],
+                                   params["resilience"]["checkpoint_every"],
+                                   params["plan"]["safety_margin"])
     geometry = ArrayGeometry(params["hardware"]["rows"], params["hardware"]["cols"])
     print(f"plan: {args.curve} (feasible up to fault rate {curve.max_feasible_rate:.3f}); "
           f"{args.chips} chips, rates {fm['rate_distribution']} in [{fm['rate_min']}, "

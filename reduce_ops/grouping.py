@@ -33,6 +33,7 @@ import pandas as pd
 
 from reduce_ops.errors import ConfigError, DataError
 from reduce_ops.hardware import FaultMap
+from reduce_ops.planning import MonotoneCurve, fit_monotone_curve, planned_epochs
 
 CHUNK = 1024        # rows of the candidate search at a time
 EVERY_GROUP = 1000  # refinement tries every group for each chip up to this many chips, beyond it
@@ -57,6 +58,20 @@ class Group:
     def reward(self) -> float:
         """Epochs saved: the members' own plans minus the group's."""
         return self.members_planned - self.planned_epochs
+
+
+def fused_plan(points: pd.DataFrame, budget_cap: float, granularity: float,
+               safety_margin: float) -> tuple[MonotoneCurve, Callable[[np.ndarray], np.ndarray]]:
+    """What a fused map is planned from the plan's curve_points.csv: the monotone fit over the
+    measured planned rates only, short of the plan's interpolated edge (a group that misses at
+    the cap costs the cap and then its members alone, and one check ships all of them; chips in
+    the edge keep their own plan and train alone). Returns the curve and epochs-at-rates."""
+    curve = fit_monotone_curve(points["fault_rate"], points["needed"], budget_cap)
+
+    def planned_at(rates: np.ndarray) -> np.ndarray:
+        return planned_epochs(curve, rates, granularity, safety_margin)
+
+    return curve, planned_at
 
 
 def fuse(maps: Sequence[FaultMap]) -> np.ndarray:
@@ -143,7 +158,8 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
            partners: Sequence[np.ndarray], n_pes: int, rounds: int) -> list[list[int]]:
     """Single-chip moves between groups, each taken only when it lowers the total planned epochs
     (exact, on the bit-packed maps): to another group (any group up to EVERY_GROUP chips, else one
-    holding a candidate partner of the chip), or out on its own. Returns the groups (lists of chip indices), none empty."""
+    holding a candidate partner of the chip), or out on its own. Returns the groups (lists of
+    chip indices), none empty."""
     n = len(own)
     members: list[list[int]] = [list(g) for g in groups] + [[] for _ in range(n)]
     words = np.zeros((len(members), chip_words.shape[1]), dtype=np.uint64)

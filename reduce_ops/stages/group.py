@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from reduce_ops import atomic, fleet, names, provenance, reports
 from reduce_ops.config import Config, flatten
-from reduce_ops.grouping import GROUP_COLUMNS, MEMBER_SEP, Group, form_groups
+from reduce_ops.grouping import GROUP_COLUMNS, MEMBER_SEP, Group, form_groups, fused_plan
 from reduce_ops.hardware import ArrayGeometry, build_masks, load_fleet, pruned_fraction
 from reduce_ops.models import load_checkpoint
-from reduce_ops.planning import fit_monotone_curve, planned_epochs
 from reduce_ops.tracking import stage_run
+
 
 def run(cfg: Config) -> dict[str, Any]:
     """Write results/group/ (groups.csv, figure, summary); returns the summary."""
@@ -28,14 +27,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                              ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))}
     fleet.chip_jobs(plan, list(maps.values()), plan_dir / "plan.csv")   # plan matches the fleet
     points = pd.read_csv(plan_dir / "curve_points.csv")
-    # Fused maps stay within the measured planned rates, short of the plan's interpolated edge:
-    # a group that misses at the cap costs the cap and then its members alone, and one check
-    # ships all of them. Chips in the edge keep their own plan and train alone.
-    curve = fit_monotone_curve(points["fault_rate"], points["needed"], plan_info.budget_cap)
-
-    def planned_at(rates: np.ndarray) -> np.ndarray:
-        return planned_epochs(curve, rates, cfg.resilience.checkpoint_every,
-                              cfg.plan.safety_margin)
+    _, planned_at = fused_plan(points, plan_info.budget_cap, cfg.resilience.checkpoint_every,
+                               cfg.plan.safety_margin)
 
     # chips the plan rejected stay out; chips that need no retraining stay on their own
     trained = plan[plan["feasible"] & (plan["planned_epochs"] > 0)]
