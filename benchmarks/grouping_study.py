@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, help="group.max_size instead of params.yaml's")
     parser.add_argument("--candidates", type=int, help="group.candidates instead")
     parser.add_argument("--refine-rounds", type=int, help="group.refine_rounds instead")
+    parser.add_argument("--objective", choices=["planned", "expected"],
+                        help="group.objective instead of params.yaml's")
     parser.add_argument("--uniform-only", action="store_true",
                         help="only the default fleet's setting (independent maps)")
     args = parser.parse_args()
@@ -86,8 +88,9 @@ def main() -> None:
     points = pd.read_csv(args.curve)
     fm, group = params["faultmaps"], params["group"]
     group.update({k: v for k, v in (("max_size", args.max_size), ("candidates", args.candidates),
-                                    ("refine_rounds", args.refine_rounds)) if v is not None})
-    curve, planned_at = fused_plan(points, params["plan"]["budget_cap"],
+                                    ("refine_rounds", args.refine_rounds),
+                                    ("objective", args.objective)) if v is not None})
+    curve, planned_at, miss_at = fused_plan(points, params["plan"]["budget_cap"],
                                    params["resilience"]["checkpoint_every"],
                                    params["plan"]["safety_margin"])
     geometry = ArrayGeometry(params["hardware"]["rows"], params["hardware"]["cols"])
@@ -122,7 +125,9 @@ def main() -> None:
             for name, rounds in (("greedy", 0), ("refined", group["refine_rounds"])):
                 groups = form_groups(maps, mine, planned_at, group["max_size"],
                                      group["candidates"], group["sample_pes"],
-                                     refine_rounds=rounds)
+                                     refine_rounds=rounds,
+                                     miss_at=miss_at if group["objective"] == "expected" else None,
+                                     cap=params["plan"]["budget_cap"])
                 ratios[name].append(sum(g.planned_epochs for g in groups) / mine.sum())
             grouped.append(sum(len(g.members) for g in groups if len(g.members) > 1)
                            / len(maps))

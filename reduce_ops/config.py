@@ -210,6 +210,7 @@ class GroupConfig:
     candidates: int = _check(1, 100000)           # partners considered per chip
     sample_pes: int = _check(1, 1 << 30)          # PEs sampled to estimate map overlaps
     refine_rounds: int = _check(0, 1000)          # passes of single-chip moves after merging
+    objective: Literal["planned", "expected"] = "planned"   # what grouping minimises
 
 
 @dataclass(frozen=True)

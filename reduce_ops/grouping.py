@@ -60,18 +60,60 @@ class Group:
         return self.members_planned - self.planned_epochs
 
 
+Rates = Callable[[np.ndarray], np.ndarray]
+
+
 def fused_plan(points: pd.DataFrame, budget_cap: float, granularity: float,
-               safety_margin: float) -> tuple[MonotoneCurve, Callable[[np.ndarray], np.ndarray]]:
+               safety_margin: float) -> tuple[MonotoneCurve, Rates, Rates]:
     """What a fused map is planned from the plan's curve_points.csv: the monotone fit over the
     measured planned rates only, short of the plan's interpolated edge (a group that misses at
     the cap costs the cap and then its members alone, and one check ships all of them; chips in
-    the edge keep their own plan and train alone). Returns the curve and epochs-at-rates."""
+    the edge keep their own plan and train alone). Returns the curve, epochs at fault rates,
+    and the chance that a map of each rate misses at the cap: the share of the resilience
+    repetitions that never reached (fitted, non-increasing; linear between measured rates)."""
     curve = fit_monotone_curve(points["fault_rate"], points["needed"], budget_cap)
+    order = np.argsort(points["fault_rate"].to_numpy(dtype=float))
+    rates = points["fault_rate"].to_numpy(dtype=float)[order]
+    reach = (points["reach_fitted"].to_numpy(dtype=float)[order] if "reach_fitted" in points
+             else np.ones_like(rates))
 
-    def planned_at(rates: np.ndarray) -> np.ndarray:
-        return planned_epochs(curve, rates, granularity, safety_margin)
+    def planned_at(r: np.ndarray) -> np.ndarray:
+        return planned_epochs(curve, r, granularity, safety_margin)
 
-    return curve, planned_at
+    def miss_at(r: np.ndarray) -> np.ndarray:
+        return 1.0 - np.interp(np.asarray(r, dtype=float), rates, reach)
+
+    return curve, planned_at, miss_at
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """What grouping minimises. Without `miss_at`: the planned epochs of each run. With it: the
+    expected epochs, where a run at fault rate u misses at the cap with chance miss(u) (then it
+    costs the cap, and a group's members train on their own):
+        a chip alone   own + miss(r) * (cap - own)
+        a group        P(u) + miss(u) * (cap - P(u) + sum of its members' costs alone)."""
+
+    planned_at: Rates
+    miss_at: Rates | None = None
+    cap: float = 0.0
+
+    def alone(self, own: np.ndarray, rates: np.ndarray) -> np.ndarray:
+        if self.miss_at is None:
+            return own
+        return own + self.miss_at(rates) * (self.cap - own)
+
+    def group(self, rates: np.ndarray, alone: np.ndarray | float) -> np.ndarray:
+        planned = self.planned_at(rates)
+        if self.miss_at is None:
+            return planned
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isfinite(planned),
+                            planned + self.miss_at(rates) * (self.cap - planned + alone), np.inf)
+
+
+def _cost(cost: GroupCost | Rates) -> GroupCost:
+    return cost if isinstance(cost, GroupCost) else GroupCost(cost)
 
 
 def fuse(maps: Sequence[FaultMap]) -> np.ndarray:
@@ -91,22 +133,23 @@ def _packed(faulty: np.ndarray) -> np.ndarray:
 class _Merger:
     """Greedy merging on exact rewards; groups are indexed by the chip that founded them."""
 
-    def __init__(self, maps: Sequence[FaultMap], own: np.ndarray,
-                 planned_at: Callable[[np.ndarray], np.ndarray], max_size: int) -> None:
+    def __init__(self, maps: Sequence[FaultMap], own: np.ndarray, cost: GroupCost,
+                 max_size: int) -> None:
         self.n_pes = maps[0].faulty.size
         self.words = np.stack([_packed(m.faulty) for m in maps])            # [n, W] uint64
         self.count = np.bitwise_count(self.words).sum(axis=1).astype(np.int64)  # faulty PEs
-        self.own = own                                                       # [n] planned
+        self.own = own                                                       # [n] alone
         self.planned = own.copy()                                            # of each group
+        self.alone = own.copy()                  # its members' costs alone, summed
         self.members = [[i] for i in range(len(maps))]
         self.alive = np.ones(len(maps), dtype=bool)
-        self.planned_at = planned_at
+        self.cost = cost
         self.max_size = max_size
 
     def gains(self, g: int, others: np.ndarray) -> np.ndarray:
         """Exact epochs saved by merging group g with each group in `others`."""
         union = np.bitwise_count(self.words[others] | self.words[g]).sum(axis=1)
-        after = self.planned_at(union / self.n_pes)
+        after = self.cost.group(union / self.n_pes, self.alone[g] + self.alone[others])
         gain = self.planned[g] + self.planned[others] - after
         too_big = np.array([len(self.members[g]) + len(self.members[o]) > self.max_size
                             for o in others], dtype=bool)
@@ -115,21 +158,22 @@ class _Merger:
 
     def merge(self, g: int, h: int) -> int:
         self.words[g] |= self.words[h]
-        self.planned[g] = float(self.planned_at(
-            np.array([np.bitwise_count(self.words[g]).sum() / self.n_pes]))[0])
+        self.alone[g] += self.alone[h]
+        self.planned[g] = float(self.cost.group(
+            np.array([np.bitwise_count(self.words[g]).sum() / self.n_pes]), self.alone[g])[0])
         self.members[g] += self.members[h]
         self.members[h] = []
         self.alive[h] = False
         return g
 
 
-def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
-                       planned_at: Callable[[np.ndarray], np.ndarray], n_candidates: int,
-                       sample_pes: int, seed: int = 0) -> list[np.ndarray]:
+def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray, cost: GroupCost | Rates,
+                       n_candidates: int, sample_pes: int, seed: int = 0) -> list[np.ndarray]:
     """For each chip, up to `n_candidates` partners whose merge with it saves the most epochs
     (a saving may be zero or negative: a chip may still fit an existing group of a partner),
     estimated from the maps' overlap on `sample_pes` uniformly sampled PEs: one product of the
     [chips, sample] 0/1 matrix with its transpose, no loop over pairs. Feasible merges only."""
+    cost = _cost(cost)
     n = len(maps)
     n_pes = maps[0].faulty.size
     pes = np.random.default_rng(seed).choice(n_pes, size=min(sample_pes, n_pes), replace=False)
@@ -142,7 +186,8 @@ def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
         both = (x[rows] @ x.T) * (n_pes / len(pes))                          # est. |a ∩ b|
         union = np.maximum(count[rows, None] + count[None, :] - both,
                            np.maximum.outer(count[rows], count))
-        gain = own[rows, None] + own[None, :] - planned_at(union / n_pes)    # [chunk, n]
+        both_alone = own[rows, None] + own[None, :]
+        gain = both_alone - cost.group(union / n_pes, both_alone)            # [chunk, n]
         gain[np.arange(len(rows)), rows] = -np.inf
         gain[~np.isfinite(gain)] = -np.inf
         if k <= 0:
@@ -154,12 +199,13 @@ def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray,
 
 
 def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
-           planned_at: Callable[[np.ndarray], np.ndarray], max_size: int,
+           cost: GroupCost | Rates, max_size: int,
            partners: Sequence[np.ndarray], n_pes: int, rounds: int) -> list[list[int]]:
     """Single-chip moves between groups, each taken only when it lowers the total planned epochs
     (exact, on the bit-packed maps): to another group (any group up to EVERY_GROUP chips, else one
     holding a candidate partner of the chip), or out on its own. Returns the groups (lists of
     chip indices), none empty."""
+    group_cost = _cost(cost)
     n = len(own)
     members: list[list[int]] = [list(g) for g in groups] + [[] for _ in range(n)]
     words = np.zeros((len(members), chip_words.shape[1]), dtype=np.uint64)
@@ -170,7 +216,8 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
     def cost(chips: list[int], fused: np.ndarray) -> float:
         if len(chips) == 1:
             return float(own[chips[0]])
-        return float(planned_at(np.array([np.bitwise_count(fused).sum() / n_pes]))[0])
+        return float(group_cost.group(np.array([np.bitwise_count(fused).sum() / n_pes]),
+                                      own[chips].sum())[0])
 
     def fused_of(chips: list[int]) -> np.ndarray:
         return np.bitwise_or.reduce(chip_words[chips], axis=0)
@@ -196,7 +243,9 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
             best, to = -1e-9, None
             if targets.size:
                 union = np.bitwise_count(words[targets] | chip_words[i]).sum(axis=1)
-                delta = rest_cost + planned_at(union / n_pes) - planned[g] - planned[targets]
+                alone = np.array([own[members[h]].sum() for h in targets]) + own[i]
+                delta = (rest_cost + group_cost.group(union / n_pes, alone) - planned[g]
+                         - planned[targets])
                 delta[~np.isfinite(delta)] = math.inf
                 k = int(np.argmin(delta))
                 if delta[k] < best:
@@ -221,21 +270,26 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
 
 
 def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
-                planned_at: Callable[[np.ndarray], np.ndarray], max_size: int,
+                planned_at: Rates, max_size: int,
                 n_candidates: int = 16, sample_pes: int = 8192, seed: int = 0,
-                refine_rounds: int = 10) -> list[Group]:
+                refine_rounds: int = 10, miss_at: Rates | None = None,
+                cap: float = 0.0) -> list[Group]:
     """Greedy reward-driven fusion of the chips in `maps` (all plannable, own planned > 0).
 
     `planned_at(fault_rates)` gives the plan's epochs at each fault rate (inf where
-    infeasible), vectorised. Every chip ends in exactly one group; a group of one is a chip that
-    no merge helped. Groups are ordered by their first member's position in `maps`.
+    infeasible), vectorised. With `miss_at` (the chance a run at each rate misses at the `cap`)
+    grouping minimises expected epochs instead of planned ones (`GroupCost`). Every chip ends in
+    exactly one group; a group of one is a chip that no merge helped. Groups are ordered by
+    their first member's position in `maps`.
     """
     if max_size < 1:
         raise ConfigError(f"group.max_size: must be >= 1, got {max_size}")
     if not maps:
         return []
-    own = np.asarray(own_planned, dtype=np.float64)
-    merger = _Merger(maps, own, planned_at, max_size)
+    planned_own = np.asarray(own_planned, dtype=np.float64)
+    cost = GroupCost(planned_at, miss_at, cap)
+    own = cost.alone(planned_own, np.array([m.fault_rate for m in maps]))   # what grouping weighs
+    merger = _Merger(maps, own, cost, max_size)
     heap: list[tuple[float, int, int]] = []
 
     def push(g: int, others: np.ndarray) -> None:
@@ -247,7 +301,7 @@ def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
 
     owner = np.arange(len(maps))              # the group each chip is in
     if max_size > 1 and len(maps) > 1:
-        partners = candidate_partners(maps, own, planned_at, n_candidates, sample_pes, seed)
+        partners = candidate_partners(maps, own, cost, n_candidates, sample_pes, seed)
         for i, row in enumerate(partners):
             push(i, row)
         while heap:
@@ -266,19 +320,21 @@ def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
     found = [merger.members[g] for g in np.flatnonzero(merger.alive)]
     if max_size > 1 and len(maps) > 1 and refine_rounds > 0:
         chip_words = np.stack([_packed(m.faulty) for m in maps])
-        found = refine(chip_words, own, found, planned_at, max_size, partners,
+        found = refine(chip_words, own, found, cost, max_size, partners,
                        merger.n_pes, refine_rounds)
 
     def planned(members: list[int]) -> tuple[np.ndarray, float]:   # fused map, its epochs
         fused = fuse([maps[i] for i in members])
-        return fused, (float(own[members[0]]) if len(members) == 1 else
+        return fused, (float(planned_own[members[0]]) if len(members) == 1 else
                        float(planned_at(np.array([np.count_nonzero(fused) / fused.size]))[0]))
 
     kept: dict[tuple[int, ...], tuple[np.ndarray, float]] = {}
     for m in found:
         fused, epochs = planned(sorted(m))
+        expected = float(cost.group(np.array([np.count_nonzero(fused) / fused.size]),
+                                    own[m].sum())[0])
         # a move out of a group can leave the rest costing more than its members alone: split
-        if len(m) > 1 and epochs > own[m].sum():
+        if len(m) > 1 and expected > own[m].sum():
             kept.update({(i,): planned([i]) for i in m})
         else:
             kept[tuple(sorted(m))] = (fused, epochs)
@@ -287,7 +343,7 @@ def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
     for k, members in enumerate(sorted(kept, key=lambda m: m[0])):
         fused, epochs = kept[members]
         groups.append(Group(f"group-{k:0{width}d}", tuple(maps[i].chip_id for i in members),
-                            fused, epochs, float(own[list(members)].sum())))
+                            fused, epochs, float(planned_own[list(members)].sum())))
     return groups
 
 

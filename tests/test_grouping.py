@@ -63,6 +63,44 @@ def test_reward_arithmetic_on_a_hand_made_fleet() -> None:
     assert sum(g.planned_epochs for g in groups) == own.sum() - 1.0
 
 
+
+def test_the_expected_objective_weighs_the_chance_that_a_group_misses() -> None:
+    """h (5 PEs: 4 epochs, where half the resilience repetitions never reached) holds l's only
+    faulty PE, so fusing them is free on the plan (4 + 1 -> 4 epochs). Expected epochs, cap 5:
+    h alone 4 + 0.5 * (5 - 4) = 4.5, l alone 1; the pair 4 + 0.5 * (5 - 4 + 4.5 + 1) = 7.25 >
+    5.5, so with `miss_at` h and l stay apart. c and d (identical, 2 PEs, never missing) fuse
+    either way."""
+    from reduce_ops.grouping import GroupCost
+
+    maps = [_map("h", [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]), _map("l", [(0, 2)]),
+            _map("c", [(2, 2), (2, 3)]), _map("d", [(2, 2), (2, 3)])]
+    own = _step([m.fault_rate for m in maps])
+
+    def miss(rates):
+        return np.where(np.asarray(rates) * 16 > 4, 0.5, 0.0)
+
+    cost = GroupCost(_step, miss, 5.0)
+    assert cost.alone(np.array([4.0, 1.0]), np.array([5 / 16, 1 / 16])).tolist() == [4.5, 1.0]
+    assert cost.group(np.array([5 / 16]), 5.5).tolist() == [7.25]
+    assert GroupCost(_step).group(np.array([5 / 16]), 5.5).tolist() == [4.0]
+    planned = form_groups(maps, own, _step, max_size=4, sample_pes=16)
+    assert {g.members for g in planned} == {("h", "l"), ("c", "d")}
+    expected = form_groups(maps, own, _step, max_size=4, sample_pes=16, miss_at=miss, cap=5.0)
+    assert {g.members for g in expected} == {("h",), ("l",), ("c", "d")}
+    assert [g.planned_epochs for g in expected if g.members == ("h",)] == [4.0]   # epochs, not
+    # the expected cost: groups.csv and fat plan what the run trains
+
+
+def test_fused_plan_reads_the_chance_to_miss_from_the_reach_fraction() -> None:
+    from reduce_ops.grouping import fused_plan
+
+    points = pd.DataFrame({"fault_rate": [0.0, 0.1, 0.2, 0.3], "needed": [0.0, 1.0, 2.0, np.inf],
+                           "reach_fitted": [1.0, 1.0, 0.6, 0.2]})
+    curve, planned_at, miss_at = fused_plan(points, 5.0, 0.25, 1.0)
+    assert curve.max_feasible_rate == 0.2
+    assert planned_at(np.array([0.05, 0.15, 0.25])).tolist() == [0.5, 1.5, math.inf]
+    assert miss_at(np.array([0.05, 0.15, 0.2])) == pytest.approx([0.0, 0.2, 0.4])
+
 def test_no_group_is_infeasible_or_too_big() -> None:
     geometry = ArrayGeometry(16, 16)
     rng = np.random.default_rng(0)

@@ -27,8 +27,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                              ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))}
     fleet.chip_jobs(plan, list(maps.values()), plan_dir / "plan.csv")   # plan matches the fleet
     points = pd.read_csv(plan_dir / "curve_points.csv")
-    _, planned_at = fused_plan(points, plan_info.budget_cap, cfg.resilience.checkpoint_every,
-                               cfg.plan.safety_margin)
+    _, planned_at, miss_at = fused_plan(points, plan_info.budget_cap,
+                                        cfg.resilience.checkpoint_every, cfg.plan.safety_margin)
 
     # chips the plan rejected stay out; chips that need no retraining stay on their own
     trained = plan[plan["feasible"] & (plan["planned_epochs"] > 0)]
@@ -36,7 +36,9 @@ def run(cfg: Config) -> dict[str, Any]:
     g = cfg.group
     groups = form_groups([maps[c] for c in trained["chip_id"]], trained["planned_epochs"],
                          planned_at, g.max_size if g.enabled else 1, g.candidates,
-                         g.sample_pes, refine_rounds=g.refine_rounds)
+                         g.sample_pes, refine_rounds=g.refine_rounds,
+                         miss_at=miss_at if g.objective == "expected" else None,
+                         cap=plan_info.budget_cap)
     groups += [Group(f"alone-{c}", (c,), maps[c].faulty, 0.0, 0.0) for c in alone["chip_id"]]
     baseline, _ = load_checkpoint(cfg.path("baseline"))
     table = pd.DataFrame([(grp.group_id, MEMBER_SEP.join(grp.members), len(grp.members),
