@@ -18,18 +18,15 @@ curve_points.csv (e.g. one kept by seed_study.py --keep) instead of the pipeline
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from common import REPO
 import numpy as np
 import pandas as pd
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from reduce_ops.grouping import form_groups, fused_plan  # noqa: E402
-from reduce_ops.hardware import ArrayGeometry, generate_fleet, wafer_fleet  # noqa: E402
+from reduce_ops.grouping import form_groups, fused_plan
+from reduce_ops.hardware import ArrayGeometry, generate_fleet, wafer_fleet
 
 # (label, generator, chips per wafer, shared fraction, rate spread)
 SETTINGS = [
@@ -91,8 +88,8 @@ def main() -> None:
                                     ("refine_rounds", args.refine_rounds),
                                     ("objective", args.objective)) if v is not None})
     curve, planned_at, miss_at = fused_plan(points, params["plan"]["budget_cap"],
-                                   params["resilience"]["checkpoint_every"],
-                                   params["plan"]["safety_margin"])
+                                            params["resilience"]["checkpoint_every"],
+                                            params["plan"]["safety_margin"])
     geometry = ArrayGeometry(params["hardware"]["rows"], params["hardware"]["cols"])
     print(f"plan: {args.curve} (feasible up to fault rate {curve.max_feasible_rate:.3f}); "
           f"{args.chips} chips, rates {fm['rate_distribution']} in [{fm['rate_min']}, "

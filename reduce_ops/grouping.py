@@ -112,10 +112,6 @@ class GroupCost:
                             planned + self.miss_at(rates) * (self.cap - planned + alone), np.inf)
 
 
-def _cost(cost: GroupCost | Rates) -> GroupCost:
-    return cost if isinstance(cost, GroupCost) else GroupCost(cost)
-
-
 def fuse(maps: Sequence[FaultMap]) -> np.ndarray:
     """The fused fault map: a PE is faulty when it is faulty on any member (exact union)."""
     if not maps:
@@ -167,13 +163,12 @@ class _Merger:
         return g
 
 
-def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray, cost: GroupCost | Rates,
+def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray, cost: GroupCost,
                        n_candidates: int, sample_pes: int, seed: int = 0) -> list[np.ndarray]:
     """For each chip, up to `n_candidates` partners whose merge with it saves the most epochs
     (a saving may be zero or negative: a chip may still fit an existing group of a partner),
     estimated from the maps' overlap on `sample_pes` uniformly sampled PEs: one product of the
     [chips, sample] 0/1 matrix with its transpose, no loop over pairs. Feasible merges only."""
-    cost = _cost(cost)
     n = len(maps)
     n_pes = maps[0].faulty.size
     pes = np.random.default_rng(seed).choice(n_pes, size=min(sample_pes, n_pes), replace=False)
@@ -199,25 +194,25 @@ def candidate_partners(maps: Sequence[FaultMap], own: np.ndarray, cost: GroupCos
 
 
 def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
-           cost: GroupCost | Rates, max_size: int,
+           cost: GroupCost, max_size: int,
            partners: Sequence[np.ndarray], n_pes: int, rounds: int) -> list[list[int]]:
-    """Single-chip moves between groups, each taken only when it lowers the total planned epochs
-    (exact, on the bit-packed maps): to another group (any group up to EVERY_GROUP chips, else one
-    holding a candidate partner of the chip), or out on its own. Returns the groups (lists of
-    chip indices), none empty."""
-    group_cost = _cost(cost)
+    """Single-chip moves between groups, each taken only when it lowers the total cost (`own`:
+    each chip's cost alone; exact, on the bit-packed maps): to another group (any group up to
+    EVERY_GROUP chips, else one holding a candidate partner of the chip), or out on its own.
+    Returns the groups (lists of chip indices), none empty."""
     n = len(own)
     members: list[list[int]] = [list(g) for g in groups] + [[] for _ in range(n)]
     words = np.zeros((len(members), chip_words.shape[1]), dtype=np.uint64)
     planned = np.zeros(len(members))
+    alone = np.zeros(len(members))                 # each group's members' costs alone, summed
     where = np.empty(n, dtype=np.int64)
     free = list(range(len(members) - 1, len(groups) - 1, -1))   # empty slots, popped from the end
 
-    def cost(chips: list[int], fused: np.ndarray) -> float:
+    def cost_of(chips: list[int], fused: np.ndarray) -> float:
         if len(chips) == 1:
             return float(own[chips[0]])
-        return float(group_cost.group(np.array([np.bitwise_count(fused).sum() / n_pes]),
-                                      own[chips].sum())[0])
+        return float(cost.group(np.array([np.bitwise_count(fused).sum() / n_pes]),
+                                own[chips].sum())[0])
 
     def fused_of(chips: list[int]) -> np.ndarray:
         return np.bitwise_or.reduce(chip_words[chips], axis=0)
@@ -225,7 +220,8 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
     everywhere = n <= EVERY_GROUP
     for k, g in enumerate(groups):
         words[k] = fused_of(g)
-        planned[k] = cost(g, words[k])
+        planned[k] = cost_of(g, words[k])
+        alone[k] = own[g].sum()
         where[g] = k
     for _ in range(rounds):
         moved = 0
@@ -233,7 +229,7 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
             g = int(where[i])
             rest = [j for j in members[g] if j != i]
             rest_words = fused_of(rest) if rest else None
-            rest_cost = cost(rest, rest_words) if rest else 0.0
+            rest_cost = cost_of(rest, rest_words) if rest else 0.0
             if everywhere:
                 targets = np.flatnonzero([bool(m) for m in members])
             else:
@@ -243,9 +239,8 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
             best, to = -1e-9, None
             if targets.size:
                 union = np.bitwise_count(words[targets] | chip_words[i]).sum(axis=1)
-                alone = np.array([own[members[h]].sum() for h in targets]) + own[i]
-                delta = (rest_cost + group_cost.group(union / n_pes, alone) - planned[g]
-                         - planned[targets])
+                delta = (rest_cost + cost.group(union / n_pes, alone[targets] + own[i])
+                         - planned[g] - planned[targets])
                 delta[~np.isfinite(delta)] = math.inf
                 k = int(np.argmin(delta))
                 if delta[k] < best:
@@ -257,11 +252,13 @@ def refine(chip_words: np.ndarray, own: np.ndarray, groups: list[list[int]],
             members[g] = rest
             words[g] = rest_words if rest else 0
             planned[g] = rest_cost
+            alone[g] -= own[i]
             if not rest:
                 free.append(g)
             members[to] = members[to] + [i]
             words[to] = words[to] | chip_words[i]
-            planned[to] = cost(members[to], words[to])
+            planned[to] = cost_of(members[to], words[to])
+            alone[to] += own[i]
             where[i] = to
             moved += 1
         if not moved:

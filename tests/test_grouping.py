@@ -16,7 +16,7 @@ from conftest import make_project, run_stages
 from reduce_ops import registry, tracking
 from reduce_ops.config import from_dict
 from reduce_ops.errors import ConfigError
-from reduce_ops.grouping import _packed, form_groups, fuse, read_groups, refine
+from reduce_ops.grouping import GroupCost, _packed, form_groups, fuse, read_groups, refine
 from reduce_ops.hardware import (ArrayGeometry, FaultMap, build_masks, load_fleet,
                                  uniform_fault_map, wafer_fleet)
 
@@ -70,8 +70,6 @@ def test_the_expected_objective_weighs_the_chance_that_a_group_misses() -> None:
     h alone 4 + 0.5 * (5 - 4) = 4.5, l alone 1; the pair 4 + 0.5 * (5 - 4 + 4.5 + 1) = 7.25 >
     5.5, so with `miss_at` h and l stay apart. c and d (identical, 2 PEs, never missing) fuse
     either way."""
-    from reduce_ops.grouping import GroupCost
-
     maps = [_map("h", [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]), _map("l", [(0, 2)]),
             _map("c", [(2, 2), (2, 3)]), _map("d", [(2, 2), (2, 3)])]
     own = _step([m.fault_rate for m in maps])
@@ -132,15 +130,15 @@ def test_refinement_moves_a_chip_out_of_a_group_that_a_merge_left_it_in() -> Non
     own = _step([m.fault_rate for m in maps])
     words = np.stack([_packed(m.faulty) for m in maps])
     everyone = [np.array([j for j in range(4) if j != i]) for i in range(4)]
-    groups = refine(words, own, [[2, 0], [3, 1]], _step, 4, everyone, 16, rounds=5)
+    groups = refine(words, own, [[2, 0], [3, 1]], GroupCost(_step), 4, everyone, 16, rounds=5)
     assert sorted(i for g in groups for i in g) == [0, 1, 2, 3]
     cost = sum(own[g[0]] if len(g) == 1 else _step([fuse([maps[i] for i in g]).mean()])[0]
                for g in groups)
     assert cost == 3.0
     assert any(set(g) >= {2, 3} for g in groups)
     # no rounds: the groups as given
-    assert refine(words, own, [[2, 0], [3, 1]], _step, 4, everyone, 16, rounds=0) == [[2, 0],
-                                                                                       [3, 1]]
+    assert refine(words, own, [[2, 0], [3, 1]], GroupCost(_step), 4, everyone, 16,
+                  rounds=0) == [[2, 0], [3, 1]]
 
 
 def test_refinement_never_plans_more_and_finds_more_on_a_wafer_fleet() -> None:
