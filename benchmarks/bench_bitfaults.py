@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
 
+from common import median_ms
 import torch
 
 from reduce_ops.hardware.bitfaults import bit_flip, draw_bit_flips, draw_model_bit_flips
@@ -24,18 +23,6 @@ from reduce_ops.models import build_model
 from reduce_ops.quant import QuantizedWeights, quantize
 
 GOAL_RATIO = 2.0
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def run(ber: float, batch: int, repeats: int, seed: int) -> dict:

@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import copy_project, run_checked, stage_command, stage_env, write_params
 import pandas as pd
-from project_copy import REPO, copy_project
-import yaml
 
 from reduce_ops import teamserver
-from reduce_ops.config import apply_overrides, read_yaml
 
-COPY = ["params.yaml", "dvc.yaml", "MLproject", "reduce_ops"]
 SMALL = ["data.source=digits", "train.max_epochs=6", "hardware.rows=16", "hardware.cols=16",
          "faultmaps.n_chips=16", "resilience.fault_rates=[0.0, 0.2, 0.4]",
          "resilience.repetitions=2", "resilience.max_epochs=1", "plan.budget_cap=2",
@@ -39,16 +33,9 @@ SMALL = ["data.source=digits", "train.max_epochs=6", "hardware.rows=16", "hardwa
 
 
 def pipeline(root: Path, seed: int, uri: str) -> dict:
-    copy_project(root, COPY)
-    params = apply_overrides(read_yaml(REPO / "params.yaml"), [*SMALL, f"train.seed={seed}"])
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"},
-           "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-m", "reduce_ops", "main", "--params",
-                           str(root / "params.yaml")], cwd=root, env=env, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"pipeline {seed} failed:\n{proc.stderr[-2000:]}")
+    copy_project(root)
+    write_params(root, [*SMALL, f"train.seed={seed}"])
+    run_checked(stage_command(root, "main"), stage_env(root, uri), f"pipeline {seed}", cwd=root)
     res = root / "results"
     chips = pd.read_csv(res / "fat/chips.csv")
     runs = {stage: json.loads((res / stage / "summary.json").read_text())["run_id"]

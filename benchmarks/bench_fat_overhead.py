@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import REPO, median_ms
 import torch
 from torch import nn
 
@@ -33,7 +34,6 @@ from reduce_ops.training import (
     train_steps,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 GOAL_RATIO = 1.05
 
 
@@ -80,14 +80,13 @@ def mask_ops_ms_per_step(model: nn.Module, masks: dict[str, torch.Tensor], reps:
     masked = MaskedWeights(model, masks)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
+
+    def steps() -> None:
         for _ in range(reps):
             masked.zero_grads()
             masked.apply()
-        times.append((time.perf_counter() - start) / reps * 1e3)
-    return statistics.median(times)
+
+    return median_ms(steps, 5, warmup=0) / reps
 
 
 def masked_weights_zero(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
@@ -108,11 +107,8 @@ def run(args: argparse.Namespace) -> dict:
 
     geometry = ArrayGeometry(args.rows, args.cols)
     fault_map = uniform_fault_map(geometry, args.rate, args.fault_seed)
-    build_ms = []
-    for _ in range(5):
-        start = time.perf_counter()
-        masks = build_masks(initial, fault_map)
-        build_ms.append((time.perf_counter() - start) * 1e3)
+    build_ms = median_ms(lambda: build_masks(initial, fault_map), 5, warmup=0)
+    masks = build_masks(initial, fault_map)
 
     mask_ops_ms = mask_ops_ms_per_step(initial, masks)
 
@@ -151,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         "array": str(geometry),
         "fault_rate": args.rate,
         "pruned_fraction": round(pruned_fraction(masks), 4),
-        "mask_build_ms_median": round(statistics.median(build_ms), 3),
+        "mask_build_ms_median": round(build_ms, 3),
         "repeats": args.repeats,
         "plain_s_median": round(statistics.median(plain_s), 4),
         "fat_s_median": round(statistics.median(fat_s), 4),

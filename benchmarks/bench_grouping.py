@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
+from common import REPO
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from reduce_ops.grouping import form_groups  # noqa: E402
-from reduce_ops.hardware import ArrayGeometry, generate_fleet, wafer_fleet  # noqa: E402
-from reduce_ops.planning import fit_monotone_curve, planned_epochs  # noqa: E402
+from reduce_ops.grouping import form_groups
+from reduce_ops.hardware import ArrayGeometry, generate_fleet, wafer_fleet
+from reduce_ops.planning import fit_monotone_curve, planned_epochs
 
 # need (epochs) at each fault rate, as the default pipeline measured it (train seed 0)
 FALLBACK = ([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35], [0.0, 0.1, 0.33, 0.45, 1.67, 2.66,

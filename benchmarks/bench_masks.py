@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
+from common import times_ms
 import numpy as np
 import torch
 from torch import nn
@@ -28,19 +28,21 @@ def cifar_vgg11(classifier: str) -> nn.Module:
 
 def time_build_masks(model: nn.Module, fleet, warmup: int, reuse: bool) -> list[float]:
     """Milliseconds per chip for build_masks after `warmup` untimed calls; reuse: pass out=."""
-    masks = None
-    for fault_map in fleet[:warmup]:
-        masks = build_masks(model, fault_map, out=masks if reuse else None)
-    times = []
-    for fault_map in fleet:
-        if not reuse:
-            masks = None  # free the previous chip's masks before timing the next
-        start = time.perf_counter()
-        masks = build_masks(model, fault_map, out=masks)
+    warmup = min(warmup, len(fleet))
+    chips = iter([*fleet[:warmup], *fleet])
+    kept = None  # the masks passed as out= (reuse)
+
+    def build() -> dict[str, torch.Tensor] | None:
+        nonlocal kept
+        masks = build_masks(model, next(chips), out=kept)
         if any(m.is_cuda for m in masks.values()):
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+        if reuse:
+            kept = masks
+            return None
+        return masks  # the timer frees it before timing the next chip
+
+    return times_ms(build, len(fleet), warmup)
 
 
 def run(classifier: str, n_chips: int, rate: float, warmup: int, device: str) -> dict:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-import statistics
-import time
 
+from common import medians_ms
 import torch
 from torch import nn
 
@@ -58,18 +58,10 @@ def main() -> None:
         else:
             steps[method].step(loss_fn, optimizer)
 
-    times: dict[str, list[float]] = {m: [] for m in models}
-    with quantized:
-        for m in models:
-            for model in models.values():
-                model.train()
-            step(m)                                   # warm-up
-        for _ in range(args.repeats):
-            for m in models:
-                t0 = time.perf_counter()
-                step(m)
-                times[m].append(time.perf_counter() - t0)
-    ms = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+    with quantized:  # one warm-up step each, then steps interleaved
+        for model in models.values():
+            model.train()
+        ms = medians_ms({m: functools.partial(step, m) for m in models}, args.repeats)
     print(json.dumps({
         "model": args.model, "input": args.shape, "batch": args.batch, "threads": args.threads,
         "repeats": args.repeats, "plain_step_ms": round(ms["plain"], 2),

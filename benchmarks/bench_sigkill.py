@@ -16,25 +16,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+from common import copy_project, run_checked, stage_command, stage_env, write_params
 import pandas as pd
-import yaml
-from project_copy import REPO, copy_project
 
-from reduce_ops import names, tracking
-from reduce_ops.config import apply_overrides, read_yaml
+from reduce_ops import names
+from reduce_ops.config import read_yaml
+from reduce_ops.tracking.registry import find_model_versions, model_versions_with_tag
+from reduce_ops.tracking.runs import find_runs, read_children
+from reduce_ops.tracking.store import tracking_uri
 
-COPY = ["params.yaml", "dvc.yaml", "MLproject", "reduce_ops"]
 SMALL = ["train.max_epochs=4", "hardware.rows=16", "hardware.cols=16",
          "faultmaps.n_chips=32", "resilience.fault_rates=[0.0, 0.1, 0.2, 0.3]",
          "resilience.repetitions=6", "resilience.max_epochs=2", "plan.budget_cap=3",
@@ -45,27 +44,13 @@ CHIP_COLUMNS = ["chip_id", "status", "actual_epochs", "val_accuracy", "test_accu
                 "planned_epochs", "n_checks", "meets_on_test"]
 
 
-def _env(root: Path) -> dict[str, str]:
-    drop = ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONPATH": str(root)}
-
-
-def _cmd(root: Path, stage: str) -> list[str]:
-    return [sys.executable, "-m", "reduce_ops", stage, "--params", str(root / "params.yaml")]
-
-
 def _run(root: Path, stage: str) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(_cmd(root, stage), cwd=root, env=_env(root), capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{root}: {stage} failed:\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t0
+    return run_checked(stage_command(root, stage), stage_env(root), f"{root}: {stage}", cwd=root)
 
 
 def _killed_run(root: Path, stage: str, delay: float) -> bool:
     """Start the stage, SIGKILL it after `delay` seconds; False when it had finished before."""
-    proc = subprocess.Popen(_cmd(root, stage), cwd=root, env=_env(root),
+    proc = subprocess.Popen(stage_command(root, stage), cwd=root, env=stage_env(root),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proc.wait(timeout=delay)
@@ -78,21 +63,21 @@ def _killed_run(root: Path, stage: str, delay: float) -> bool:
 
 def _done_so_far(root: Path, stage: str) -> int:
     """Trials finished in any resilience run, or chips with a model version for the plan."""
-    uri = tracking.tracking_uri(root)
+    uri = tracking_uri(root)
     if stage == "resilience":
         keys = set()
-        for run in tracking.find_runs(uri, {names.TAG_STAGE: "resilience"}):
+        for run in find_runs(uri, {names.TAG_STAGE: "resilience"}):
             keys |= {(c["params"]["fault_rate"], c["params"]["repetition"])
-                     for c in tracking.read_children(uri, run.run_id, ["val_accuracy"])}
+                     for c in read_children(uri, run.run_id, ["val_accuracy"])}
         return len(keys)
     plan_id = json.loads((root / "results/plan/summary.json").read_text())["run_id"]
-    return len(tracking.model_versions_with_tag(uri, names.VTAG_PLAN_RUN, plan_id))
+    return len(model_versions_with_tag(uri, names.VTAG_PLAN_RUN, plan_id))
 
 
 def _resilience_counts(root: Path, ref: Path) -> dict:
-    uri = tracking.tracking_uri(root)
+    uri = tracking_uri(root)
     summary = json.loads((root / "results/resilience/summary.json").read_text())
-    children = tracking.read_children(uri, summary["run_id"], ["val_accuracy"])
+    children = read_children(uri, summary["run_id"], ["val_accuracy"])
     keys = Counter((c["params"]["fault_rate"], c["params"]["repetition"]) for c in children)
     trials = pd.read_csv(root / "results/resilience/trials.csv")
     expected = summary["n_trials"]
@@ -104,12 +89,12 @@ def _resilience_counts(root: Path, ref: Path) -> dict:
 
 
 def _fat_counts(root: Path, ref: Path) -> dict:
-    uri = tracking.tracking_uri(root)
+    uri = tracking_uri(root)
     plan = pd.read_csv(root / "results/plan/plan.csv", dtype={"chip_id": str})
     plan_id = json.loads((root / "results/plan/summary.json").read_text())["run_id"]
     prefix = read_yaml(root / "params.yaml")["registry"]["prefix"]
     feasible = plan.loc[plan["feasible"].astype(str).str.lower() == "true", "chip_id"]
-    per_chip = {c: len(tracking.find_model_versions(uri, names.registered_name(prefix, c),
+    per_chip = {c: len(find_model_versions(uri, names.registered_name(prefix, c),
                                                     {names.VTAG_PLAN_RUN: plan_id}))
                 for c in feasible}
     chips = pd.read_csv(root / "results/fat/chips.csv", dtype={"chip_id": str})
@@ -125,9 +110,8 @@ def _fat_counts(root: Path, ref: Path) -> dict:
 def bench(stage: str, kills: int, rng: random.Random, tmp: Path) -> dict:
     base = tmp / stage / "base"
     base.mkdir(parents=True)
-    copy_project(base, COPY)
-    params = apply_overrides(read_yaml(REPO / "params.yaml"), SMALL)
-    (base / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_project(base)
+    write_params(base, SMALL)
     for before in BEFORE[stage]:
         _run(base, before)
     ref = tmp / stage / "ref"

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from common import (REPO, run_checked, run_stages, set_options, sqlite_store, stage_env,
+                    throwaway_copy)
 import pandas as pd
-from project_copy import REPO, copy_project
 
-sys.path.insert(0, str(REPO))
 from reduce_ops import compare
 from reduce_ops.config import load_config
 from reduce_ops.planning import make_plan
@@ -42,24 +39,12 @@ STAGES = ["prepare", "faultmaps", "pretrain", "resilience"]
 
 def measure(seed: int, sets: list[str], out: Path) -> None:
     """Train the seed's baseline and trials, then every chip's curve -> out/{trials,curves}.csv."""
-    with tempfile.TemporaryDirectory(prefix=f"replay{seed}-") as tmp:
-        root = Path(tmp)
-        copy_project(root, ["params.yaml", "dvc.yaml", "MLproject", "reduce_ops",
-                            "data/fault_maps"])
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-               "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        env.pop("MLFLOW_RUN_ID", None)
-        args = ["--params", str(root / "params.yaml"), "--set", f"train.seed={seed}",
-                *[a for s in sets for a in ("--set", s)]]
-        for stage in STAGES:
-            proc = subprocess.run([sys.executable, "-m", "reduce_ops", stage, *args], cwd=root,
-                                  env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"seed {seed}: reduce-ops {stage} failed:\n{proc.stderr[-2000:]}")
-        proc = subprocess.run([sys.executable, __file__, "--curves-of", str(root), *args[2:]],
-                              env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"seed {seed}: chip curves failed:\n{proc.stderr[-2000:]}")
+    with throwaway_copy(f"replay{seed}-", ["data/fault_maps"]) as root:
+        env = stage_env(root, sqlite_store(root), threads=1)
+        seed_sets = [f"train.seed={seed}", *sets]
+        run_stages(root, STAGES, seed_sets, env, f"seed {seed}")
+        run_checked([sys.executable, __file__, "--curves-of", str(root), *set_options(seed_sets)],
+                    env, f"seed {seed}: chip curves")
         out.mkdir(parents=True, exist_ok=True)
         for name in ("trials.csv", "summary.json"):
             (out / name).write_bytes((root / "results/resilience" / name).read_bytes())

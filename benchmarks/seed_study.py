@@ -17,40 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import run_stages, sqlite_store, stage_env, throwaway_copy
 import pandas as pd
-from project_copy import copy_project
-
-COPY = ["params.yaml", "dvc.yaml", "MLproject", "reduce_ops", "data/fault_maps"]
 
 
 def run_seed(seed: int, sets: list[str], keep: Path | None, stages: list[str],
              threads: int | None) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"seed{seed}-") as tmp:
-        root = Path(tmp)
-        copy_project(root, COPY)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-               "PYTHONPATH": str(root)}
-        env.pop("MLFLOW_RUN_ID", None)
-        if threads is not None:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with throwaway_copy(f"seed{seed}-", ["data/fault_maps"]) as root:
+        env = stage_env(root, sqlite_store(root), threads)
         t0 = time.perf_counter()
-        for stage in stages:
-            cmd = [sys.executable, "-m", "reduce_ops", stage, "--params",
-                   str(root / "params.yaml"), "--set", f"train.seed={seed}",
-                   *[a for s in sets for a in ("--set", s)]]
-            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"seed {seed}: reduce-ops {stage} failed:\n"
-                                 f"{proc.stderr[-2000:]}")
+        run_stages(root, stages, [f"train.seed={seed}", *sets], env, f"seed {seed}")
         res = root / "results"
         pre = json.loads((res / "pretrain/metrics.json").read_text())
         row = {"seed": seed, "minutes": (time.perf_counter() - t0) / 60,
