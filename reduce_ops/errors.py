@@ -21,3 +21,9 @@ class FaultMapError(ReduceOpsError):
 
 class TrackingError(ReduceOpsError):
     """MLflow holds nothing usable for the request (no run, unknown chip...)."""
+
+
+class ServerExitError(ReduceOpsError):
+    """A server that reduce-ops started (the MLflow UI) exited by itself with an error."""
+
+    exit_code = 1

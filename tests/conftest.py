@@ -144,3 +144,84 @@ def prepared_digits(tmp_path_factory: pytest.TempPathFactory):
     cfg = dataclasses.replace(from_dict(tiny_params()), root=root)
     prepare(cfg.data, cfg.path("raw"), cfg.path("prepared"))
     return load_prepared(cfg.path("prepared"))
+
+
+# --- No process outlives the suite ------------------------------------------------------------
+# pytest becomes a child subreaper (Linux): a process that a test starts stays a descendant of
+# pytest even when the process in between exits (a server whose launcher died, a daemon). When
+# the session ends, a live descendant is a leak: it is listed with its command line, killed,
+# and the session fails.
+
+_PR_SET_CHILD_SUBREAPER = 36
+_LEAK_GRACE_S = 10.0        # for processes that are on their way out (a server stopping)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass                                             # not Linux: no /proc check either
+
+
+def _python_helpers() -> set[int]:
+    """multiprocessing's resource tracker and forkserver: started once, they live as long as
+    pytest by design (they exit when pytest closes their pipe)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    pids = {getattr(resource_tracker._resource_tracker, "_pid", None),
+            getattr(forkserver._forkserver, "_forkserver_pid", None)}
+    return {pid for pid in pids if pid}
+
+
+def _leaked_processes() -> dict[int, str]:
+    from reduce_ops.processes import descendants
+
+    helpers = _python_helpers()
+    return {pid: start for pid, start in descendants(os.getpid()).items() if pid not in helpers}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import signal
+    import time
+
+    from reduce_ops.processes import is_running
+
+    if not Path("/proc/self/stat").exists():
+        return
+    deadline = time.monotonic() + _LEAK_GRACE_S
+    leaked = _leaked_processes()
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leaked = _leaked_processes()
+    if not leaked:
+        return
+    lines = [f"{pid}: {_cmdline(pid)}" for pid in sorted(leaked)]
+    for pid, start in leaked.items():
+        if is_running(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for pid in leaked:                                   # reap those that are our children
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    write = reporter.write_line if reporter is not None else (lambda s: print(s, file=sys.stderr))
+    write(f"\nFAILED: {len(lines)} process(es) started by the tests were still running at the "
+          f"end (now killed):")
+    for line in lines:
+        write(f"  {line}")
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
