@@ -15,8 +15,8 @@ import argparse
 import json
 import statistics
 
-from common import median_ms
 import torch
+from common import median_ms
 
 from reduce_ops.hardware.bitfaults import bit_flip, draw_bit_flips, draw_model_bit_flips
 from reduce_ops.models import build_model

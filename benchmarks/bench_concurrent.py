@@ -19,8 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import copy_project, run_checked, stage_command, stage_env, write_params
 import pandas as pd
+from common import copy_project, run_checked, stage_command, stage_env, write_params
 
 from reduce_ops import teamserver
 

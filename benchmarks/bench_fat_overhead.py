@@ -17,22 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, median_ms
 import torch
+from common import REPO, median_ms
 from torch import nn
 
 from reduce_ops.config import FatConfig, load_config
 from reduce_ops.data import PreparedData, load_prepared, prepare
-from reduce_ops.hardware import (ArrayGeometry, MaskedWeights, build_masks, pruned_fraction,
-                                 uniform_fault_map)
-from reduce_ops.models import build_model
-from reduce_ops.training import (
-    batches,
-    fault_aware_train,
-    make_optimizer,
-    steps_per_epoch,
-    train_steps,
+from reduce_ops.fault_aware import fault_aware_train
+from reduce_ops.hardware import (
+    ArrayGeometry,
+    MaskedWeights,
+    build_masks,
+    pruned_fraction,
+    uniform_fault_map,
 )
+from reduce_ops.models import build_model
+from reduce_ops.training import batches, make_optimizer, steps_per_epoch, train_steps
 
 GOAL_RATIO = 1.05
 

@@ -13,9 +13,9 @@ import argparse
 import json
 import time
 
-from common import REPO
 import numpy as np
 import pandas as pd
+from common import REPO
 
 from reduce_ops.grouping import form_groups
 from reduce_ops.hardware import ArrayGeometry, generate_fleet, wafer_fleet

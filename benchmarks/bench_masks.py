@@ -6,9 +6,9 @@ import argparse
 import json
 import statistics
 
-from common import times_ms
 import numpy as np
 import torch
+from common import times_ms
 from torch import nn
 from torchvision.models import vgg11
 

@@ -31,6 +31,7 @@ from reduce_ops import resilience
 from reduce_ops.config import ExecutionConfig, load_config
 from reduce_ops.data import load_prepared
 from reduce_ops.models import load_checkpoint
+from reduce_ops.records import trials as trials_record
 from reduce_ops.tracking.runs import stage_run
 
 GOAL_RATIO = 1.6
@@ -57,12 +58,12 @@ def run(cfg, baseline, data, specs, exe: ExecutionConfig) -> dict:  # noqa: ANN0
             "results": results}
 
 
-def logging_cost(results: list[resilience.TrialResult], repeats: int = 20) -> float:
+def logging_cost(results: list[trials_record.TrialResult], repeats: int = 20) -> float:
     """Seconds to log one trial as a child run (the driver's only MLflow work per trial)."""
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = sqlite_store(Path(tmp))
         with stage_run(Path(tmp), "bench", "bench") as stage:
-            params, history, tags = resilience.trial_run_payload(results[0])
+            params, history, tags = trials_record.run_payload(results[0])
             t0 = time.perf_counter()
             for _ in range(repeats):
                 stage.child_run("trial", params, history, tags)

@@ -16,8 +16,8 @@ import contextlib
 import functools
 import json
 
-from common import medians_ms
 import torch
+from common import medians_ms
 from torch import nn
 
 from reduce_ops.models import build_model

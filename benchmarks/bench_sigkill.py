@@ -25,8 +25,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import copy_project, run_checked, stage_command, stage_env, write_params
 import pandas as pd
+from common import copy_project, run_checked, stage_command, stage_env, write_params
 
 from reduce_ops import names
 from reduce_ops.config import read_yaml

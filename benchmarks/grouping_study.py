@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import REPO
 import numpy as np
 import pandas as pd
 import yaml
+from common import REPO
 
 from reduce_ops.grouping import form_groups, fused_plan
 from reduce_ops.hardware import ArrayGeometry, generate_fleet, wafer_fleet

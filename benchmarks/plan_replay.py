@@ -26,13 +26,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import (REPO, run_checked, run_stages, set_options, sqlite_store, stage_env,
-                    throwaway_copy)
 import pandas as pd
+from common import (
+    REPO,
+    run_checked,
+    run_stages,
+    set_options,
+    sqlite_store,
+    stage_env,
+    throwaway_copy,
+)
 
 from reduce_ops import compare
 from reduce_ops.config import load_config
 from reduce_ops.planning import make_plan
+from reduce_ops.shipping import ShippingRule
 
 STAGES = ["prepare", "faultmaps", "pretrain", "resilience"]
 
@@ -96,14 +104,15 @@ def replay(out: Path, cfg, settings: list[tuple[str, float]]) -> pd.DataFrame:
     info = json.loads((out / "summary.json").read_text())
     trials, curves = pd.read_csv(out / "trials.csv"), pd.read_csv(out / "curves.csv")
     chips = curves.groupby("chip_id", sort=False)["fault_rate"].first().reset_index()
-    plans = {f"reduce-{stat}@{mr:g}": make_plan(
-        trials, chips, info["decision_level"] + cfg.verify.margin, stat,
-        cfg.resilience.checkpoint_every, cfg.plan.safety_margin, cfg.plan.budget_cap, mr)
-        for stat, mr in settings}
-    policy_list = compare.policies(cfg.compare.fixed_epochs,
-                                   {name: r.plan for name, r in plans.items()}, chips["chip_id"])
-    rule = compare.Rule(info["decision_level"], info["constraint_level"], cfg.verify.margin,
+    rule = ShippingRule(info["decision_level"], info["constraint_level"], cfg.verify.margin,
                         cfg.verify.step, cfg.plan.budget_cap)
+    plans = {f"reduce-{stat}@{mr:g}": make_plan(
+        trials, chips, rule.ship_level, stat, cfg.resilience.checkpoint_every,
+        cfg.plan.safety_margin, rule.cap, mr) for stat, mr in settings}
+    policy_list = compare.policies(
+        cfg.compare.fixed_epochs,
+        {name: dict(zip(r.plan["chip_id"], r.plan["planned_epochs"].astype(float)))
+         for name, r in plans.items()}, chips["chip_id"])
     rows = [row for (cid, rate), g in curves.groupby(["chip_id", "fault_rate"], sort=False)
             for row in compare.run_policies(_Recorded(g), policy_list,
                                             SimpleNamespace(chip_id=cid, fault_rate=rate), rule)]

@@ -22,8 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import run_stages, sqlite_store, stage_env, throwaway_copy
 import pandas as pd
+from common import run_stages, sqlite_store, stage_env, throwaway_copy
 
 
 def run_seed(seed: int, sets: list[str], keep: Path | None, stages: list[str],

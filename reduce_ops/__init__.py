@@ -10,7 +10,9 @@ def load_chip_model(chip_id: str, tracking_uri: str | None = None,
     instead (a GraphModule, inference only):
     mlflow.pytorch.load_model("models:/<prefix>-<chip_id>@champion").
     An unknown chip id raises reduce_ops.errors.TrackingError naming close matches."""
-    from reduce_ops.registry import load_chip_model as _load  # lazy: `import reduce_ops` stays light
+    from reduce_ops.registry import (
+        load_chip_model as _load,  # lazy: `import reduce_ops` stays light
+    )
 
     return _load(chip_id, tracking_uri=tracking_uri, prefix=prefix)
 

@@ -1,5 +1,6 @@
-"""Baseline training (pretrain): plain, SAM or SAQ steps, early stopping on a stratified
-holdout of the training split, the best weights kept."""
+"""Baseline training (pretrain, variants): plain, SAM or SAQ steps, early stopping on a
+stratified holdout of the training split, the best weights kept; then what is measured once on
+every baseline."""
 
 from __future__ import annotations
 
@@ -8,16 +9,29 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from reduce_ops.config import TrainConfig
-from reduce_ops.quant import QuantizedWeights
-from reduce_ops.sharpness import SharpnessAware
-from reduce_ops.training import (PreparedDataLike, batches, evaluate, make_optimizer,
-                                 random_shift, steps_per_epoch, train_steps)
+from reduce_ops import binomial
+from reduce_ops.binomial import wilson_interval
+from reduce_ops.config import Config, TrainConfig
+from reduce_ops.data import PreparedData
+from reduce_ops.models import activation_sparsity, build_model
+from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.quant import QuantizedWeights, quantized_accuracy
+from reduce_ops.sharpness import SharpnessAware, flatness
+from reduce_ops.training import (
+    PreparedDataLike,
+    batches,
+    evaluate,
+    make_optimizer,
+    random_shift,
+    steps_per_epoch,
+    train_steps,
+)
 
 
 @dataclass
@@ -103,3 +117,61 @@ def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
                 break
     model.load_state_dict(best_state)
     return result
+
+
+@dataclass
+class TrainedBaseline:
+    """A trained baseline (the pipeline's or a variant) and what was measured on it."""
+
+    model: nn.Module
+    arch: dict[str, Any]          # build_model arguments, saved with the checkpoint
+    result: PretrainResult
+    metrics: dict[str, float]
+
+
+def train_baseline(cfg: Config, data: PreparedData, activation_threshold: float,
+                   train_cfg: TrainConfig, device: torch.device,
+                   on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainedBaseline:
+    """Build and train one baseline, then measure it once, on splits the training never chose
+    by: accuracy (float and int8) on validation and test, activation sparsity (validation) and
+    flatness (a seeded sample of the training split)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes,
+                        activation_threshold).to(device)
+    result = pretrain(model, data, train_cfg, device, on_epoch, cfg.hardware.layer_types)
+    seconds = time.perf_counter() - t0
+    val_acc, val_loss = evaluate(model, data.x["val"], data.y["val"], device=device)
+    test_acc, test_loss = evaluate(model, data.x["test"], data.y["test"], device=device)
+    n_val, n_test = len(data.y["val"]), len(data.y["test"])
+    val_ci, test_ci = wilson_interval(val_acc, n_val), wilson_interval(test_acc, n_test)
+    model_cpu = model.cpu()
+    fl = cfg.flatness
+    sample = torch.randperm(len(data.y["train"]), generator=torch.Generator().manual_seed(
+        fl.seed))[:fl.n_images]
+    metrics = {VAL_ACCURACY: val_acc, "val_ci_low": val_ci[0], "val_ci_high": val_ci[1],
+               "val_loss": val_loss, TEST_ACCURACY: test_acc, "test_ci_low": test_ci[0],
+               "test_ci_high": test_ci[1], "test_loss": test_loss,
+               "int8_val_accuracy": quantized_accuracy(model_cpu, data.x["val"], data.y["val"],
+                                                       cfg.hardware.layer_types),
+               "int8_test_accuracy": quantized_accuracy(model_cpu, data.x["test"],
+                                                        data.y["test"], cfg.hardware.layer_types),
+               "activation_sparsity": activation_sparsity(model_cpu, data.x["val"]),
+               **flatness(model_cpu, data.x["train"][sample], data.y["train"][sample],
+                          fl.sigma, fl.draws, fl.seed),
+               "best_holdout_accuracy": result.best_holdout_accuracy,
+               "n_holdout": result.n_holdout, "best_epoch": result.best_epoch,
+               "epochs_trained": len(result.history), "train_seconds": seconds}
+    model.to(device)
+    arch = {"name": cfg.model.name, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "activation_threshold": activation_threshold}
+    return TrainedBaseline(model, arch, result, metrics)
+
+
+def describe(metrics: dict[str, float], n_val: int, n_test: int) -> str:
+    """The accuracies, sparsity and flatness of one trained baseline, as one clause."""
+    return (f"validation accuracy {binomial.fmt(metrics[VAL_ACCURACY], n_val)} on {n_val} "
+            f"images, test accuracy {binomial.fmt(metrics[TEST_ACCURACY], n_test)} on {n_test} "
+            f"(int8 {metrics['int8_test_accuracy']:.4f}), activation sparsity "
+            f"{metrics['activation_sparsity']:.3f}, flatness (loss increase) "
+            f"{metrics['flatness_loss_increase']:.4f}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,13 +24,30 @@ from torch import nn
 from reduce_ops import execution
 from reduce_ops.config import ExecutionConfig, FatConfig, HardwareConfig
 from reduce_ops.fault_aware import FatSession
+from reduce_ops.grouping import member_share
 from reduce_ops.hardware import FaultMap
-from reduce_ops.planning import check_amounts, verification
 from reduce_ops.progress import Progress
+from reduce_ops.records.groups import FusedGroup
+from reduce_ops.shipping import ShippingRule, check_amounts, verification
 
-PER_CHIP_COLUMNS = ["policy", "chip_id", "fault_rate", "planned_epochs", "epochs", "shipped",
-                    "val_accuracy", "test_accuracy", "meets_on_test", "meets_unchecked",
-                    "rejected_by"]
+
+class ChipRow(NamedTuple):
+    """One policy on one chip: a row of per_chip.csv."""
+
+    policy: str
+    chip_id: str
+    fault_rate: float
+    planned_epochs: float      # what the policy planned (NaN: the oracle, or rejected up front)
+    epochs: float              # what it trained (its share, for an eFAT group's member)
+    shipped: bool
+    val_accuracy: float
+    test_accuracy: float
+    meets_on_test: bool        # shipped and meeting the constraint on test
+    meets_unchecked: bool      # meeting it on test whether shipped or not
+    rejected_by: str           # "" (shipped) | validation | plan | cap | never meets on test
+
+
+PER_CHIP_COLUMNS = list(ChipRow._fields)
 # n_meet_unchecked: trained chips at or above the test level whether shipped or not (what a
 # policy that shipped without any check would count; only the test split knows it)
 SUMMARY_COLUMNS = ["policy", "n_chips", "n_shipped", "n_meet_on_test", "meet_rate",
@@ -50,28 +67,17 @@ class Policy:
     epochs: dict[str, float]
 
 
-@dataclass(frozen=True)
-class Rule:
-    """The check every policy applies before it ships a chip, and what judges it."""
-
-    decision_level: float      # validation accuracy level
-    constraint_level: float    # test accuracy level (reported)
-    margin: float              # verify.margin
-    step: float                # verify.step, epochs
-    cap: float                 # plan.budget_cap, epochs
-
-
 def fixed_policy_name(epochs: float) -> str:
     return f"fixed-{epochs:g}"
 
 
-def policies(fixed: Sequence[float], reduce_plans: dict[str, pd.DataFrame],
+def policies(fixed: Sequence[float], reduce_plans: dict[str, dict[str, float]],
              chip_ids: Sequence[str]) -> list[Policy]:
-    """Fixed policies, one verified Reduce policy per plan, and the oracle."""
+    """Fixed policies, one verified Reduce policy per plan ({name: planned epochs by chip, NaN
+    for a chip the plan rejects}), and the oracle."""
     out = [Policy(fixed_policy_name(e), FIXED, {c: float(e) for c in chip_ids}) for e in fixed]
-    for name, plan in reduce_plans.items():
-        by_chip = dict(zip(plan["chip_id"], plan["planned_epochs"].astype(float)))
-        out.append(Policy(name, REDUCE, {c: by_chip.get(c, math.nan) for c in chip_ids}))
+    for name, by_chip in reduce_plans.items():
+        out.append(Policy(name, REDUCE, {c: float(by_chip.get(c, math.nan)) for c in chip_ids}))
     out.append(Policy("oracle", ORACLE, {}))
     return out
 
@@ -83,22 +89,23 @@ def policies(fixed: Sequence[float], reduce_plans: dict[str, pd.DataFrame],
 Request = tuple[float, str]
 
 
-def _fixed(policy: Policy, fmap: FaultMap, rule: Rule) -> Generator[Request, float, tuple]:
+def _fixed(policy: Policy, fmap: FaultMap, rule: ShippingRule
+           ) -> Generator[Request, float, ChipRow]:
     epochs = policy.epochs[fmap.chip_id]
     val = yield (epochs, "val")
     test = yield (epochs, "test")
-    passed = val >= rule.decision_level + rule.margin
-    meets = bool(test >= rule.constraint_level)
-    return (policy.name, fmap.chip_id, fmap.fault_rate, epochs, epochs, passed, val, test,
-            passed and meets, meets, "" if passed else "validation")
+    passed, meets = rule.passes(val), rule.meets(test)
+    return ChipRow(policy.name, fmap.chip_id, fmap.fault_rate, epochs, epochs, passed, val,
+                   test, passed and meets, meets, "" if passed else "validation")
 
 
-def _reduce(policy: Policy, fmap: FaultMap, rule: Rule) -> Generator[Request, float, tuple]:
+def _reduce(policy: Policy, fmap: FaultMap, rule: ShippingRule
+            ) -> Generator[Request, float, ChipRow]:
     planned = policy.epochs[fmap.chip_id]
     head = (policy.name, fmap.chip_id, fmap.fault_rate, planned)
     if math.isnan(planned):         # the plan rejected the chip: no training, not shipped
-        return (*head, 0.0, False, math.nan, math.nan, False, False, "plan")
-    steps = verification(planned, rule.decision_level, rule.margin, rule.step, rule.cap)
+        return ChipRow(*head, 0.0, False, math.nan, math.nan, False, False, "plan")
+    steps = verification(planned, rule)
     try:
         amount = next(steps)
         while True:
@@ -106,30 +113,31 @@ def _reduce(policy: Policy, fmap: FaultMap, rule: Rule) -> Generator[Request, fl
     except StopIteration as done:
         check = done.value
     test = yield (check.epochs, "test")
-    meets = bool(test >= rule.constraint_level)
-    return (*head, check.epochs, check.passed, check.checks[-1][1], test,
-            check.passed and meets, meets, "" if check.passed else "cap")
+    meets = rule.meets(test)
+    return ChipRow(*head, check.epochs, check.passed, check.val_accuracy, test,
+                   check.passed and meets, meets, "" if check.passed else "cap")
 
 
-def _oracle(policy: Policy, fmap: FaultMap, rule: Rule) -> Generator[Request, float, tuple]:
+def _oracle(policy: Policy, fmap: FaultMap, rule: ShippingRule
+            ) -> Generator[Request, float, ChipRow]:
     """The cheapest step at which the chip meets the test level: a lower bound that only the
     test split's answer makes possible."""
     head = (policy.name, fmap.chip_id, fmap.fault_rate, math.nan)
     for amount in check_amounts(0.0, rule.step, rule.cap):
         test = yield (amount, "test")
-        if test >= rule.constraint_level:
+        if rule.meets(test):
             val = yield (amount, "val")
-            return (*head, amount, True, val, test, True, True, "")
-    return (*head, 0.0, False, math.nan, math.nan, False, False, "never meets on test")
+            return ChipRow(*head, amount, True, val, test, True, True, "")
+    return ChipRow(*head, 0.0, False, math.nan, math.nan, False, False, "never meets on test")
 
 
 POLICY_KINDS = {FIXED: _fixed, REDUCE: _reduce, ORACLE: _oracle}
 
 
 def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: FaultMap,
-                 rule: Rule) -> list[tuple]:
+                 rule: ShippingRule) -> list[ChipRow]:
     """Every policy's row for one chip from ONE FAT session (see Request above)."""
-    rows: dict[int, tuple] = {}
+    rows: dict[int, ChipRow] = {}
     pending: dict[int, tuple[Generator, Request]] = {}
     for i, policy in enumerate(policy_list):
         gen = POLICY_KINDS[policy.kind](policy, fmap, rule)
@@ -162,14 +170,14 @@ class _ChipInputs:
     baseline: nn.Module
     data: Any
     policy_list: Sequence[Policy]
-    rule: Rule
+    rule: ShippingRule
     fat: FatConfig
     layer_types: Sequence[str]
     device: Any
     stuck: dict[str, Any]
 
 
-def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[tuple], float]:
+def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[ChipRow], float]:
     """One chip's rows (every policy, one FAT session) and how far it trained."""
     session = FatSession.from_baseline(shared.baseline, fmap, shared.layer_types, shared.data,
                                        shared.fat, shared.device, shared.stuck.get(fmap.chip_id))
@@ -177,7 +185,7 @@ def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[tuple], float]
 
 
 def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
-              policy_list: Sequence[Policy], rule: Rule, fat: FatConfig,
+              policy_list: Sequence[Policy], rule: ShippingRule, fat: FatConfig,
               hardware: HardwareConfig, device: torch.device | str = "cpu",
               progress: Progress | None = None,
               stuck: dict[str, Any] | None = None,
@@ -186,40 +194,30 @@ def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
     stuck-at fleet), the chips on `exe`'s workers: the per-chip table, in fleet order."""
     shared = _ChipInputs(baseline, data, tuple(policy_list), rule, fat,
                          tuple(hardware.layer_types), device, stuck or {})
-    rows: dict[int, list[tuple]] = {}
+    rows: dict[int, list[ChipRow]] = {}
 
-    def finished(i: int, result: tuple[list[tuple], float]) -> None:
+    def finished(i: int, result: tuple[list[ChipRow], float]) -> None:
         rows[i], amount = result
         if progress is not None:
             progress.done(f"chip {fleet[i].chip_id}", f"fault rate {fleet[i].fault_rate:.3f}, "
                           f"trained to {amount:.2f} epochs")
 
-    execution.map_unordered(_chip_task, shared, list(fleet), exe or ExecutionConfig(), finished)
+    execution.map_unordered(_chip_task, shared, list(fleet), exe or execution.LOCAL, finished)
     return pd.DataFrame([r for i in range(len(fleet)) for r in rows[i]], columns=PER_CHIP_COLUMNS)
 
 
-@dataclass(frozen=True)
-class GroupRun:
-    """An eFAT group: its members and the fused map one FAT run is planned for."""
-
-    group_id: str
-    members: tuple[FaultMap, ...]
-    fused: FaultMap
-    planned_epochs: float
-
-
-def _group_task(shared: _ChipInputs, grp: GroupRun) -> tuple:
+def _group_task(shared: _ChipInputs, grp: FusedGroup) -> ChipRow:
     """A group's one FAT run on its fused map, verified like a chip: its eFAT row."""
-    session = FatSession.from_baseline(shared.baseline, grp.fused, shared.layer_types,
+    session = FatSession.from_baseline(shared.baseline, grp.fault_map, shared.layer_types,
                                        shared.data, shared.fat, shared.device)
     policy = Policy(EFAT, REDUCE, {grp.group_id: grp.planned_epochs})
-    (row,) = run_policies(session, [policy], grp.fused, shared.rule)
+    (row,) = run_policies(session, [policy], grp.fault_map, shared.rule)
     return row
 
 
-def efat_rows(per_chip: pd.DataFrame, groups: Sequence[GroupRun], fallback: str, rule: Rule,
-              baseline: nn.Module, data: Any, fat: FatConfig, hardware: HardwareConfig,
-              device: torch.device | str = "cpu",
+def efat_rows(per_chip: pd.DataFrame, groups: Sequence[FusedGroup], fallback: str,
+              rule: ShippingRule, baseline: nn.Module, data: Any, fat: FatConfig,
+              hardware: HardwareConfig, device: torch.device | str = "cpu",
               progress: Progress | None = None,
               exe: ExecutionConfig | None = None) -> pd.DataFrame:
     """The eFAT policy: each group of two or more trains ONE model on its fused map, verified
@@ -227,39 +225,36 @@ def efat_rows(per_chip: pd.DataFrame, groups: Sequence[GroupRun], fallback: str,
     and every member of a group that misses at the cap (which then trains alone, after the
     group's epochs were spent), is what the `fallback` Reduce policy does with it."""
     own = per_chip[per_chip["policy"] == fallback].set_index("chip_id")
-    multi = [g for g in groups if len(g.members) >= 2]
+    multi = [g for g in groups if g.shared]
     shared = _ChipInputs(baseline, data, (), rule, fat, tuple(hardware.layer_types), device, {})
-    results: dict[int, tuple] = {}
+    results: dict[int, ChipRow] = {}
 
-    def finished(i: int, row: tuple) -> None:
+    def finished(i: int, row: ChipRow) -> None:
         results[i] = row
-        grp, epochs, passed = multi[i], row[4], row[5]
         if progress is not None:
+            grp = multi[i]
             progress.done(f"group {grp.group_id}", f"{len(grp.members)} chips, fused fault rate "
-                          f"{grp.fused.fault_rate:.3f}, {'shipped' if passed else 'missed'} "
-                          f"after {epochs:g} epochs")
+                          f"{grp.fault_map.fault_rate:.3f}, "
+                          f"{'shipped' if row.shipped else 'missed'} after {row.epochs:g} epochs")
 
-    execution.map_unordered(_group_task, shared, multi, exe or ExecutionConfig(), finished)
+    execution.map_unordered(_group_task, shared, multi, exe or execution.LOCAL, finished)
     rows = []
     grouped = set()
     for i, grp in enumerate(multi):
-        row = results[i]
-        epochs, passed, val, test, meets = row[4], row[5], row[6], row[7], row[9]
-        share = epochs / len(grp.members)
+        run = results[i]
+        share = member_share(run.epochs, len(grp.members))
         for m in grp.members:
             grouped.add(m.chip_id)
-            if passed:
-                rows.append((EFAT, m.chip_id, m.fault_rate, grp.planned_epochs, share, True, val,
-                             test, meets, meets, ""))
+            if run.shipped:
+                rows.append(ChipRow(EFAT, m.chip_id, m.fault_rate, grp.planned_epochs, share,
+                                    True, run.val_accuracy, run.test_accuracy,
+                                    run.meets_unchecked, run.meets_unchecked, ""))
             else:
-                alone = own.loc[m.chip_id]
-                rows.append((EFAT, m.chip_id, m.fault_rate, alone["planned_epochs"],
-                             alone["epochs"] + share, alone["shipped"], alone["val_accuracy"],
-                             alone["test_accuracy"], alone["meets_on_test"],
-                             alone["meets_unchecked"], alone["rejected_by"]))
+                alone = ChipRow(EFAT, m.chip_id, *own.loc[m.chip_id, PER_CHIP_COLUMNS[2:]])
+                rows.append(alone._replace(epochs=alone.epochs + share))
     for chip_id, alone in own.iterrows():
         if chip_id not in grouped:
-            rows.append((EFAT, chip_id, *alone[PER_CHIP_COLUMNS[2:]].tolist()))
+            rows.append(ChipRow(EFAT, chip_id, *alone[PER_CHIP_COLUMNS[2:]].tolist()))
     return pd.DataFrame(rows, columns=PER_CHIP_COLUMNS)
 
 

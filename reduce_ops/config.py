@@ -21,6 +21,11 @@ from reduce_ops.errors import ConfigError
 from reduce_ops.names import safe_name_problem
 
 DEFAULT_PARAMS = "params.yaml"
+# keys of earlier params files, and where their value lives now
+MOVED_KEYS = {
+    "robustness.stuck_polarity": "stuck-at faults share one setting: hardware.stuck_at.polarity",
+    "robustness.stuck_bits": "stuck-at faults share one setting: hardware.stuck_at.bits",
+}
 
 
 def _check(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -107,7 +112,9 @@ class VariantConfig:
 
 @dataclass(frozen=True)
 class StuckAtConfig:
-    """fault_model stuck_at: which bits of a faulty PE's weight register are stuck, and how."""
+    """Stuck-at bits, wherever they are (a faulty PE's weight register under fault_model
+    stuck_at, the weight memory cells of `robustness`): which positions can stick, and what
+    they stick at; n_bits is how many stick in one faulty PE's register."""
 
     bits: list[int] | None = _check(0, 7)          # positions that can stick; null = all 8
     n_bits: int = _check(1, 8)                     # stuck bits per faulty PE
@@ -229,8 +236,6 @@ class RobustnessConfig:
     fault_models: list[Literal["bit_flip", "stuck_at"]] = _check(nonempty=True)
     repetitions: int = _check(1, 1000)
     seed: int = _check(0)                         # fault seed, apart from every other seed
-    stuck_polarity: Literal["random", "zero", "one"]
-    stuck_bits: list[int] | None = _check(0, 7)   # bit positions a fault may hit; null = all
 
 
 @dataclass(frozen=True)
@@ -384,8 +389,10 @@ def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.compare}
     for key in data:
         if key not in fields:
+            moved = MOVED_KEYS.get(f"{prefix}{key}")
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint_txt = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            hint_txt = (f" ({moved})" if moved else
+                        f" (did you mean '{prefix}{close[0]}'?)" if close else "")
             raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint_txt}")
     kwargs = {}
     for name, f in fields.items():

@@ -17,6 +17,7 @@ from typing import Any
 from reduce_ops.config import ExecutionConfig
 from reduce_ops.errors import ConfigError
 
+LOCAL = ExecutionConfig("local", None, 1, 0)   # in this process, torch's default threads
 RETRIES = 3                       # a task whose worker died runs again, at most this often
 OBJECT_STORE_BYTES = 200 * 2**20  # local instance: Ray's default is 30% of the machine's memory
 

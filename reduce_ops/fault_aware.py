@@ -14,8 +14,14 @@ from torch import nn
 from reduce_ops.config import FatConfig
 from reduce_ops.errors import ConfigError
 from reduce_ops.hardware import MaskedWeights, build_masks, pruned_fraction
-from reduce_ops.training import (PreparedDataLike, batches, make_optimizer, split_accuracies,
-                                 steps_per_epoch, train_steps)
+from reduce_ops.training import (
+    PreparedDataLike,
+    batches,
+    make_optimizer,
+    split_accuracies,
+    steps_per_epoch,
+    train_steps,
+)
 
 
 @dataclass

@@ -26,12 +26,11 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from reduce_ops.errors import ConfigError, DataError
+from reduce_ops.errors import ConfigError
 from reduce_ops.hardware import FaultMap
 from reduce_ops.planning import MonotoneCurve, fit_monotone_curve, planned_epochs
 
@@ -110,6 +109,12 @@ class GroupCost:
         with np.errstate(invalid="ignore"):
             return np.where(np.isfinite(planned),
                             planned + self.miss_at(rates) * (self.cap - planned + alone), np.inf)
+
+
+def member_share(run_epochs: float, n_members: int) -> float:
+    """A member's share of its group's FAT run: one run's epochs count once for all members
+    (and a run that missed at the cap costs its members that share on top of their own runs)."""
+    return run_epochs / n_members
 
 
 def fuse(maps: Sequence[FaultMap]) -> np.ndarray:
@@ -341,24 +346,4 @@ def form_groups(maps: Sequence[FaultMap], own_planned: Sequence[float],
         fused, epochs = kept[members]
         groups.append(Group(f"group-{k:0{width}d}", tuple(maps[i].chip_id for i in members),
                             fused, epochs, float(planned_own[list(members)].sum())))
-    return groups
-
-
-GROUP_COLUMNS = ["group_id", "members", "n_members", "fused_fault_rate",
-                 "fused_pruned_fraction", "planned_epochs", "members_planned_epochs", "reward"]
-MEMBER_SEP = ";"
-
-
-def read_groups(path: Path) -> pd.DataFrame:
-    """groups.csv as the group stage writes it (members as a list of chip ids)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no groups; run `reduce-ops group` first")
-    try:
-        groups = pd.read_csv(path, dtype={"group_id": str, "members": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{path}: unreadable groups ({exc})") from None
-    missing = [c for c in GROUP_COLUMNS if c not in groups.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-    groups["members"] = groups["members"].str.split(MEMBER_SEP)
     return groups

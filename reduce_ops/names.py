@@ -87,3 +87,5 @@ VAL_ACCURACY = "val_accuracy"
 TEST_ACCURACY = "test_accuracy"
 RETRAINING_EPOCHS = "retraining_epochs"
 TRIAL_SECONDS = "trial_seconds"
+# measured once on every baseline and kept in its checkpoint's info (robustness reports them)
+BASELINE_MEASURES = ("activation_sparsity", "flatness_loss_increase", "int8_test_accuracy")

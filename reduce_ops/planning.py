@@ -1,9 +1,10 @@
-"""Reduce-method arithmetic: retraining needs, resilience map, monotone fit, per-chip plan."""
+"""Step 2 of Reduce, arithmetic only: one need per fault rate from its repetitions, the monotone
+curve over fault rates, every chip's planned epochs."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -11,106 +12,14 @@ import pandas as pd
 from sklearn.isotonic import IsotonicRegression
 
 from reduce_ops.errors import ConfigError, DataError
+from reduce_ops.hardware import FaultMap
+from reduce_ops.needs import trial_needs
+from reduce_ops.records.plan import PLAN_COLUMNS
+from reduce_ops.shipping import ShippingRule
 
-TRIAL_KEYS = ["fault_rate", "repetition"]
-MAP_COLUMNS = ["level", "fault_rate", "n_reps", "n_reached", "n_never", "min", "mean", "max"]
 NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never", "reach_fraction", "reach_fitted",
                 "reached_need"]
-PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
 _STATISTIC_HELP = "expected 'max', 'mean' or 'qP' with 0<P<=1"
-DECISION_METRIC = "val_accuracy"     # every decision reads the validation split
-
-
-def constraint_level(kind: str, value: float, baseline_accuracy: float) -> float:
-    """The accuracy every chip must reach: `value` itself, or baseline minus the allowed drop."""
-    if kind == "absolute":
-        return float(value)
-    if kind == "drop":
-        return float(baseline_accuracy - value)
-    raise ConfigError(f"constraint.kind: expected absolute or drop, got {kind!r}")
-
-
-def monotone_fit(amounts, accuracies) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted amounts, isotonic fit): the non-decreasing curve closest to one trial's measured
-    accuracies (least squares). Fine-tuning does not make a model worse in expectation, so
-    what the fit removes is measurement noise: a checkpoint that dips below its neighbours is
-    pooled with them instead of counting on its own. NaN checkpoints (not measured) are dropped.
-    """
-    x = np.asarray(amounts, dtype=float).ravel()
-    y = np.asarray(accuracies, dtype=float).ravel()
-    if x.shape != y.shape:
-        raise DataError(f"retraining curve: {x.size} amounts but {y.size} accuracies")
-    if np.isnan(x).any() or (x < 0).any():
-        raise DataError("retraining curve: amounts must be non-negative numbers")
-    keep = ~np.isnan(y)
-    x, y = x[keep], y[keep]
-    order = np.argsort(x, kind="stable")
-    x, y = x[order], y[order]
-    if x.size < 2:
-        return x, y
-    return x, np.asarray(IsotonicRegression(increasing=True).fit_transform(x, y), dtype=float)
-
-
-def retraining_needed(amounts, accuracies, level: float) -> float:
-    """Retraining one trial needs to reach `level`: where its monotone fit first reaches it.
-
-    Linear between checkpoints. The first measured amount (0.0 when amount 0 was measured) if
-    the fit is at the level from the start; `math.inf` if it never gets there within the
-    measured amounts. If the smallest measured amount is above 0 and already reaches the level,
-    that amount (not 0) is returned: nothing shows that less would do.
-    """
-    x, fit = monotone_fit(amounts, accuracies)
-    reached = fit >= level
-    if not reached.any():
-        return math.inf
-    i = int(np.argmax(reached))      # the fit is non-decreasing: reached from i on
-    if i == 0:
-        return float(x[0])
-    frac = (level - fit[i - 1]) / (fit[i] - fit[i - 1])       # fit[i-1] < level <= fit[i]
-    return float(x[i - 1] + frac * (x[i] - x[i - 1]))
-
-
-def settled(amounts, accuracies, level: float, confirm: float) -> bool:
-    """Whether a trial can stop: its monotone fit reached `level` at least `confirm` epochs
-    before its last measurement (so a lucky last checkpoint alone does not end it)."""
-    need = retraining_needed(amounts, accuracies, level)
-    return math.isfinite(need) and float(np.nanmax(amounts)) - need >= confirm - 1e-9
-
-
-def _check_trials(trials: pd.DataFrame, metric: str) -> None:
-    """Fail with one line when the trials table lacks a column or rows this module needs."""
-    missing = [c for c in TRIAL_KEYS + ["amount", metric] if c not in trials.columns]
-    if missing:
-        raise DataError(f"trials table: missing column(s) {', '.join(missing)}")
-    if trials.empty:
-        raise DataError("trials table: no rows")
-
-
-def trial_needs(trials: pd.DataFrame, level: float,
-                metric: str = DECISION_METRIC) -> pd.DataFrame:
-    """Retraining needed to reach `level`, one row per trial (fault_rate, repetition, needed)."""
-    _check_trials(trials, metric)
-    rows = [
-        (rate, rep, retraining_needed(g["amount"].to_numpy(), g[metric].to_numpy(), level))
-        for (rate, rep), g in trials.groupby(TRIAL_KEYS, sort=True)
-    ]
-    out = pd.DataFrame(rows, columns=TRIAL_KEYS + ["needed"])
-    return out.astype({"fault_rate": float, "needed": float})
-
-
-def resilience_map(trials: pd.DataFrame, levels,
-                   metric: str = DECISION_METRIC) -> pd.DataFrame:
-    """Per accuracy level and fault rate: min/mean/max need over the repetitions that reached it."""
-    parts = []
-    for level in np.atleast_1d(np.asarray(levels, dtype=float)):
-        needs = trial_needs(trials, float(level), metric)
-        for rate, g in needs.groupby("fault_rate", sort=True):
-            v = g["needed"].to_numpy()
-            ok = v[np.isfinite(v)]
-            stats = (ok.min(), ok.mean(), ok.max()) if ok.size else (np.nan,) * 3
-            parts.append((float(level), rate, v.size, ok.size, v.size - ok.size, *stats))
-    out = pd.DataFrame(parts, columns=MAP_COLUMNS)
-    return out.sort_values(["level", "fault_rate"], ignore_index=True)
 
 
 def parse_statistic(s) -> str | float:
@@ -374,51 +283,12 @@ def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic
     return PlanResult(float(level), points, curve, plan)
 
 
-# --------------------------------------------------------------------------- verification
-
-@dataclass(frozen=True)
-class Verification:
-    """A chip's check against the decision level: where it passed (or the cap), every check."""
-
-    passed: bool
-    epochs: float                          # amount at the first pass, or the cap
-    checks: tuple[tuple[float, float], ...]  # (amount, validation accuracy) of every check
-
-    @property
-    def extended(self) -> bool:
-        return len(self.checks) > 1
-
-
-def check_amounts(planned: float, step: float, cap: float) -> list[float]:
-    """planned, planned + step, ... and the cap itself: where a chip is checked."""
-    n = max(0, math.ceil((cap - planned) / step - 1e-9))
-    amounts = [round(min(planned + k * step, cap), 9) for k in range(n + 1)]
-    return sorted(set(amounts))
-
-
-def verification(planned: float, level: float, margin: float, step: float,
-                 cap: float) -> Generator[float, float, Verification]:
-    """The check of one chip as a generator: it yields the next amount to measure, is sent the
-    validation accuracy there, and returns the Verification. The chip passes at the first check
-    with accuracy >= level + margin; checks run from the planned amount every `step` epochs up
-    to the cap."""
-    checks = []
-    for amount in check_amounts(planned, step, cap):
-        accuracy = yield amount
-        checks.append((amount, accuracy))
-        if accuracy >= level + margin:
-            return Verification(True, amount, tuple(checks))
-    return Verification(False, checks[-1][0] if checks else planned, tuple(checks))
-
-
-def verify(measure: Callable[[float], float], planned: float, level: float, margin: float,
-           step: float, cap: float) -> Verification:
-    """Run `verification` with `measure(amount)`, which trains on to `amount` (ascending) and
-    returns the validation accuracy there."""
-    steps = verification(planned, level, margin, step, cap)
-    try:
-        amount = next(steps)
-        while True:
-            amount = steps.send(measure(amount))
-    except StopIteration as done:
-        return done.value
+def plan_for_rule(trials: pd.DataFrame, fleet: Sequence[FaultMap], rule: ShippingRule,
+                  statistic, granularity: float, safety_margin: float,
+                  min_reached: float) -> PlanResult:
+    """The plan that gives each chip of `fleet` what it needs to pass `rule` (validation
+    accuracy at least its ship level) within its cap."""
+    chips = pd.DataFrame({"chip_id": [m.chip_id for m in fleet],
+                          "fault_rate": [m.fault_rate for m in fleet]})
+    return make_plan(trials, chips, rule.ship_level, statistic, granularity, safety_margin,
+                     rule.cap, min_reached)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reduce_ops import names, tracking
+from reduce_ops import names
 from reduce_ops.config import Config, flatten
 from reduce_ops.errors import ConfigError, DataError, ReduceOpsError, TrackingError
+from reduce_ops.tracking.runs import DatasetRef, RunRecord, get_run
+from reduce_ops.tracking.store import param_text, tracking_uri
 
 
 def file_sha256(path: Path) -> str:
@@ -59,10 +61,10 @@ def current_identity(cfg: Config) -> Identity:
     return Identity(file_sha256(baseline), dataset_meta(cfg)["dataset_hash"])
 
 
-def dataset_ref(cfg: Config) -> tracking.DatasetRef:
+def dataset_ref(cfg: Config) -> DatasetRef:
     """The prepared dataset as an MLflow dataset input (name, digest, source, profile)."""
     meta = dataset_meta(cfg)
-    return tracking.DatasetRef(meta["source"], meta["dataset_hash"],
+    return DatasetRef(meta["source"], meta["dataset_hash"],
                                str(cfg.path("prepared").resolve()),
                                {"split_sizes": meta["split_sizes"],
                                 "input_shape": meta["input_shape"],
@@ -85,11 +87,11 @@ def measured_params(cfg: Config) -> dict[str, Any]:
             "plan.budget_cap": cfg.plan.budget_cap, "verify.margin": cfg.verify.margin}
 
 
-def resilience_run(cfg: Config, identity: Identity) -> tracking.RunRecord:
+def resilience_run(cfg: Config, identity: Identity) -> RunRecord:
     """The resilience run a plan reads: plan.resilience_run, or the run the resilience stage
     recorded in its summary.json (the trials DVC tracks), checked against the current baseline,
     dataset and parameters."""
-    uri = tracking.tracking_uri(cfg.root)
+    uri = tracking_uri(cfg.root)
     if cfg.plan.resilience_run:
         run_id, where = cfg.plan.resilience_run, "plan.resilience_run"
     else:
@@ -99,7 +101,7 @@ def resilience_run(cfg: Config, identity: Identity) -> tracking.RunRecord:
                             f"first (or set plan.resilience_run)")
         run_id, where = str(json.loads(summary.read_text())["run_id"]), str(summary)
     try:
-        run = tracking.get_run(uri, run_id)
+        run = get_run(uri, run_id)
     except TrackingError:
         raise TrackingError(f"{where}: resilience run {run_id!r} is not in {uri}; run "
                             f"`reduce-ops resilience` (or set plan.resilience_run)") from None
@@ -113,10 +115,11 @@ def resilience_run(cfg: Config, identity: Identity) -> tracking.RunRecord:
     remedy = "run `reduce-ops resilience` again"
     Identity(run.tags.get(names.TAG_BASELINE_HASH), run.tags.get(names.TAG_DATASET_HASH, "")
              ).require_match(identity, f"resilience run {run_id} ({where})", remedy)
-    differs = [f"{key}={run.params.get(key, '(not logged)')} (now {tracking.param_text(value)})"
+    differs = [f"{key}={run.params.get(key, '(not logged)')} (now {param_text(value)})"
                for key, value in measured_params(cfg).items()
-               if run.params.get(key) != tracking.param_text(value)]
+               if run.params.get(key) != param_text(value)]
     if differs:
         raise ReduceOpsError(f"resilience run {run_id} ({where}) was measured with "
                              f"{', '.join(differs)}; {remedy}")
     return run
+

@@ -9,7 +9,7 @@ unchanged (STE), so fault-aware training trains *through* the faults the chip ha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from reduce_ops.errors import ConfigError, FaultMapError
 from reduce_ops.hardware.mapping import _weight_param_name, mapped_layers
+from reduce_ops.training import evaluate
 
 QMAX = 127  # symmetric int8: -127..127 (-128 is never written, but a fault can read it)
 
@@ -250,3 +251,11 @@ class QuantizedWeights:
             fault = self._faults.get(name)
             out[name] = stored.q if fault is None else fault.apply(stored.q)
         return out
+
+
+def quantized_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       layer_types: Sequence[str], faults: Mapping | None = None) -> float:
+    """Accuracy of `model` run as int8 (its mapped weights), read through `faults`; the model
+    itself is left as it was."""
+    with QuantizedWeights(model, layer_types, faults), parametrize.cached():
+        return evaluate(model, x, y)[0]

@@ -10,9 +10,19 @@ from pathlib import Path
 
 from torch import nn
 
-from reduce_ops import names, tracking
+from reduce_ops import names
 from reduce_ops.errors import TrackingError
 from reduce_ops.names import CHAMPION, CHIP_MODEL_FILE, REJECTED, registered_name
+from reduce_ops.tracking.registry import (
+    ModelVersionInfo,
+    download_model_version,
+    download_run_artifact,
+    find_model_versions,
+    model_version_by_alias,
+    registered_model_tags,
+    registered_model_tags_of,
+)
+from reduce_ops.tracking.runs import find_runs
 
 
 def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
@@ -20,7 +30,7 @@ def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
     tagged with the chip id; None when there is none."""
     if prefix is not None:
         return registered_name(prefix, chip_id)
-    found = [n for n, c in tracking.registered_model_tags(uri, names.VTAG_CHIP).items()
+    found = [n for n, c in registered_model_tags(uri, names.VTAG_CHIP).items()
              if c == chip_id]
     if len(found) > 1:
         raise TrackingError(f"chip {chip_id!r}: several registered models in {uri} "
@@ -28,28 +38,28 @@ def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
     return found[0] if found else None
 
 
-def champion(uri: str, chip_id: str, prefix: str | None = None) -> tracking.ModelVersionInfo:
+def champion(uri: str, chip_id: str, prefix: str | None = None) -> ModelVersionInfo:
     """The chip's champion version, or one TrackingError line saying why there is none (no
     version met the constraint, the plan rejected the chip, or an unknown id: close matches)."""
     name = _model_name(uri, chip_id, prefix)
     if name is not None:
-        found = tracking.model_version_by_alias(uri, name, CHAMPION)
+        found = model_version_by_alias(uri, name, CHAMPION)
         if found is not None:
             return found
-        tags = tracking.registered_model_tags_of(uri, name)
+        tags = registered_model_tags_of(uri, name)
         if tags.get(names.MTAG_STATUS) == REJECTED:
             raise TrackingError(f"chip {chip_id!r} has no champion: the current plan rejected "
                                 f"it ({tags.get(names.MTAG_REASON) or 'no reason recorded'})")
-        versions = tracking.find_model_versions(uri, name)
+        versions = find_model_versions(uri, name)
         if versions:
             raise TrackingError(f"chip {chip_id!r}: {len(versions)} version(s) of {name!r}, "
                                 f"none verified (no {CHAMPION!r} alias) in {uri}")
-    rejected = tracking.find_runs(uri, {names.TAG_CHIP: chip_id, names.TAG_REJECTED: "true"})
+    rejected = find_runs(uri, {names.TAG_CHIP: chip_id, names.TAG_REJECTED: "true"})
     if rejected:
         reason = rejected[0].params.get("reason", "infeasible")
         raise TrackingError(f"chip {chip_id!r} has no model: the plan found it infeasible "
                             f"({reason})")
-    chips = tracking.registered_model_tags(uri, names.VTAG_CHIP)
+    chips = registered_model_tags(uri, names.VTAG_CHIP)
     known = sorted(c for n, c in chips.items() if prefix is None or n.startswith(f"{prefix}-"))
     close = difflib.get_close_matches(chip_id, known, n=3, cutoff=0.6)
     if close:
@@ -79,18 +89,18 @@ def load_chip_model(chip_id: str, tracking_uri: str | None = None,
                             "(e.g. sqlite:////path/to/project/mlflow.db or http://host:5000)")
     version = champion(uri, chip_id, prefix)
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.download_run_artifact(uri, version.run_id, CHIP_MODEL_FILE, Path(tmp))
+        path = download_run_artifact(uri, version.run_id, CHIP_MODEL_FILE, Path(tmp))
         model, _ = load_checkpoint(path)
     return model
 
 
-def download_champion(uri: str, version: tracking.ModelVersionInfo, out: Path) -> Path:
+def download_champion(uri: str, version: ModelVersionInfo, out: Path) -> Path:
     """The champion's MLflow model folder (out/model) and chip_model.pt (out/) downloaded."""
     import shutil
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:   # same disk: the moves are renames
-        model_dir, ckpt = tracking.download_model_version(uri, version, CHIP_MODEL_FILE,
+        model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE,
                                                           Path(tmp))
         for src, dst in ((model_dir, out / "model"), (ckpt, out / CHIP_MODEL_FILE)):
             if dst.is_dir():

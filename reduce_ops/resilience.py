@@ -10,37 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from reduce_ops import execution, tracking
+from reduce_ops import execution
 from reduce_ops.config import ExecutionConfig, FatConfig, HardwareConfig, ResilienceConfig
-from reduce_ops.errors import TrackingError
-from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap
-from reduce_ops.names import (RETRAINING_EPOCHS, TAG_REUSED_FROM, TAG_TRIAL, TEST_ACCURACY,
-                               TRIAL_SECONDS, VAL_ACCURACY)
-from reduce_ops.planning import settled
-from reduce_ops.progress import Progress
 from reduce_ops.fault_aware import FatCheckpoint, fat_curve
-
-# Metric steps of a trial's curve are milli-epochs: step 250 = 0.25 epochs of retraining.
-STEPS_PER_EPOCH_UNIT = 1000
-TRIAL_COLUMNS = ["fault_rate", "repetition", "fault_seed", "n_faulty", "pruned_fraction",
-                 "amount", "val_accuracy", "test_accuracy"]
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """One (fault rate, repetition) and the seed of its random fault map."""
-
-    fault_rate: float
-    repetition: int
-    fault_seed: int
-
-    @property
-    def key(self) -> str:
-        return f"r{self.fault_rate:.4f}-rep{self.repetition}"
+from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap
+from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.needs import settled
+from reduce_ops.progress import Progress
+from reduce_ops.records.trials import TrialResult, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -52,25 +32,6 @@ class TrialTarget:
     level: float          # validation accuracy level (the constraint on the decision split)
     cap: float            # plan.budget_cap, epochs
     confirm: float        # resilience.confirm_epochs
-
-
-@dataclass
-class TrialResult:
-    """A finished trial: its map's size and the accuracy at every checkpoint amount."""
-
-    spec: TrialSpec
-    n_faulty: int
-    pruned_fraction: float
-    amounts: list[float]
-    val_accuracy: list[float]
-    test_accuracy: list[float]
-    seconds: float
-    grid_epochs: float            # resilience.max_epochs; amounts beyond it are the extension
-    reused_from: str = ""
-
-    @property
-    def extended(self) -> bool:
-        return self.amounts[-1] > self.grid_epochs + 1e-9
 
 
 def checkpoint_amounts(cfg: ResilienceConfig) -> list[float]:
@@ -140,59 +101,6 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
                        val, curve.accuracy[TEST_ACCURACY], curve.seconds, res.max_epochs)
 
 
-def trials_table(results: list[TrialResult]) -> pd.DataFrame:
-    """Long table: one row per (trial, checkpoint), sorted by rate, repetition, amount."""
-    rows = [(r.spec.fault_rate, r.spec.repetition, r.spec.fault_seed, r.n_faulty,
-             r.pruned_fraction, a, v, t)
-            for r in results for a, v, t in zip(r.amounts, r.val_accuracy, r.test_accuracy)]
-    df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
-    return df.sort_values(["fault_rate", "repetition", "amount"], ignore_index=True)
-
-
-# --------------------------------------------------------------------------- MLflow <-> trials
-
-def trial_run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
-    """(params, metric histories, tags) of a trial's child run; steps are milli-epochs."""
-    params = {"fault_rate": r.spec.fault_rate, "repetition": r.spec.repetition,
-              "fault_seed": r.spec.fault_seed, "n_faulty": r.n_faulty,
-              "pruned_fraction": r.pruned_fraction, "step_unit": "milli-epochs",
-              "grid_epochs": r.grid_epochs, "measured_epochs": r.amounts[-1],
-              "extended": r.extended}
-    steps = [int(round(a * STEPS_PER_EPOCH_UNIT)) for a in r.amounts]
-    history = {VAL_ACCURACY: list(zip(steps, r.val_accuracy)),
-               TEST_ACCURACY: list(zip(steps, r.test_accuracy)),
-               RETRAINING_EPOCHS: list(zip(steps, r.amounts)),
-               TRIAL_SECONDS: [(0, r.seconds)]}
-    tags = {TAG_TRIAL: r.spec.key}
-    if r.reused_from:
-        tags[TAG_REUSED_FROM] = r.reused_from
-    return params, history, tags
-
-
-def trial_from_run(child: dict[str, Any]) -> TrialResult:
-    """Rebuild a TrialResult from a child run read back by tracking.read_children."""
-    p, h = child["params"], child["histories"]
-    val = sorted(h[VAL_ACCURACY])
-    test = dict(h[TEST_ACCURACY])
-    spec = TrialSpec(float(p["fault_rate"]), int(p["repetition"]), int(p["fault_seed"]))
-    seconds = h.get(TRIAL_SECONDS, [(0, 0.0)])[-1][1]
-    amounts = [s / STEPS_PER_EPOCH_UNIT for s, _ in val]
-    return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]), amounts,
-                       [v for _, v in val], [test[s] for s, _ in val], float(seconds),
-                       float(p.get("grid_epochs", amounts[-1])), reused_from=child["run_id"])
-
-
-TRIAL_METRICS = [VAL_ACCURACY, TEST_ACCURACY, TRIAL_SECONDS]   # what trial_from_run reads
-
-
-def logged_trials(uri: str, run_id: str) -> pd.DataFrame:
-    """The trials table of a logged resilience run, read back from its finished child runs."""
-    children = tracking.read_children(uri, run_id, TRIAL_METRICS)
-    if not children:
-        raise TrackingError(f"resilience run {run_id} has no finished trials")
-    return trials_table([trial_from_run(c) for c in children])
-
-
 @dataclass(frozen=True)
 class TrialInputs:
     """What every trial of a grid shares (sent to Ray's object store once)."""
@@ -224,7 +132,7 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
     hears of every trial, and with the local backend of every checkpoint inside one.
     Returns the results in the order of `specs`.
     """
-    exe = exe or ExecutionConfig("local", None, 1, 0)
+    exe = exe or execution.LOCAL
     results: dict[str, TrialResult] = {}
 
     def finished(result: TrialResult) -> None:
@@ -245,11 +153,11 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
             finished(prior)
         else:
             todo.append(spec)
-    on_cp = None
-    if progress is not None and exe.backend == "local":
-        def on_cp(cp: FatCheckpoint) -> None:
-            progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
-                            f"val {cp.metrics[VAL_ACCURACY]:.4f}")
+    def inside(cp: FatCheckpoint) -> None:
+        progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
+                        f"val {cp.metrics[VAL_ACCURACY]:.4f}")
+
+    on_cp = inside if progress is not None and exe.backend == "local" else None
 
     def next_starts(i: int) -> None:
         if progress is not None and i + 1 < len(todo):

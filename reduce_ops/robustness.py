@@ -73,14 +73,6 @@ def draw_faults(spec: TrialSpec, shapes: Mapping[str, tuple[int, ...]],
     return faults, n
 
 
-def quantized_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       layer_types: Sequence[str], faults: Mapping | None = None) -> float:
-    """Accuracy of `model` run as int8 (its mapped weights), read through `faults`; the model
-    itself is left as it was."""
-    with QuantizedWeights(model, layer_types, faults), parametrize.cached():
-        return evaluate(model, x, y)[0]
-
-
 def run_trials(variants: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                specs: Sequence[TrialSpec], layer_types: Sequence[str],
                polarity: int | str = "random", bits: Sequence[int] | None = None,

@@ -47,7 +47,7 @@ def _isolated_tracking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Never touch a user's tracking server or the repository's mlflow.db from a test."""
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    # mlflow.set_registry_uri (tracking.ensure_store) writes this variable into os.environ:
+    # mlflow.set_registry_uri (tracking.store.ensure_store) writes this variable into os.environ:
     # without this a test's store would leak into later tests and their subprocesses
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, tiny_params
 
 from reduce_ops.cli import main
-from reduce_ops.config import (apply_overrides, flatten, from_dict, load_config, read_yaml,
-                               split_overrides)
+from reduce_ops.config import (
+    apply_overrides,
+    flatten,
+    from_dict,
+    load_config,
+    read_yaml,
+    split_overrides,
+)
 from reduce_ops.errors import ConfigError
-
-from conftest import REPO, tiny_params
 
 
 def test_repository_params_load_and_resolve_paths() -> None:
@@ -55,6 +60,15 @@ def test_unknown_and_missing_keys(tmp_path: Path) -> None:
     raw = tiny_params()
     del raw["train"]["patience"]
     with pytest.raises(ConfigError, match=r"train\.patience: missing key"):
+        from_dict(raw)
+
+
+def test_a_key_of_an_earlier_params_file_says_where_it_lives_now() -> None:
+    """The stuck-at settings were spelled twice (hardware.stuck_at and robustness.stuck_*)."""
+    raw = tiny_params()
+    raw["robustness"]["stuck_polarity"] = "zero"
+    with pytest.raises(ConfigError, match=r"robustness\.stuck_polarity: unknown key \(stuck-at "
+                                          r"faults share one setting: hardware\.stuck_at\.polarity"):
         from_dict(raw)
 
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_project
+
 from reduce_ops.stages import PIPELINE
 
 BIN = Path(sys.executable).parent

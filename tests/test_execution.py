@@ -9,13 +9,13 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import clone_project, make_project, run_stages, tiny_params
 
 from reduce_ops import execution, resilience
 from reduce_ops.cli import main
 from reduce_ops.config import ExecutionConfig, from_dict
 from reduce_ops.models import build_model
-
-from conftest import clone_project, make_project, run_stages, tiny_params
+from reduce_ops.records import trials as trials_record
 
 ray = pytest.importorskip("ray", reason="Ray is installed by `make install` (requirements.txt)")
 
@@ -33,7 +33,7 @@ def ray_instance():
     ray.shutdown()
 
 
-def _trials(prepared_digits, exe: ExecutionConfig) -> list[resilience.TrialResult]:
+def _trials(prepared_digits, exe: ExecutionConfig) -> list[trials_record.TrialResult]:
     cfg = from_dict(tiny_params(["resilience.fault_rates=[0.3]", "resilience.repetitions=3",
                                  "resilience.max_epochs=0.25",
                                  "resilience.checkpoint_every=0.25"]))
@@ -106,7 +106,6 @@ def test_fat_and_compare_on_ray_give_what_local_gives(tmp_path: Path, ray_instan
     """Per-chip and per-group FAT with verification, and compare's per-chip runs, as Ray tasks:
     the same chips, epochs and accuracies as one after another in the driver."""
     import pandas as pd
-
     from test_grouping import WAFER
 
     base = tmp_path / "base"
@@ -140,7 +139,7 @@ def test_a_logger_process_whose_driver_died_while_it_started_ends(tmp_path: Path
 
     script = (
         "import os, signal, types\n"
-        "from reduce_ops.tracking import BackgroundTracking\n"
+        "from reduce_ops.tracking.logger import BackgroundTracking\n"
         "stage = types.SimpleNamespace(uri='sqlite:///unused.db', run_id='r', experiment_id='0')\n"
         "BackgroundTracking(stage).start()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")

@@ -9,12 +9,14 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_params
 from torch import nn
 
-from conftest import tiny_params
 from reduce_ops import fault_aware
+from reduce_ops.baseline import pretrain
 from reduce_ops.config import Config, FatConfig, from_dict
 from reduce_ops.errors import ConfigError
+from reduce_ops.fault_aware import fault_aware_train
 from reduce_ops.hardware import (
     ArrayGeometry,
     apply_masks,
@@ -23,8 +25,6 @@ from reduce_ops.hardware import (
     uniform_fault_map,
 )
 from reduce_ops.models import build_model
-from reduce_ops.fault_aware import fault_aware_train
-from reduce_ops.baseline import pretrain
 from reduce_ops.training import (
     batches,
     evaluate,
@@ -274,8 +274,8 @@ def test_rate_zero_is_plain_fine_tuning(tiny_cfg: Config, prepared_digits, basel
 
 def test_amounts_on_the_same_step_each_get_a_checkpoint(tiny_cfg, prepared_digits) -> None:
     """Amounts that round to one optimizer step are all reported, measured once."""
-    from reduce_ops.models import build_model
     from reduce_ops.fault_aware import fault_aware_train
+    from reduce_ops.models import build_model
 
     model = build_model("lenet", prepared_digits.input_shape, prepared_digits.num_classes)
     calls = []

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import clone_project, make_project, run_stages
 
 import reduce_ops
-from conftest import clone_project, make_project, run_stages
-from reduce_ops import fleet, names, registry, tracking
+from reduce_ops import names, registry
 from reduce_ops.cli import main
 from reduce_ops.config import load_config
 from reduce_ops.data import load_prepared
@@ -27,7 +27,12 @@ from reduce_ops.errors import DataError, TrackingError
 from reduce_ops.fault_aware import fat_curve
 from reduce_ops.hardware import ArrayGeometry, FaultMap, build_masks, uniform_fault_map
 from reduce_ops.models import build_model
-from reduce_ops.tracking import find_model_versions, find_runs, tracking_uri
+from reduce_ops.records import plan as plan_record
+from reduce_ops.retraining import worker
+from reduce_ops.shipping import ShippingRule
+from reduce_ops.tracking.registry import find_model_versions
+from reduce_ops.tracking.runs import find_runs
+from reduce_ops.tracking.store import tracking_uri
 from reduce_ops.training import evaluate
 
 # 4 chips with fault rates in [0, 0.6]; at rate 0.6 a 16x16 array kills LeNet on digits (accuracy
@@ -109,7 +114,7 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
     plan, plan_id = _plan(in_project)
     feasible = plan.loc[plan["feasible"], "chip_id"].tolist()
     assert 2 <= len(feasible) < len(plan)        # the setup gives both kinds of chips
-    real = fleet._train
+    real = worker.train
     calls: list[str] = []
 
     def interrupt_second(unit, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -118,7 +123,7 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
             raise KeyboardInterrupt
         return real(unit, *args, **kwargs)
 
-    monkeypatch.setattr(fleet, "_train", interrupt_second)
+    monkeypatch.setattr(worker, "train", interrupt_second)
     assert _fat(in_project) == 130
     uri = tracking_uri(in_project)
     (killed,) = find_runs(uri, {"reduce_ops.stage": "fat"}, statuses=("KILLED",))
@@ -131,7 +136,7 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
     assert children == {feasible[0]: "FINISHED"}
 
     calls.clear()
-    monkeypatch.setattr(fleet, "_train", lambda unit, *a, **k: (
+    monkeypatch.setattr(worker, "train", lambda unit, *a, **k: (
         calls.append(unit.members[0].chip_id), real(unit, *a, **k))[1])
     assert _fat(in_project) == 0
     assert calls == feasible[1:]                  # the chip done before Ctrl-C is not retrained
@@ -269,14 +274,15 @@ def test_rerun_registers_nothing_and_a_chip_rejected_later_loses_its_champion(
     # margin): it is rejected at the cap, and its champion of the earlier run is withdrawn.
     first = feasible[0]
     assert any(names.CHAMPION in v.aliases for v in _versions(in_project, first))
-    real = fleet._train
+    real = worker.train
 
-    def miss_first(unit, baseline, data, ctx, *args):  # noqa: ANN001, ANN002
+    def miss_first(unit, baseline, data, settings, *args):  # noqa: ANN001, ANN002
         if unit.members[0].chip_id == first:
-            ctx = dataclasses.replace(ctx, margin=1.0)
-        return real(unit, baseline, data, ctx, *args)
+            settings = dataclasses.replace(
+                settings, rule=dataclasses.replace(settings.rule, margin=1.0))
+        return real(unit, baseline, data, settings, *args)
 
-    monkeypatch.setattr(fleet, "_train", miss_first)
+    monkeypatch.setattr(worker, "train", miss_first)
     assert _fat(in_project, "--force") == 0
     after = {c: _versions(in_project, c) for c in feasible}
     assert {c: len(v) for c, v in after.items()} == {c: n + 1 for c, n in before.items()}
@@ -351,15 +357,18 @@ def test_zero_planned_epochs_is_fault_aware_pruning_only(prepared_digits) -> Non
 
 def test_stale_plan_is_a_clear_error() -> None:
     maps = [FaultMap("a", np.zeros((4, 4), bool)), FaultMap("b", np.ones((4, 4), bool))]
-    plan = pd.DataFrame({"chip_id": ["a", "c"], "fault_rate": [0.0, 1.0], "needed": [0.0, 0.0],
-                         "planned_epochs": [0.0, 0.0], "feasible": [True, True],
-                         "reason": ["", ""]})
+    chips = pd.DataFrame({"chip_id": ["a", "c"], "fault_rate": [0.0, 1.0], "needed": [0.0, 0.0],
+                          "planned_epochs": [0.0, 0.0], "feasible": [True, True],
+                          "reason": ["", ""]})
+    rule = ShippingRule(0.9, 0.9, 0.0, 0.25, 1.0)
+    plan = plan_record.Plan(chips, pd.DataFrame(),
+                            plan_record.PlanSummary("p", "r", rule, "mean", "", "", {}))
     with pytest.raises(DataError, match="does not match the fleet.*chips not in the fleet: c"):
-        fleet.chip_jobs(plan, maps, Path("plan.csv"))
-    plan["chip_id"] = ["a", "b"]
-    plan["fault_rate"] = [0.0, 0.5]
+        plan_record.for_fleet(plan, maps, Path("plan.csv"))
+    chips["chip_id"] = ["a", "b"]
+    chips["fault_rate"] = [0.0, 0.5]
     with pytest.raises(DataError, match="chip 'b' planned at fault rate 0.5, its map has 1"):
-        fleet.chip_jobs(plan, maps, Path("plan.csv"))
+        plan_record.for_fleet(plan, maps, Path("plan.csv"))
 
 
 def test_sigkill_mid_fleet_then_rerun_registers_each_chip_once(
@@ -372,14 +381,14 @@ def test_sigkill_mid_fleet_then_rerun_registers_each_chip_once(
 
     project = clone_project(planned, tmp_path / "project")
     proc = run_killed_after(project, ["fat", "--params", str(project / "params.yaml")],
-                            "reduce_ops.fleet", "_train", 2)
+                            "reduce_ops.retraining.worker", "train", 2)
     assert proc.returncode == -9, proc.stderr
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking_uri(project)
     (dead,) = find_runs(uri, {"reduce_ops.stage": "fat"}, statuses=("RUNNING",))
     monkeypatch.chdir(project)
     assert _fat(project) == 0
-    assert tracking.find_runs(uri, {"reduce_ops.stage": "fat"},
+    assert find_runs(uri, {"reduce_ops.stage": "fat"},
                               statuses=("KILLED",))[0].run_id == dead.run_id
     plan, plan_id = _plan(project)
     for chip in plan.loc[plan["feasible"], "chip_id"]:

@@ -11,16 +11,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_project, run_stages, tiny_params
 
-from conftest import make_project, run_stages
-from reduce_ops import registry, tracking
+from reduce_ops import registry
 from reduce_ops.config import from_dict
 from reduce_ops.errors import ConfigError
-from reduce_ops.grouping import GroupCost, _packed, form_groups, fuse, read_groups, refine
-from reduce_ops.hardware import (ArrayGeometry, FaultMap, build_masks, load_fleet,
-                                 uniform_fault_map, wafer_fleet)
-
-from conftest import tiny_params
+from reduce_ops.grouping import GroupCost, _packed, form_groups, fuse, refine
+from reduce_ops.hardware import (
+    ArrayGeometry,
+    FaultMap,
+    build_masks,
+    load_fleet,
+    uniform_fault_map,
+    wafer_fleet,
+)
+from reduce_ops.records.groups import read_table as read_groups
+from reduce_ops.tracking.registry import find_model_versions
+from reduce_ops.tracking.store import tracking_uri
 
 
 def _map(chip_id: str, cells: list[tuple[int, int]], shape=(4, 4)) -> FaultMap:
@@ -217,7 +224,7 @@ def grouped(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_group_models_are_zero_on_every_members_faults_and_members_are_champions(
         grouped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.tracking_uri(grouped)
+    uri = tracking_uri(grouped)
     groups = read_groups(grouped / "results/group/groups.csv")
     shared = groups[groups["n_members"] > 1]
     assert len(shared), "the wafer fleet must give grouping something to find"
@@ -249,6 +256,7 @@ def test_chips_in_the_plans_interpolated_edge_train_alone(grouped: Path, tmp_pat
     rates at 0.2 (as if too few repetitions had reached at 0.3): its edge is then interpolated
     to about 0.28, and the chips above 0.2 that it still plans train alone."""
     from conftest import clone_project
+
     from reduce_ops.cli import main
 
     project = clone_project(grouped, tmp_path / "edge")
@@ -274,6 +282,7 @@ def test_chips_in_the_plans_interpolated_edge_train_alone(grouped: Path, tmp_pat
 def test_grouping_disabled_trains_every_chip_alone(grouped: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import clone_project
+
     from reduce_ops.cli import main
 
     project = clone_project(grouped, tmp_path / "alone")
@@ -300,6 +309,7 @@ def test_compare_counts_a_groups_epochs_once(grouped: Path, tmp_path: Path,
     validation and test accuracy), its epochs shared among them; chips on their own do what
     the plan's Reduce policy does with them."""
     from conftest import clone_project
+
     from reduce_ops.cli import main
 
     project = clone_project(grouped, tmp_path / "cmp")
@@ -327,16 +337,27 @@ def test_compare_counts_a_groups_epochs_once(grouped: Path, tmp_path: Path,
 
 def test_a_group_that_misses_counts_its_epochs_in_a_resumed_fat(
         grouped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every check misses (a margin no model reaches): each group runs to the cap, then its
+    """Every check misses (a guard band no model reaches): each group runs to the cap, then its
     members alone; a rerun that finds every chip registered for the plan reports the same
     epochs, the failed groups' included (each member's share is a tag of its model version)."""
+    import dataclasses
+
     from conftest import clone_project
+
     from reduce_ops.cli import main
+    from reduce_ops.retraining import worker
 
     project = clone_project(grouped, tmp_path / "miss")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(project)
-    args = ["fat", "--params", str(project / "params.yaml"), "--set", "verify.margin=0.9"]
+    real = worker.train
+
+    def never_passes(unit, baseline, data, settings, *args):  # noqa: ANN001, ANN002
+        rule = dataclasses.replace(settings.rule, margin=0.9)
+        return real(unit, baseline, data, dataclasses.replace(settings, rule=rule), *args)
+
+    monkeypatch.setattr(worker, "train", never_passes)
+    args = ["fat", "--params", str(project / "params.yaml")]
     assert main([*args, "--force"]) == 0
     first = json.loads((project / "results/fat/summary.json").read_text())
     groups = read_groups(project / "results/group/groups.csv")
@@ -345,9 +366,9 @@ def test_a_group_that_misses_counts_its_epochs_in_a_resumed_fat(
     assert first["n_shipped"] == 0
     assert first["failed_group_epochs"] == pytest.approx(cap * len(shared))
     assert first["total_epochs"] == pytest.approx(cap * (len(shared) + first["n_planned"]))
-    uri = tracking.tracking_uri(project)
+    uri = tracking_uri(project)
     member = shared["members"].iloc[0][0]
-    tags = tracking.find_model_versions(uri, f"reduce-ops-{member}")[0].tags
+    tags = find_model_versions(uri, f"reduce-ops-{member}")[0].tags
     assert tags["failed_group_id"] == shared["group_id"].iloc[0]
     assert float(tags["failed_group_epochs"]) == pytest.approx(cap / shared["n_members"].iloc[0])
     assert main(args) == 0                       # resumed: every chip registered already

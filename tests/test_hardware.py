@@ -18,6 +18,7 @@ from reduce_ops.hardware import (
     apply_masks,
     build_masks,
     clustered_fault_map,
+    fleetio,
     generate_fleet,
     import_fault_maps,
     layer_keep_mask,
@@ -30,7 +31,6 @@ from reduce_ops.hardware import (
     validate_chip_id,
     write_fleet,
 )
-from reduce_ops.hardware import fleetio
 
 GEOM4 = ArrayGeometry(4, 4)
 

@@ -7,10 +7,9 @@ import pandas as pd
 import pytest
 
 from reduce_ops.errors import ConfigError, DataError
+from reduce_ops.needs import MAP_COLUMNS, resilience_map, retraining_needed, trial_needs
 from reduce_ops.planning import (
-    MAP_COLUMNS,
     NEED_COLUMNS,
-    PLAN_COLUMNS,
     MonotoneCurve,
     aggregate_needs,
     fit_monotone_curve,
@@ -18,10 +17,8 @@ from reduce_ops.planning import (
     make_plan,
     parse_statistic,
     plan_fleet,
-    resilience_map,
-    retraining_needed,
-    trial_needs,
 )
+from reduce_ops.records.plan import PLAN_COLUMNS
 
 AMOUNTS = [0.0, 1.0, 2.0, 3.0]
 
@@ -82,7 +79,7 @@ def test_a_lucky_spike_does_not_count_as_reached():
 
 
 def test_settled_needs_the_crossing_confirmed():
-    from reduce_ops.planning import settled
+    from reduce_ops.needs import settled
 
     amounts = [0.0, 0.25, 0.5, 0.75, 1.0]
     assert settled(amounts, [0.9, 0.97, 0.97, 0.97, 0.97], 0.96, confirm=0.5)
@@ -440,33 +437,3 @@ def test_needs_beyond_the_budget_cap_are_infeasible(trials):
     narrow = make_plan(trials, chips(0.1, 0.2), 0.90, "max", 0.25, 1.0, cap=2.5).plan
     assert wide["feasible"].tolist() == [True, True]         # 0.2 needs 2.714 <= 3
     assert narrow["feasible"].tolist() == [True, False]      # ... > 2.5
-
-
-# ---- verification ---------------------------------------------------------------------------------
-
-def test_check_amounts_step_from_the_plan_to_the_cap():
-    from reduce_ops.planning import check_amounts
-
-    assert check_amounts(1.0, 0.5, 2.0) == [1.0, 1.5, 2.0]
-    assert check_amounts(1.0, 0.4, 2.0) == [1.0, 1.4, 1.8, 2.0]    # the cap itself is checked
-    assert check_amounts(2.0, 0.5, 2.0) == [2.0]
-
-
-def test_verification_extends_a_chip_that_misses_and_rejects_one_at_the_cap():
-    from reduce_ops.planning import verify
-
-    curve = {1.0: 0.950, 1.25: 0.960, 1.5: 0.968, 1.75: 0.970, 2.0: 0.971}
-    asked = []
-
-    def measure(amount):
-        asked.append(amount)
-        return curve[amount]
-
-    passed = verify(measure, 1.0, level=0.96, margin=0.005, step=0.25, cap=2.0)
-    assert passed.passed and passed.epochs == 1.5 and passed.extended
-    assert asked == [1.0, 1.25, 1.5]                 # stops at the first pass, in order
-    assert [a for a, _ in passed.checks] == [1.0, 1.25, 1.5]
-    first = verify(curve.get, 1.5, level=0.96, margin=0.005, step=0.25, cap=2.0)
-    assert first.passed and first.epochs == 1.5 and not first.extended
-    missed = verify(curve.get, 1.0, level=0.97, margin=0.005, step=0.25, cap=2.0)
-    assert not missed.passed and missed.epochs == 2.0 and len(missed.checks) == 5

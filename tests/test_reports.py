@@ -7,9 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reduce_ops import atomic, reports
+from reduce_ops import atomic
 from reduce_ops.errors import DataError
-from reduce_ops.planning import MAP_COLUMNS, fit_monotone_curve, plan_fleet
+from reduce_ops.needs import MAP_COLUMNS
+from reduce_ops.planning import fit_monotone_curve, plan_fleet
+from reduce_ops.reports import compare as compare_figs
+from reduce_ops.reports import plan as plan_figs
+from reduce_ops.reports import resilience as resilience_figs
 
 QUARTERS = [i / 4 for i in range(17)]  # 0, 0.25, ..., 4 epochs: the default checkpoint grid
 
@@ -41,7 +45,7 @@ def curves(ax):
 # ---- select_amounts / accuracy table / Fig. 2a -------------------------------------------------
 
 def test_select_amounts_on_the_quarter_grid_doubles():
-    assert reports.select_amounts(QUARTERS) == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+    assert resilience_figs.select_amounts(QUARTERS) == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 
 
 @pytest.mark.parametrize("amounts,k", [
@@ -49,7 +53,7 @@ def test_select_amounts_on_the_quarter_grid_doubles():
     ([3, 0, 1, 2, 0], 6),
 ])
 def test_select_amounts_properties(amounts, k):
-    got = reports.select_amounts(amounts, max_curves=k)
+    got = resilience_figs.select_amounts(amounts, max_curves=k)
     assert got == sorted(set(got))
     assert got[0] == min(amounts) and got[-1] == max(amounts)
     assert len(got) <= k and set(got) <= {float(a) for a in amounts}
@@ -59,11 +63,11 @@ def test_select_amounts_properties(amounts, k):
 
 def test_select_amounts_rejects_fewer_than_two_curves():
     with pytest.raises(DataError, match="max_curves"):
-        reports.select_amounts(QUARTERS, max_curves=1)
+        resilience_figs.select_amounts(QUARTERS, max_curves=1)
 
 
 def test_accuracy_table_mean_min_max_by_hand():
-    t = reports.accuracy_table(make_trials(rates=(0.2,), amounts=(0.0, 1.0)), "test_accuracy")
+    t = resilience_figs.accuracy_table(make_trials(rates=(0.2,), amounts=(0.0, 1.0)), "test_accuracy")
     row = t[t["amount"] == 0.0].iloc[0]
     assert row["n_reps"] == 2
     assert row["max"] == pytest.approx(0.77) and row["min"] == pytest.approx(0.76)
@@ -72,20 +76,20 @@ def test_accuracy_table_mean_min_max_by_hand():
 
 def test_accuracy_table_names_a_missing_amount():
     with pytest.raises(DataError, match="amount"):
-        reports.accuracy_table(make_trials(), amounts=[0.0, 3.3])
+        resilience_figs.accuracy_table(make_trials(), amounts=[0.0, 3.3])
 
 
 def test_missing_metric_column_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="test_accuracy"):
-        reports.plot_accuracy_vs_fault_rate(make_trials().drop(columns="test_accuracy"),
+        resilience_figs.plot_accuracy_vs_fault_rate(make_trials().drop(columns="test_accuracy"),
                                             tmp_path / "a.png")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fig2a_one_curve_per_selected_amount():
-    fig = reports.accuracy_figure(make_trials())
+    fig = resilience_figs.accuracy_figure(make_trials())
     (ax,) = fig.axes  # no baseline/constraint: no zoom panel
-    assert len(curves(ax)) == len(reports.select_amounts(QUARTERS)) == 6
+    assert len(curves(ax)) == len(resilience_figs.select_amounts(QUARTERS)) == 6
     labels = [ln.get_label() for ln in curves(ax)]
     assert labels[0] == "0 (FAP only)" and labels[-1] == "4 epochs"
     # the curve of amount 0 is the mean over repetitions at each rate
@@ -93,14 +97,14 @@ def test_fig2a_one_curve_per_selected_amount():
 
 
 def test_fig2a_explicit_amounts_reference_lines_and_zoom(tmp_path):
-    fig = reports.accuracy_figure(make_trials(), amounts=[1.0, 0.0], baseline=0.97, constraint=0.96)
+    fig = resilience_figs.accuracy_figure(make_trials(), amounts=[1.0, 0.0], baseline=0.97, constraint=0.96)
     full, zoom = fig.axes[:2]
     assert [ln.get_label() for ln in curves(full)] == ["0 (FAP only)", "1 epoch"]
     flat = [ln for ln in full.get_lines() if ln not in curves(full)]
     assert sorted(ln.get_ydata()[0] for ln in flat) == [0.96, 0.97]
     lo, hi = zoom.get_ylim()
     assert lo < 0.96 and hi > 0.97 and hi - lo < 0.2  # zoomed on the band around the references
-    out = reports.plot_accuracy_vs_fault_rate(make_trials(), tmp_path / "fig2a.png",
+    out = resilience_figs.plot_accuracy_vs_fault_rate(make_trials(), tmp_path / "fig2a.png",
                                               baseline=0.97, constraint=0.96)
     assert out == tmp_path / "fig2a.png"
     assert_png(out, tmp_path)
@@ -122,7 +126,7 @@ def make_map():
 
 
 def test_fig2b_never_reached_points_are_drawn_at_the_top(tmp_path):
-    fig = reports.needed_figure(make_map(), max_amount=4.0, constraint_level=0.96)
+    fig = resilience_figs.needed_figure(make_map(), max_amount=4.0, constraint_level=0.96)
     ax = fig.axes[0]
     tri = [ln for ln in ax.get_lines() if ln.get_marker() == "^" and len(ln.get_xdata())]
     assert len(tri) == 1 and len(tri[0].get_ydata()) == 1
@@ -135,14 +139,14 @@ def test_fig2b_never_reached_points_are_drawn_at_the_top(tmp_path):
     widths = {ln.get_label(): ln.get_linewidth() for ln in ax.get_lines()
               if "≥" in ln.get_label()}
     assert widths["accuracy ≥ 0.96 (constraint)"] > widths["accuracy ≥ 0.95"]
-    assert_png(reports.plot_retraining_needed(make_map(), tmp_path / "b.png", 4.0), tmp_path)
+    assert_png(resilience_figs.plot_retraining_needed(make_map(), tmp_path / "b.png", 4.0), tmp_path)
 
 
 def test_fig2b_all_never_reached_does_not_crash(tmp_path):
     m = make_map()
     m[["n_reached", "min", "mean", "max"]] = [0, math.nan, math.nan, math.nan]
     m["n_never"] = m["n_reps"]
-    assert_png(reports.plot_retraining_needed(m, tmp_path / "b.png", 4.0, 0.95), tmp_path)
+    assert_png(resilience_figs.plot_retraining_needed(m, tmp_path / "b.png", 4.0, 0.95), tmp_path)
 
 
 # ---- plan figure --------------------------------------------------------------------------------
@@ -159,7 +163,7 @@ def plan_inputs():
 
 def test_plan_figure_places_chips_curve_and_infeasible_region(tmp_path):
     points, curve, plan = plan_inputs()
-    ax = reports.plan_figure(points, curve, plan, "max", 0.96).axes[0]
+    ax = plan_figs.plan_figure(points, curve, plan, "max", 0.96).axes[0]
     by_label = {ln.get_label(): ln for ln in ax.get_lines()}
     fit = by_label["monotone fit"]
     assert curve.max_feasible_rate == 0.2
@@ -173,7 +177,7 @@ def test_plan_figure_places_chips_curve_and_infeasible_region(tmp_path):
     assert list(never.get_xdata()) == [0.3]
     assert [p.get_label() for p in ax.patches] == ["infeasible"]
     assert ax.patches[0].get_x() == pytest.approx(0.2)
-    out = reports.plot_plan_curve(points, curve, plan, tmp_path / "plan.png", "max", 0.96)
+    out = plan_figs.plot_plan_curve(points, curve, plan, tmp_path / "plan.png", "max", 0.96)
     assert_png(out, tmp_path)
 
 
@@ -182,7 +186,7 @@ def test_plan_figure_with_nothing_feasible(tmp_path):
     points = points.assign(needed=math.inf).drop(columns=["min", "max"])
     curve = fit_monotone_curve(points["fault_rate"], points["needed"], max_amount=4.0)
     plan = plan_fleet(curve, pd.DataFrame(dict(chip_id=["a"], fault_rate=[0.1])), 0.25)
-    assert_png(reports.plot_plan_curve(points, curve, plan, tmp_path / "p.png", "q0.9", 0.96),
+    assert_png(plan_figs.plot_plan_curve(points, curve, plan, tmp_path / "p.png", "q0.9", 0.96),
                tmp_path)
 
 
@@ -201,7 +205,7 @@ def test_policy_figure_one_panel_per_policy_plus_summary(tmp_path, n_policies):
     summary = per_chip.groupby("policy", sort=False).agg(
         n_shipped=("shipped", "sum"), n_meet_on_test=("meets_on_test", "sum"),
         total_epochs=("epochs", "sum")).reset_index()
-    fig = reports.policy_figure(per_chip, summary, 0.95)
+    fig = compare_figs.policy_figure(per_chip, summary, 0.95)
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == n_policies + 1
     first = summary.iloc[0]
@@ -211,7 +215,7 @@ def test_policy_figure_one_panel_per_policy_plus_summary(tmp_path, n_policies):
     assert labelled == names
     shipped_points = [ln.get_ydata()[0] for ln in visible[-1].get_lines()][::2]
     assert shipped_points == summary["n_shipped"].tolist()
-    out = reports.plot_policy_comparison(per_chip, summary, tmp_path / "fig3.png", 0.95)
+    out = compare_figs.plot_policy_comparison(per_chip, summary, tmp_path / "fig3.png", 0.95)
     assert_png(out, tmp_path)
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import clone_project, make_project, run_killed_after, run_stages
 
 from reduce_ops import resilience
 from reduce_ops.cli import main
 from reduce_ops.config import load_config
-from reduce_ops.tracking import find_runs, read_children, tracking_uri
-
-from conftest import clone_project, make_project, run_killed_after, run_stages
+from reduce_ops.records import trials as trials_record
+from reduce_ops.tracking.runs import find_runs, read_children
+from reduce_ops.tracking.store import tracking_uri
 
 GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
@@ -65,7 +66,7 @@ def test_trials_logged_as_children_and_csv_agrees(project: Path,
             assert int(p["n_faulty"]) == round(0.3 * 16 * 16)
     # The CSV holds exactly what MLflow holds.
     csv = pd.read_csv(project / "results/resilience/trials.csv")
-    from_mlflow = resilience.trials_table([resilience.trial_from_run(c) for c in children])
+    from_mlflow = trials_record.table([trials_record.from_run(c) for c in children])
     pd.testing.assert_frame_equal(csv, from_mlflow, check_dtype=False)
     # At fault rate 0, before any retraining, the model is the baseline.
     base = summary["baseline_test_accuracy"]
@@ -154,9 +155,9 @@ def test_compare_arithmetic_and_reuse_is_honest(project: Path,
     import torch
 
     from reduce_ops.data import load_prepared
+    from reduce_ops.fault_aware import fault_aware_train
     from reduce_ops.hardware import ArrayGeometry, build_masks, load_fleet
     from reduce_ops.models import load_checkpoint
-    from reduce_ops.fault_aware import fault_aware_train
     from reduce_ops.training import evaluate
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -252,7 +253,7 @@ def test_resume_after_sigkill_reuses_finished_trials_and_gives_the_same_outputs(
     # the driver SIGKILLs itself right after its second trial is logged: no handler runs, no
     # run is ended, and the moment does not depend on how fast this machine is
     proc = run_killed_after(project, ["resilience", "--params", str(project / "params.yaml")],
-                            "reduce_ops.tracking", "StageRun.child_run", 2)
+                            "reduce_ops.tracking.runs", "StageRun.child_run", 2)
     assert proc.returncode == -9, proc.stderr
     running = find_runs(uri, {"reduce_ops.stage": "resilience"}, statuses=("RUNNING",))
     assert len(running) == 1, running

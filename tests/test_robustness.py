@@ -9,12 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import make_project, run_stages
+
 from reduce_ops import robustness
 from reduce_ops.cli import main
 from reduce_ops.models import build_model
-from reduce_ops.tracking import find_runs, read_children, tracking_uri
+from reduce_ops.tracking.runs import find_runs, read_children
+from reduce_ops.tracking.store import tracking_uri
 
 GRID = ["robustness.bers=[0.0, 0.001, 0.05]", "robustness.repetitions=2", "train.max_epochs=3"]
 

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import make_project
 from torch import nn
 
-from conftest import make_project
 from reduce_ops.baseline import pretrain
 from reduce_ops.cli import main
 from reduce_ops.models import ThresholdReLU, activation_sparsity, build_model

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import make_project, run_stages
+
 from reduce_ops.cli import main
 from reduce_ops.hardware import ArrayGeometry, load_fleet
-from reduce_ops.hardware.bitfaults import write_pe_stuck_file, random_pe_stuck_map
+from reduce_ops.hardware.bitfaults import random_pe_stuck_map, write_pe_stuck_file
 from reduce_ops.hardware.stuckfleet import load_stuck
+from reduce_ops.tracking.store import tracking_uri
 
 STUCK = ["hardware.fault_model=stuck_at", "group.enabled=false", "hardware.stuck_at.n_bits=2",
          "hardware.stuck_at.bits=[5, 6, 7]", "train.max_epochs=4", "fat.lr=0.01",
@@ -46,7 +47,7 @@ def test_the_fleet_keeps_each_chips_stuck_bits(project: Path) -> None:
 
 def test_chips_train_through_their_own_stuck_bits(project: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from reduce_ops import registry, tracking
+    from reduce_ops import registry
     from reduce_ops.data import load_prepared
     from reduce_ops.quant import QuantizedWeights
     from reduce_ops.training import evaluate
@@ -58,7 +59,7 @@ def test_chips_train_through_their_own_stuck_bits(project: Path,
     fleet = {m.chip_id: m for m in load_fleet(project / "data/fleet", ArrayGeometry(16, 16))}
     stuck = load_stuck(project / "data/fleet", list(fleet.values()))
     data = load_prepared(project / "data/prepared")
-    uri = tracking.tracking_uri(project)
+    uri = tracking_uri(project)
     for row in shipped.head(2).itertuples():
         model = registry.load_chip_model(row.chip_id, tracking_uri=uri)   # the float masters
         bits = stuck[row.chip_id].stuck_bits(model, ["conv", "linear"])

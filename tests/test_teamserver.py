@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import make_project
 
 from reduce_ops import teamserver
 from reduce_ops.errors import ReduceOpsError
-
-from conftest import make_project
 
 PIPELINE = ["train.max_epochs=2", "resilience.fault_rates=[0.0, 0.3]",
             "resilience.repetitions=2", "resilience.max_epochs=0.5",

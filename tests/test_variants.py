@@ -9,11 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import make_project, run_stages
+
 from reduce_ops.cli import main
 from reduce_ops.models import ThresholdReLU, load_checkpoint
-from reduce_ops.tracking import find_runs, read_children, tracking_uri
+from reduce_ops.tracking.runs import find_runs, read_children
+from reduce_ops.tracking.store import tracking_uri
 
 VARIANTS = ("variants=[{name: sparse-plain, activation_threshold: 0.5, sharpness: none, rho: 0},"
             " {name: dense-saq, activation_threshold: 0, sharpness: saq, rho: 0.05}]")

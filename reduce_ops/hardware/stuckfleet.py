@@ -11,8 +11,12 @@ import numpy as np
 import torch
 
 from reduce_ops.errors import FaultMapError
-from reduce_ops.hardware.bitfaults import (STUCK_SUFFIXES, PeStuckMap, pe_stuck_map,
-                                           read_pe_stuck_file)
+from reduce_ops.hardware.bitfaults import (
+    STUCK_SUFFIXES,
+    PeStuckMap,
+    pe_stuck_map,
+    read_pe_stuck_file,
+)
 from reduce_ops.hardware.faultmap import FaultMap
 from reduce_ops.hardware.fleetio import _problems_error
 from reduce_ops.hardware.geometry import ArrayGeometry

@@ -7,8 +7,14 @@ import os
 from pathlib import Path
 
 from reduce_ops.config import Config, set_params
-from reduce_ops.hardware import (ArrayGeometry, FaultMap, generate_fleet, import_fault_maps,
-                                 wafer_fleet, write_fleet)
+from reduce_ops.hardware import (
+    ArrayGeometry,
+    FaultMap,
+    generate_fleet,
+    import_fault_maps,
+    wafer_fleet,
+    write_fleet,
+)
 from reduce_ops.hardware.stuckfleet import generate_stuck, import_stuck_maps, write_stuck
 
 

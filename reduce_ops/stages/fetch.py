@@ -6,7 +6,8 @@ from pathlib import Path
 
 from reduce_ops import names, registry
 from reduce_ops.config import Config
-from reduce_ops.tracking import ModelVersionInfo, tracking_uri
+from reduce_ops.tracking.registry import ModelVersionInfo
+from reduce_ops.tracking.store import tracking_uri
 
 
 def run(cfg: Config, chip_id: str, out: Path | None = None) -> ModelVersionInfo:

@@ -7,7 +7,7 @@ import time
 
 from reduce_ops.config import Config
 from reduce_ops.stages import PIPELINE, runner
-from reduce_ops.tracking import stage_run
+from reduce_ops.tracking.runs import stage_run
 
 
 def run(cfg: Config) -> None:

@@ -6,24 +6,29 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from reduce_ops import atomic, execution, names, provenance, reports, resilience, tracking
+from reduce_ops import atomic, execution, names, provenance, resilience
 from reduce_ops.config import Config
 from reduce_ops.data import load_prepared
 from reduce_ops.models import load_checkpoint
-from reduce_ops.planning import constraint_level, resilience_map
+from reduce_ops.needs import resilience_map
 from reduce_ops.progress import Progress
-from reduce_ops.training import evaluate, resolve_device
+from reduce_ops.records import baseline as baseline_record
+from reduce_ops.records import trials as trials_record
+from reduce_ops.reports.resilience import plot_accuracy_vs_fault_rate, plot_retraining_needed
+from reduce_ops.shipping import ShippingRule
+from reduce_ops.tracking.runs import find_runs, read_children, reap_abandoned, stage_run
+from reduce_ops.tracking.store import ensure_store, tracking_uri
+from reduce_ops.training import resolve_device
 
 
-def _reusable(uri: str, grid_hash: str) -> dict[str, resilience.TrialResult]:
+def _reusable(uri: str, grid_hash: str) -> dict[str, trials_record.TrialResult]:
     """Finished trials of interrupted or killed runs with the same grid, baseline and data."""
-    reusable: dict[str, resilience.TrialResult] = {}
+    reusable: dict[str, trials_record.TrialResult] = {}
     # a run whose process was SIGKILLed (or ran out of memory) is still RUNNING: end it KILLED
-    tracking.reap_abandoned(uri, {names.TAG_GRID_HASH: grid_hash})
-    for old in tracking.find_runs(uri, {names.TAG_GRID_HASH: grid_hash},
-                                  statuses=("KILLED", "FAILED")):
-        for child in tracking.read_children(uri, old.run_id, resilience.TRIAL_METRICS):
-            trial = resilience.trial_from_run(child)
+    reap_abandoned(uri, {names.TAG_GRID_HASH: grid_hash})
+    for old in find_runs(uri, {names.TAG_GRID_HASH: grid_hash}, statuses=("KILLED", "FAILED")):
+        for child in read_children(uri, old.run_id, trials_record.TRIAL_METRICS):
+            trial = trials_record.from_run(child)
             reusable.setdefault(trial.spec.key, trial)
     return reusable
 
@@ -39,24 +44,26 @@ def run(cfg: Config) -> dict[str, Any]:
         provenance.Identity(None, data.dataset_hash), str(cfg.path("baseline")),
         "run `reduce-ops pretrain` again")
     identity = provenance.current_identity(cfg)
-    base_test, _ = evaluate(baseline, data.x["test"], data.y["test"], device=device)
-    base_val, _ = evaluate(baseline, data.x["val"], data.y["val"], device=device)
-    # decided on validation, judged on test: each split's level from the baseline on it
-    level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_val)
-    test_level = constraint_level(cfg.constraint.kind, cfg.constraint.value, base_test)
+    # measured once by pretrain; decided on validation, judged on test: each split's level from
+    # the baseline on it
+    measured = baseline_record.read(baseline_record.path(cfg.path("results")),
+                                    cfg.path("baseline"))
+    base_val, base_test = measured.val_accuracy, measured.test_accuracy
+    rule = ShippingRule.from_config(cfg, base_val, base_test)
+    level, test_level = rule.decision_level, rule.constraint_level
     res = cfg.resilience
     specs = resilience.trial_grid(res)
-    # trials go on until they reach what verification will ask of a chip: level + margin
-    bar = level + cfg.verify.margin
+    # trials go on until they reach what verification will ask of a chip
+    bar = rule.ship_level
     target = resilience.TrialTarget(round(bar, 9), cfg.plan.budget_cap, res.confirm_epochs)
     ghash = resilience.grid_hash(res, cfg.fat, cfg.hardware, target, identity.baseline_hash,
                                  identity.dataset_hash)
-    uri = tracking.tracking_uri(cfg.root)
-    tracking.ensure_store(uri)
+    uri = tracking_uri(cfg.root)
+    ensure_store(uri)
     reusable = _reusable(uri, ghash)
 
     out_dir = cfg.path("results") / "resilience"
-    with tracking.stage_run(cfg.root, "resilience", cfg.tracking.experiment,
+    with stage_run(cfg.root, "resilience", cfg.tracking.experiment,
                             provenance.dataset_ref(cfg)) as stage:
         stage.set_tags({names.TAG_GRID_HASH: ghash, **provenance.identity_tags(identity)})
         stage.log_params(provenance.measured_params(cfg))
@@ -71,7 +78,7 @@ def run(cfg: Config) -> dict[str, Any]:
                            "decision_level": level, "constraint_level": test_level})
 
         def log_trial(result: resilience.TrialResult) -> None:
-            params, history, tags = resilience.trial_run_payload(result)
+            params, history, tags = trials_record.run_payload(result)
             stage.child_run(f"trial {result.spec.key}", params, history, tags)
 
         reused = sum(1 for s in specs if s.key in reusable)
@@ -79,16 +86,16 @@ def run(cfg: Config) -> dict[str, Any]:
             results = resilience.run_trials(baseline, data, specs, res, cfg.fat, cfg.hardware,
                                             target, device, reusable, log_trial, progress,
                                             cfg.execution)
-        trials = resilience.trials_table(results)
+        trials = trials_record.table(results)
         levels = sorted(set(res.accuracy_levels) | {round(level, 6), round(bar, 6)})
         res_map = resilience_map(trials, levels)
-        atomic.write_csv(trials, out_dir / "trials.csv")
+        atomic.write_csv(trials, out_dir / trials_record.FILE)
         atomic.write_csv(res_map, out_dir / "resilience_map.csv")
         grid = trials[trials["amount"] <= res.max_epochs + 1e-9]
-        reports.plot_accuracy_vs_fault_rate(grid, out_dir / "accuracy_vs_fault_rate.png",
+        plot_accuracy_vs_fault_rate(grid, out_dir / "accuracy_vs_fault_rate.png",
                                             metric=names.VAL_ACCURACY, baseline=base_val,
                                             constraint=level)
-        reports.plot_retraining_needed(res_map, out_dir / "retraining_needed.png",
+        plot_retraining_needed(res_map, out_dir / "retraining_needed.png",
                                        max_amount=cfg.plan.budget_cap, constraint_level=bar)
         seconds = time.perf_counter() - t0
         n_extended = sum(r.extended for r in results)

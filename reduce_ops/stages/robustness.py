@@ -4,23 +4,23 @@ each (variant, trial) an MLflow child run; tables and a figure with one curve pe
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import pandas as pd
 
-from reduce_ops import atomic, binomial, provenance, reports, robustness
+from reduce_ops import atomic, binomial, provenance, robustness
 from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.errors import DataError
 from reduce_ops.hardware.stuckfleet import POLARITY
 from reduce_ops.models import load_checkpoint
 from reduce_ops.progress import Progress
-from reduce_ops.stages.pretrain import MEASURES
-from reduce_ops.stages.variants import load_variants
-from reduce_ops.tracking import stage_run
+from reduce_ops.quant import quantized_accuracy
+from reduce_ops.reports.robustness import plot_robustness
+from reduce_ops.tracking.runs import stage_run
 from reduce_ops.training import evaluate, resolve_device
+from reduce_ops.variants import describe_variant, load_variants
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def run(cfg: Config) -> dict[str, Any]:
     layer_types = cfg.hardware.layer_types
     clean = pd.DataFrame([{"variant": name, **describe_variant(info),
                            "float_accuracy": evaluate(model, x, y, device=device)[0],
-                           "int8_accuracy": robustness.quantized_accuracy(model, x, y,
+                           "int8_accuracy": quantized_accuracy(model, x, y,
                                                                           layer_types)}
                           for name, (model, info) in models.items()])
     float_acc, int8_acc = (float(clean.loc[0, "float_accuracy"]),
@@ -66,14 +66,14 @@ def run(cfg: Config) -> dict[str, Any]:
 
         with Progress(len(specs), "robustness", "trial") as progress:
             trials = robustness.run_trials({name: m for name, (m, _) in models.items()}, x, y,
-                                           specs, layer_types, POLARITY[rb.stuck_polarity],
-                                           rb.stuck_bits, log_trial, progress)
+                                           specs, layer_types, POLARITY[cfg.hardware.stuck_at.polarity],
+                                           cfg.hardware.stuck_at.bits, log_trial, progress)
         table = robustness.summarize(trials)
         by_variant = robustness.variant_table(clean, table)
         atomic.write_csv(trials, out_dir / "trials.csv")
         atomic.write_csv(table, out_dir / "summary.csv")
         atomic.write_csv(by_variant, out_dir / "variants.csv")
-        reports.plot_robustness(table, out_dir / "accuracy_vs_ber.png",
+        plot_robustness(table, out_dir / "accuracy_vs_ber.png",
                                 dict(zip(clean["variant"], clean["int8_accuracy"])))
         summary = {"run_id": stage.run_id, "float_accuracy": float_acc,
                    "int8_accuracy": int8_acc, "n_test": len(y), "n_trials": len(specs),
@@ -90,11 +90,3 @@ def run(cfg: Config) -> dict[str, Any]:
           f"{summary['stage_seconds']:.0f} s -> {out_dir}; MLflow run {stage.run_id}")
     print(robustness.format_variant_table(by_variant))
     return summary
-
-
-def describe_variant(info: dict[str, Any]) -> dict[str, Any]:
-    """A model's settings and measures as its checkpoint recorded them (NaN where an older
-    checkpoint did not)."""
-    keys = ("activation_threshold", "sharpness", "rho", *MEASURES[:2])
-    defaults = {"activation_threshold": 0.0, "sharpness": "none", "rho": 0.0}
-    return {k: info.get(k, defaults.get(k, math.nan)) for k in keys}

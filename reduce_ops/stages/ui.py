@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import socket
 
-from reduce_ops import processes, tracking
+from reduce_ops import processes
 from reduce_ops.config import Config
 from reduce_ops.errors import ReduceOpsError
+from reduce_ops.tracking.store import experiment_page, tracking_uri, ui_command
 
 
 def run(cfg: Config, host: str = "127.0.0.1", port: int = 5000) -> int:
@@ -16,16 +17,16 @@ def run(cfg: Config, host: str = "127.0.0.1", port: int = 5000) -> int:
     MLflow server and all its workers stop with reduce-ops, however it ends (see processes)."""
     if not 1 <= port <= 65535:
         raise ReduceOpsError(f"--port {port}: a port is a number from 1 to 65535")
-    uri = tracking.tracking_uri(cfg.root)
+    uri = tracking_uri(cfg.root)
     if uri.startswith(("http://", "https://")):
-        print(f"runs: {tracking.experiment_page(uri, uri, cfg.tracking.experiment)}")
+        print(f"runs: {experiment_page(uri, uri, cfg.tracking.experiment)}")
         return 0
     check_free(host, port)
     base = f"http://{host}:{port}"
     print(f"MLflow UI for {uri} at {base}; the runs of experiment {cfg.tracking.experiment!r}: "
-          f"{tracking.experiment_page(base, uri, cfg.tracking.experiment)} (Ctrl-C stops it)",
+          f"{experiment_page(base, uri, cfg.tracking.experiment)} (Ctrl-C stops it)",
           flush=True)
-    processes.serve(tracking.ui_command(uri, host, port), cwd=cfg.root, what="the MLflow UI")
+    processes.serve(ui_command(uri, host, port), cwd=cfg.root, what="the MLflow UI")
 
 
 def check_free(host: str, port: int) -> None:

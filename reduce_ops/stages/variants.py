@@ -11,26 +11,19 @@ from typing import Any
 import pandas as pd
 
 from reduce_ops import atomic, provenance
-from reduce_ops.config import Config, VariantConfig, flatten
+from reduce_ops.baseline import EpochRecord, describe, train_baseline
+from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
-from reduce_ops.errors import DataError
-from reduce_ops.models import load_checkpoint, save_checkpoint
-from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.models import save_checkpoint
+from reduce_ops.names import BASELINE_MEASURES, TEST_ACCURACY, VAL_ACCURACY
 from reduce_ops.progress import Progress
-from reduce_ops.stages.pretrain import MEASURES, describe, train_baseline
-from reduce_ops.tracking import stage_run
-from reduce_ops.baseline import EpochRecord
+from reduce_ops.tracking.runs import stage_run
 from reduce_ops.training import resolve_device
+from reduce_ops.variants import SETTINGS, settings
 
-SETTINGS = ("activation_threshold", "sharpness", "rho")
 SUMMARY_COLUMNS = ["variant", *SETTINGS, VAL_ACCURACY, TEST_ACCURACY, "int8_test_accuracy",
                    "activation_sparsity", "flatness_loss_increase", "flatness_loss_increase_std",
                    "best_epoch", "epochs_trained", "train_seconds"]
-
-
-def settings(variant: VariantConfig) -> dict[str, Any]:
-    """What makes a variant: saved with its checkpoint and checked when it is read."""
-    return {k: getattr(variant, k) for k in SETTINGS}
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -73,7 +66,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 info = {"dataset_hash": data.dataset_hash, "variant": variant.name,
                         **settings(variant), TEST_ACCURACY: metrics[TEST_ACCURACY],
                         "best_epoch": trained.result.best_epoch, "run_id": child,
-                        **{k: metrics[k] for k in MEASURES}}
+                        **{k: metrics[k] for k in BASELINE_MEASURES}}
                 save_checkpoint(trained.model, trained.arch, info,
                                 models_dir / f"{variant.name}.pt")
                 results[variant.name] = metrics
@@ -94,27 +87,3 @@ def run(cfg: Config) -> dict[str, Any]:
               f"{row['int8_test_accuracy']:.4f}), sparsity {row['activation_sparsity']:.3f}, "
               f"flatness {row['flatness_loss_increase']:.4f}")
     return results
-
-
-def load_variants(cfg: Config, dataset_hash: str,
-                  device: Any = "cpu") -> dict[str, tuple[Any, dict[str, Any]]]:
-    """(model, checkpoint info) of every configured variant, by name; one line naming the file
-    when one is missing, was trained on other data or with other settings than `variants`
-    says."""
-    out = {}
-    for i, variant in enumerate(cfg.variants):
-        path = cfg.path("variants") / f"{variant.name}.pt"
-        if not path.is_file():
-            raise DataError(f"{path}: no model for variants[{i}] ({variant.name}); run "
-                            f"`reduce-ops variants` first")
-        model, ckpt = load_checkpoint(path, device)
-        info = ckpt["info"]
-        if info.get("dataset_hash") != dataset_hash:
-            raise DataError(f"{path}: trained on another prepared dataset; run "
-                            f"`reduce-ops variants` again")
-        trained_with = {k: info.get(k) for k in SETTINGS}
-        if trained_with != settings(variant):
-            raise DataError(f"{path}: trained with {trained_with}, variants[{i}] says "
-                            f"{settings(variant)}; run `reduce-ops variants` again")
-        out[variant.name] = (model, info)
-    return out

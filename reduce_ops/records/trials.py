@@ -1,0 +1,110 @@
+"""The trials record that `resilience` hands `plan` and `compare`: one row per (trial,
+checkpoint). Written to trials.csv, and kept in MLflow as one child run per trial (params, and
+the accuracy curves as metric histories), which is what a plan reads back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from reduce_ops.errors import TrackingError
+from reduce_ops.names import (
+    RETRAINING_EPOCHS,
+    TAG_REUSED_FROM,
+    TAG_TRIAL,
+    TEST_ACCURACY,
+    TRIAL_SECONDS,
+    VAL_ACCURACY,
+)
+from reduce_ops.tracking.runs import read_children
+
+# Metric steps of a trial's curve are milli-epochs: step 250 = 0.25 epochs of retraining.
+STEPS_PER_EPOCH_UNIT = 1000
+TRIAL_COLUMNS = ["fault_rate", "repetition", "fault_seed", "n_faulty", "pruned_fraction",
+                 "amount", "val_accuracy", "test_accuracy"]
+FILE = "trials.csv"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One (fault rate, repetition) and the seed of its random fault map."""
+
+    fault_rate: float
+    repetition: int
+    fault_seed: int
+
+    @property
+    def key(self) -> str:
+        return f"r{self.fault_rate:.4f}-rep{self.repetition}"
+
+
+@dataclass
+class TrialResult:
+    """A finished trial: its map's size and the accuracy at every checkpoint amount."""
+
+    spec: TrialSpec
+    n_faulty: int
+    pruned_fraction: float
+    amounts: list[float]
+    val_accuracy: list[float]
+    test_accuracy: list[float]
+    seconds: float
+    grid_epochs: float            # resilience.max_epochs; amounts beyond it are the extension
+    reused_from: str = ""
+
+    @property
+    def extended(self) -> bool:
+        return self.amounts[-1] > self.grid_epochs + 1e-9
+
+
+def table(results: list[TrialResult]) -> pd.DataFrame:
+    """Long table: one row per (trial, checkpoint), sorted by rate, repetition, amount."""
+    rows = [(r.spec.fault_rate, r.spec.repetition, r.spec.fault_seed, r.n_faulty,
+             r.pruned_fraction, a, v, t)
+            for r in results for a, v, t in zip(r.amounts, r.val_accuracy, r.test_accuracy)]
+    df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+    return df.sort_values(["fault_rate", "repetition", "amount"], ignore_index=True)
+
+
+def run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
+    """(params, metric histories, tags) of a trial's child run; steps are milli-epochs."""
+    params = {"fault_rate": r.spec.fault_rate, "repetition": r.spec.repetition,
+              "fault_seed": r.spec.fault_seed, "n_faulty": r.n_faulty,
+              "pruned_fraction": r.pruned_fraction, "step_unit": "milli-epochs",
+              "grid_epochs": r.grid_epochs, "measured_epochs": r.amounts[-1],
+              "extended": r.extended}
+    steps = [int(round(a * STEPS_PER_EPOCH_UNIT)) for a in r.amounts]
+    history = {VAL_ACCURACY: list(zip(steps, r.val_accuracy)),
+               TEST_ACCURACY: list(zip(steps, r.test_accuracy)),
+               RETRAINING_EPOCHS: list(zip(steps, r.amounts)),
+               TRIAL_SECONDS: [(0, r.seconds)]}
+    tags = {TAG_TRIAL: r.spec.key}
+    if r.reused_from:
+        tags[TAG_REUSED_FROM] = r.reused_from
+    return params, history, tags
+
+
+def from_run(child: dict[str, Any]) -> TrialResult:
+    """Rebuild a TrialResult from a child run read back by read_children."""
+    p, h = child["params"], child["histories"]
+    val = sorted(h[VAL_ACCURACY])
+    test = dict(h[TEST_ACCURACY])
+    spec = TrialSpec(float(p["fault_rate"]), int(p["repetition"]), int(p["fault_seed"]))
+    seconds = h.get(TRIAL_SECONDS, [(0, 0.0)])[-1][1]
+    amounts = [s / STEPS_PER_EPOCH_UNIT for s, _ in val]
+    return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]), amounts,
+                       [v for _, v in val], [test[s] for s, _ in val], float(seconds),
+                       float(p.get("grid_epochs", amounts[-1])), reused_from=child["run_id"])
+
+
+TRIAL_METRICS = [VAL_ACCURACY, TEST_ACCURACY, TRIAL_SECONDS]   # what from_run reads
+
+
+def read_logged(uri: str, run_id: str) -> pd.DataFrame:
+    """The trials table of a logged resilience run, read back from its finished child runs."""
+    children = read_children(uri, run_id, TRIAL_METRICS)
+    if not children:
+        raise TrackingError(f"resilience run {run_id} has no finished trials")
+    return table([from_run(c) for c in children])

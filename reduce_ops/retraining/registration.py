@@ -1,0 +1,232 @@
+"""The logging process's side of `fat`: each FAT run's child run (every check, the test
+accuracy, chip_model.pt, the pt2 model) and one registered model version per chip it serves,
+`champion` only when verified; a chip the plan rejects gets a run that says why."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reduce_ops import names
+from reduce_ops.names import (
+    CHAMPION,
+    CHIP_MODEL_FILE,
+    REJECTED,
+    SHIPPED,
+    TEST_ACCURACY,
+    VAL_ACCURACY,
+    registered_name,
+)
+from reduce_ops.records.chips import ChipOutcome, from_version, version_tags
+from reduce_ops.retraining.units import ChipJob, Unit
+from reduce_ops.retraining.worker import Trained, miss_reason
+from reduce_ops.shipping import ShippingRule
+from reduce_ops.tracking.registry import (
+    ModelVersionInfo,
+    model_versions_with_tag,
+    register_model_version,
+    set_alias,
+    withdraw_alias,
+)
+from reduce_ops.tracking.runs import LoggedModel, ModelChildRun, StageRun, model_child_run
+
+
+@dataclass(frozen=True)
+class RegistryContext:
+    """What every chip's registration shares: the plan it was trained for and how its model is
+    saved."""
+
+    plan_run_id: str
+    rule: ShippingRule
+    dataset_hash: str
+    prefix: str                           # registry.prefix
+    arch: dict[str, Any]                  # build_model arguments, saved in chip_model.pt
+    input_example: np.ndarray             # [2, C, H, W] float32 test images (pt2 tracing)
+    warn: Callable[[str], None] = print
+
+
+def _pip_requirements() -> list[str]:
+    """What a pt2 model needs to load; explicit, so MLflow skips its slow inference."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+
+
+def registered(uri: str, plan_run_id: str) -> dict[str, list[ModelVersionInfo]]:
+    """{registered model name: its versions for this plan, newest first}."""
+    return model_versions_with_tag(uri, names.VTAG_PLAN_RUN, plan_run_id)
+
+
+def skipped(versions: Sequence[ModelVersionInfo]) -> ChipOutcome:
+    """The outcome of a chip registered for this plan already (`versions`: newest first): its
+    champion, else its newest version."""
+    mv = next((v for v in versions if CHAMPION in v.aliases), None) or versions[0]
+    return from_version(mv.tags, mv.version, mv.aliases, mv.run_id)
+
+
+def _withdraw(stage: StageRun, name: str, reason: str) -> None:
+    """A rejected chip loses its champion (one of an older plan, baseline or constraint) and
+    its registered model says why; nothing to do when it was never registered."""
+    withdraw_alias(stage, name, CHAMPION, {names.MTAG_STATUS: REJECTED,
+                                           names.MTAG_REASON: reason})
+
+
+def reject(stage: StageRun, job: ChipJob, ctx: RegistryContext) -> list[ChipOutcome]:
+    """A chip the plan found infeasible: a finished child run that says why, no training."""
+    reason = job.reason or "infeasible"
+    params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
+              "plan_run_id": ctx.plan_run_id, "reason": reason}
+    run_id = stage.child_run(f"chip {job.chip_id}", params, {},
+                             {names.TAG_CHIP: job.chip_id, names.TAG_REJECTED: "true",
+                              names.TAG_PLAN_RUN: ctx.plan_run_id})
+    _withdraw(stage, registered_name(ctx.prefix, job.chip_id), f"plan: {reason}")
+    return [ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, REJECTED,
+                        f"plan: {reason}", run_id=run_id)]
+
+
+def _run_params(unit: Unit, t: Trained, ctx: RegistryContext) -> dict[str, Any]:
+    rule = ctx.rule
+    common = {"planned_epochs": unit.planned_epochs, "plan_run_id": ctx.plan_run_id,
+              "decision_level": rule.decision_level, "verify_margin": rule.margin,
+              "constraint_level": rule.constraint_level, "budget_cap": rule.cap,
+              "n_faulty": unit.fault_map.n_faulty, "pruned_fraction": t.pruned_fraction}
+    if unit.group_id:
+        return {"group_id": unit.group_id, "members": ",".join(j.chip_id for j in unit.members),
+                "n_members": len(unit.members), "fused_fault_rate": unit.fault_map.fault_rate,
+                **common}
+    (job,) = unit.members
+    return {"chip_id": job.chip_id, "fault_rate": job.fault_rate, **common}
+
+
+@contextmanager
+def _unit_run(stage: StageRun, unit: Unit, t: Trained, ctx: RegistryContext
+              ) -> Iterator[tuple[ModelChildRun, LoggedModel]]:
+    """The unit's child run, open while its model is registered (an interrupted registration
+    leaves the run KILLED, not FINISHED): every check, test accuracy, chip_model.pt and the pt2
+    model."""
+    from reduce_ops.models import save_checkpoint
+
+    tags = {names.TAG_PLAN_RUN: ctx.plan_run_id,
+            **({names.TAG_GROUP: unit.group_id} if unit.group_id
+               else {names.TAG_CHIP: unit.members[0].chip_id})}
+    with model_child_run(stage, unit.run_name, _run_params(unit, t, ctx), tags) as child:
+        for amount, accuracy in t.check.checks:     # the verification, step = milli-epochs
+            child.log_metrics({VAL_ACCURACY: accuracy}, step=int(round(amount * 1000)))
+        child.log_metrics({TEST_ACCURACY: t.test_accuracy, "test_ci_low": t.test_ci[0],
+                           "test_ci_high": t.test_ci[1], "actual_epochs": t.check.epochs,
+                           "n_checks": len(t.check.checks),
+                           "plan_error_epochs": t.check.epochs - unit.planned_epochs,
+                           "verified": float(t.check.passed), "constraint_met": float(t.meets),
+                           "train_seconds": t.train_seconds})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CHIP_MODEL_FILE
+            info = {"chips": [j.chip_id for j in unit.members], "group_id": unit.group_id,
+                    "fault_rate": unit.fault_map.fault_rate,
+                    "planned_epochs": unit.planned_epochs, "actual_epochs": t.check.epochs,
+                    "verified": t.check.passed, "test_accuracy": t.test_accuracy,
+                    "plan_run_id": ctx.plan_run_id, "dataset_hash": ctx.dataset_hash,
+                    "run_id": child.run_id}
+            save_checkpoint(t.model, ctx.arch, info, path)
+            child.log_artifact(path)
+        logged = child.log_pytorch_model(t.model, ctx.input_example, _pip_requirements())
+        child.log_metrics({"log_model_seconds": logged.seconds})
+        child.set_tags({names.TAG_SERIALIZATION: logged.serialization_format,
+                        **({names.TAG_PT2_FALLBACK: logged.fallback_reason}
+                           if logged.fallback_reason else {})})
+        if logged.fallback_reason:
+            ctx.warn(f"{unit.run_name}: pt2 export failed ({logged.fallback_reason}); "
+                     f"model logged in the pickle format")
+        yield child, logged
+
+
+def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str,
+              logged: LoggedModel, ctx: RegistryContext,
+              failed_group: tuple[str, float] = ("", 0.0)) -> ChipOutcome:
+    """The unit's model as a new version of the chip's own registered model; champion only if
+    verified, and a chip that missed loses an older champion. `failed_group`: the eFAT group
+    that missed at the cap before the chip trained alone, and the chip's share of its epochs
+    (a tag, so a resumed `fat` still counts them)."""
+    reason = miss_reason(t, ctx.rule)
+    status = SHIPPED if t.check.passed else REJECTED
+    name = registered_name(ctx.prefix, job.chip_id)
+    n = len(unit.members)
+    outcome = ChipOutcome(
+        job.chip_id, job.fault_rate, unit.planned_epochs, status, reason,
+        actual_epochs=t.check.epochs, n_checks=len(t.check.checks),
+        val_accuracy=t.val_accuracy, test_accuracy=t.test_accuracy, test_ci_low=t.test_ci[0],
+        test_ci_high=t.test_ci[1], meets_on_test=t.meets, pruned_fraction=t.pruned_fraction,
+        run_id=run_id, trained=True, group_id=unit.group_id,
+        group_size=n, failed_group_epochs=failed_group[1],
+        serialization_format=logged.serialization_format, train_seconds=t.train_seconds / n,
+        log_model_seconds=logged.seconds / n)
+    context = {names.VTAG_DECISION_LEVEL: ctx.rule.decision_level,
+               names.VTAG_CONSTRAINT_LEVEL: ctx.rule.constraint_level,
+               names.VTAG_PLAN_RUN: ctx.plan_run_id,
+               **({names.VTAG_FUSED_RATE: unit.fault_map.fault_rate} if unit.group_id else {}),
+               **({names.VTAG_FAILED_GROUP: failed_group[0]} if failed_group[0] else {})}
+    model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
+                  "n_faulty_pes": job.fault_map.n_faulty, names.MTAG_STATUS: status,
+                  names.MTAG_REASON: reason}
+    how = (f"the model of eFAT group {unit.group_id} (fused fault rate "
+           f"{unit.fault_map.fault_rate:.4f})" if unit.group_id
+           else "the baseline fault-aware retrained for its fault map")
+    outcome.model_version = register_model_version(
+        stage, name, logged, run_id, version_tags(outcome, context),
+        CHAMPION if t.check.passed else None, model_tags=model_tags,
+        description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): {how}.")
+    outcome.champion_version = outcome.model_version if t.check.passed else ""
+    if not t.check.passed:
+        _withdraw(stage, name, reason)
+    return outcome
+
+
+def log_chip(stage: StageRun, unit: Unit, trained: Trained, ctx: RegistryContext,
+             failed_group: tuple[str, float] = ("", 0.0)) -> list[ChipOutcome]:
+    """Log a chip's FAT run and register its model."""
+    with _unit_run(stage, unit, trained, ctx) as (child, logged):
+        return [_register(stage, unit, unit.members[0], trained, child.run_id, logged, ctx,
+                          failed_group)]
+
+
+def log_group(stage: StageRun, unit: Unit, todo: Sequence[ChipJob], trained: Trained,
+              ctx: RegistryContext) -> list[ChipOutcome]:
+    """One FAT run on the group's fused map serves every member in `todo`: the group's run
+    holds the model, each member gets a version of its own registered model from it and a
+    chip run linking to the group's. A group that missed verification at the cap gets its run
+    (its members then train on their own) and registers nothing."""
+    outcomes = []
+    with _unit_run(stage, unit, trained, ctx) as (child, logged):
+        if not trained.check.passed:
+            return []
+        for job in todo:
+            outcomes.append(_register(stage, unit, job, trained, child.run_id, logged, ctx))
+            stage.child_run(f"chip {job.chip_id}",
+                            {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
+                             "own_planned_epochs": job.planned_epochs,
+                             "group_id": unit.group_id, "group_run_id": child.run_id,
+                             "plan_run_id": ctx.plan_run_id},
+                            {VAL_ACCURACY: [(0, trained.val_accuracy)],
+                             TEST_ACCURACY: [(0, trained.test_accuracy)],
+                             "actual_epochs": [(0, trained.check.epochs)]},
+                            {names.TAG_CHIP: job.chip_id, names.TAG_PLAN_RUN: ctx.plan_run_id,
+                             names.TAG_GROUP: unit.group_id, names.TAG_GROUP_RUN: child.run_id})
+    return outcomes
+
+
+def finish(stage: StageRun, o: ChipOutcome, ctx: RegistryContext) -> list[ChipOutcome]:
+    """A chip registered for this plan by a run that died before it moved the champion alias
+    (SIGKILL between the two calls): a verified version becomes champion, a rejected one
+    withdraws an older champion. Nothing to do for a chip whose registration finished."""
+    name = registered_name(ctx.prefix, o.chip_id)
+    if o.status == SHIPPED and not o.champion_version:
+        set_alias(stage, name, CHAMPION, o.model_version)
+        o.champion_version = o.model_version
+    elif o.status == REJECTED:          # champion may still be on an older plan's version
+        _withdraw(stage, name, o.reason)
+    return [o]
+

@@ -1,0 +1,164 @@
+"""`fat`'s runs on the workers: chips registered for the plan already are skipped, the rest
+train (execution's backend) while the logging process logs and registers the models of the runs
+that finished; an eFAT group that misses at the cap falls back to its members alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from reduce_ops import execution, grouping
+from reduce_ops.config import ExecutionConfig
+from reduce_ops.names import REJECTED, registered_name
+from reduce_ops.progress import Progress
+from reduce_ops.records.chips import ChipOutcome
+from reduce_ops.retraining import registration, worker
+from reduce_ops.retraining.registration import RegistryContext
+from reduce_ops.retraining.units import ChipJob, Unit
+from reduce_ops.retraining.worker import Trained, TrainSettings, describe
+from reduce_ops.tracking.logger import BackgroundTracking
+from reduce_ops.tracking.runs import StageRun
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One FAT run for the workers: a unit and its members not registered for the plan yet."""
+
+    unit: Unit
+    todo: tuple[ChipJob, ...]
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every worker gets once: the baseline, the data, how to train; the progress bar
+    only on the driver's own backend (`local`)."""
+
+    baseline: nn.Module
+    data: Any
+    settings: TrainSettings
+    progress: Progress | None
+
+
+def _train_task(shared: _Shared, work: _Work) -> Trained:
+    """What a worker does for one unit: train and verify (no MLflow)."""
+    if shared.progress is not None:
+        shared.progress.start(work.unit.run_name)
+    return worker.train(work.unit, shared.baseline, shared.data, shared.settings,
+                        shared.progress)
+
+
+def _warn_stderr(line: str) -> None:
+    """A warning from the logging process (it has no progress bar)."""
+    print(f"fat: {line}", file=sys.stderr, flush=True)
+
+
+def _describe(o: ChipOutcome) -> str:
+    """One progress line for a chip that did not train in this run."""
+    if o.status == REJECTED and math.isnan(o.planned_epochs):
+        return f"rejected ({o.reason})"
+    how = "" if o.trained else " (registered for this plan before)"
+    return (f"{o.status} after {o.actual_epochs:g} epochs (planned {o.planned_epochs:g}), "
+            f"val {o.val_accuracy:.4f}, test {o.test_accuracy:.4f}{how}")
+
+
+class _Fleet:
+    """One `fat` run's bookkeeping: the future of every chip's outcome, and the chips of failed
+    groups that train on their own afterwards."""
+
+    def __init__(self, queue: BackgroundTracking, ctx: RegistryContext, cap: float,
+                 progress: Progress | None) -> None:
+        self.queue, self.ctx, self.cap, self.progress = queue, ctx, cap, progress
+        self.futures: dict[str, Any] = {}           # chip id -> future of its outcome list
+        self.fallback: list[_Work] = []
+        self.failed_share: dict[str, tuple[str, float]] = {}   # chip -> failed group, share
+
+    def done(self, chip_id: str, line: str) -> None:
+        if self.progress is not None:
+            self.progress.done(f"chip {chip_id}", line)
+
+    def reject(self, job: ChipJob) -> None:
+        self.futures[job.chip_id] = self.queue.submit(registration.reject, job, self.ctx,
+                                                      holds_model=False)
+        self.done(job.chip_id, f"rejected ({job.reason or 'infeasible'})")
+
+    def skip(self, job: ChipJob, outcome: ChipOutcome) -> None:
+        self.futures[job.chip_id] = self.queue.submit(registration.finish, outcome, self.ctx,
+                                                      holds_model=False)
+        self.done(job.chip_id, _describe(outcome))
+
+    def trained(self, work: _Work, t: Trained) -> None:
+        """Hand a finished run to the logging process; a group that missed at the cap logs its
+        run and queues its chips to train alone, each carrying its share of the group's run."""
+        unit, todo = work.unit, work.todo
+        if unit.group_id and not t.check.passed:
+            self.queue.submit(registration.log_group, unit, todo, t, self.ctx)
+            if self.progress is not None:
+                self.progress.note(f"{unit.run_name}: missed verification at the cap; its "
+                                   f"{len(todo)} chips train on their own")
+            self.fallback.extend(_Work(Unit.chip(j), (j,)) for j in todo)
+            share = grouping.member_share(self.cap, len(todo))
+            self.failed_share.update({j.chip_id: (unit.group_id, share) for j in todo})
+            return
+        if unit.group_id:
+            future = self.queue.submit(registration.log_group, unit, todo, t, self.ctx)
+        else:
+            future = self.queue.submit(registration.log_chip, unit, t, self.ctx,
+                                       self.failed_share.get(todo[0].chip_id, ("", 0.0)))
+        for job in todo:
+            self.futures[job.chip_id] = future
+            self.done(job.chip_id, describe(t, unit))
+
+    def outcome(self, chip_id: str) -> ChipOutcome:
+        return next(o for o in self.futures[chip_id].result() if o.chip_id == chip_id)
+
+
+def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
+        baseline: nn.Module, data: Any, settings: TrainSettings, ctx: RegistryContext,
+        uri: str, force: bool = False, progress: Progress | None = None,
+        exe: ExecutionConfig | None = None,
+        queue: BackgroundTracking | None = None) -> list[ChipOutcome]:
+    """Chips the plan rejected get a run that says why; every unit (a chip, or an eFAT group)
+    is skipped for chips registered for this plan already (unless `force`), else trained and
+    verified (on `exe`'s workers), then logged and registered by `queue`'s process while the
+    next units train. Outcomes come in plan order (rejected chips first) whatever order the
+    units finish in."""
+    exe = exe or execution.LOCAL
+    own_queue = queue is None
+    queue = queue or BackgroundTracking(stage)
+    ctx = dataclasses.replace(ctx, warn=_warn_stderr)    # it runs in the logging process
+    fleet = _Fleet(queue, ctx, settings.rule.cap, progress)
+    try:
+        for job in rejected:
+            fleet.reject(job)
+        with stage.timed():
+            done = {} if force else registration.registered(uri, ctx.plan_run_id)
+        work = []
+        for unit in units:
+            todo = []
+            for job in unit.members:
+                before = done.get(registered_name(ctx.prefix, job.chip_id))
+                if before:
+                    fleet.skip(job, registration.skipped(before))
+                else:
+                    todo.append(job)
+            if todo:
+                work.append(_Work(unit, tuple(todo)))
+        local = exe.backend == "local"
+        shared = _Shared(baseline, data, settings, progress if local else None)
+        for batch in (work, fleet.fallback):        # the fallback fills while `work` runs
+            items = list(batch)
+            if items:
+                execution.map_unordered(_train_task, shared, items, exe,
+                                        lambda i, t: fleet.trained(items[i], t))
+        queue.drain()
+    finally:
+        if own_queue:
+            queue.close()
+    order = [j.chip_id for j in rejected] + [j.chip_id for u in units for j in u.members]
+    return [fleet.outcome(c) for c in order]

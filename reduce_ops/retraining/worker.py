@@ -1,0 +1,83 @@
+"""What a worker does for one FAT run: train for the planned epochs, check on the decision split,
+train on in steps up to the cap while it misses, then measure the report split. No MLflow here:
+the result goes back to the driver, which hands it to the logging process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from reduce_ops.binomial import wilson_interval
+from reduce_ops.config import FatConfig
+from reduce_ops.fault_aware import FatSession
+from reduce_ops.names import REJECTED, SHIPPED, TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.progress import Progress
+from reduce_ops.retraining.units import Unit
+from reduce_ops.shipping import ShippingRule, Verification, verify
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What every FAT run shares: how to train, on which layers and device, and the rule it
+    must pass."""
+
+    fat: FatConfig
+    layer_types: Sequence[str]
+    device: torch.device | str
+    rule: ShippingRule
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A unit's FAT run after verification, measured on validation (decided) and test
+    (reported)."""
+
+    check: Verification
+    val_accuracy: float
+    test_accuracy: float
+    test_ci: tuple[float, float]
+    meets: bool
+    pruned_fraction: float
+    train_seconds: float
+    model: nn.Module
+
+
+def train(unit: Unit, baseline: nn.Module, data: Any, settings: TrainSettings,
+          progress: Progress | None = None) -> Trained:
+    """FAT for the planned epochs, then the validation check, training on in steps up to the
+    cap while it misses."""
+    session = FatSession.from_baseline(baseline, unit.fault_map, settings.layer_types, data,
+                                       settings.fat, settings.device, unit.stuck)
+
+    def measure(amount: float) -> float:
+        session.advance(amount)
+        val = session.accuracies(("val",))[VAL_ACCURACY]
+        if progress is not None:
+            progress.inside(f"{amount:g} epochs, val {val:.4f}")
+        return val
+
+    check = verify(measure, unit.planned_epochs, settings.rule)
+    session.model.cpu().eval()
+    session.device = "cpu"
+    test = session.accuracies(("test",))[TEST_ACCURACY]      # reported, never decided on
+    return Trained(check, check.val_accuracy, test, wilson_interval(test, len(data.y["test"])),
+                   settings.rule.meets(test), session.pruned_fraction, session.train_seconds,
+                   session.release())          # the float weights (a stuck-at chip quantizes)
+
+
+def miss_reason(t: Trained, rule: ShippingRule) -> str:
+    """Why a run that missed at the cap is rejected ("" when it passed)."""
+    return "" if t.check.passed else (
+        f"validation accuracy {t.val_accuracy:.4f} < {rule.ship_level:.4f} "
+        f"(level + margin) after {t.check.epochs:g} epochs, the budget cap")
+
+
+def describe(t: Trained, unit: Unit) -> str:
+    """One progress line for a run that has just finished."""
+    return (f"{SHIPPED if t.check.passed else REJECTED} after {t.check.epochs:g} epochs "
+            f"(planned {unit.planned_epochs:g}), val {t.val_accuracy:.4f}, "
+            f"test {t.test_accuracy:.4f}")
