@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,42 @@ TINY = [
     "flatness.draws=3",
     "variants=[]",          # tests that need variants name their own
 ]
+
+# --- Named setups: overrides that more than one test module builds its project from ----------
+# A test module's own list adds only what is its own to these; tiny_pipeline builds the project.
+
+# The tiny resilience grid and plan: 2 fault maps per rate, trials of at most half an epoch
+# measured every quarter, and at most 1 epoch of FAT for any chip.
+TINY_GRID = ["resilience.repetitions=2", "resilience.max_epochs=0.5",
+             "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0"]
+
+# Fleets that FAT retrains (test_fleet, test_grouping, test_execution, test_stuck_fleet): a
+# 4-epoch baseline, and FAT steps (lr 0.01) big enough for chips to recover within TINY_GRID.
+TINY_FAT = ["train.max_epochs=4", "fat.lr=0.01"]
+
+# Planning against a drop of 0.1 from the baseline's accuracy; a fault rate is planned when half
+# its repetitions reached (test_grouping, test_execution, test_stuck_fleet).
+DROP_PLAN = ["plan.min_reached=0.5", "constraint.kind=drop", "constraint.value=0.1"]
+
+# The stages up to a fleet's groups: what `fat` reads.
+THROUGH_GROUP = ["prepare", "pretrain", "faultmaps", "resilience", "plan", "group"]
+
+# 8 chips from 2 wafers whose chips share defects, so that eFAT finds groups (test_grouping,
+# test_execution).
+WAFER_FLEET = [*TINY_FAT, "faultmaps.generator=wafer", "faultmaps.n_chips=8",
+               "faultmaps.chips_per_wafer=4", "faultmaps.rate_max=0.3",
+               "resilience.fault_rates=[0.0, 0.1, 0.2, 0.3]", *TINY_GRID, *DROP_PLAN,
+               "compare.fixed_epochs=[0.25, 0.5]"]
+
+# Small enough for every stage of dvc.yaml to run in seconds on digits (test_e2e_foundation,
+# test_teamserver).
+TINY_PIPELINE = ["train.max_epochs=2", "resilience.fault_rates=[0.0, 0.3]", *TINY_GRID,
+                 "compare.fixed_epochs=[0.25, 0.5]", "constraint.kind=drop",
+                 "constraint.value=0.2"]
+
+# Baselines whose int8 weights take bit faults: a 3-epoch baseline, 2 draws per BER
+# (test_robustness, test_variants).
+TINY_BER = ["train.max_epochs=3", "robustness.repetitions=2"]
 
 # What a copy of the project needs to run its stages (code, pipeline, entry points).
 PROJECT_FILES = ["params.yaml", "dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt",
@@ -74,10 +112,15 @@ def make_project(dest: Path, overrides: list[str] | None = None) -> Path:
     return params
 
 
-def clone_project(src: Path, dest: Path) -> Path:
-    """A copy of a project folder (its MLflow store included) for a test that changes it; the
-    copy's runs still write artifacts under `src`, so `src` must outlive the copy."""
+def clone_project(src: Path, dest: Path, overrides: list[str] | None = None) -> Path:
+    """A copy of a project folder (its MLflow store included) for a test that changes it, with
+    `overrides` set in its params.yaml; the copy's runs still write artifacts under `src`, so
+    `src` must outlive the copy."""
     shutil.copytree(src, dest)
+    if overrides:
+        params = dest / "params.yaml"
+        params.write_text(yaml.safe_dump(apply_overrides(read_yaml(params), list(overrides)),
+                                         sort_keys=False))
     return dest
 
 
@@ -90,6 +133,28 @@ def run_stages(root: Path, *stages: str) -> None:
         mp.chdir(root)                                     # MLflow artifacts under the project
         for stage in stages:
             assert main([stage, "--params", str(root / "params.yaml")]) == 0, stage
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory
+                  ) -> Callable[[str, list[str], Sequence[str]], Path]:
+    """`tiny_pipeline(name, overrides, stages) -> Path`: a tiny project (make_project with
+    `overrides`) with `stages` run, built once per session for each distinct pair of effective
+    params and stages, so modules that ask for the same project share it; `name` names the
+    folder of the first to ask. Shared and read-only: a test that changes a project (runs a
+    stage, edits a file) works on `clone_project(project, tmp_path / ...)` of it."""
+    built: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+    def build(name: str, overrides: list[str], stages: Sequence[str]) -> Path:
+        key = (json.dumps(tiny_params(overrides), sort_keys=True), tuple(stages))
+        if key not in built:
+            root = tmp_path_factory.mktemp(name)
+            make_project(root, overrides)
+            run_stages(root, *stages)
+            built[key] = root
+        return built[key]
+
+    return build
 
 
 _KILL_AFTER = """

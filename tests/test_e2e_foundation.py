@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_project
+from conftest import TINY_PIPELINE, make_project
 
 from reduce_ops.stages import PIPELINE
 
@@ -61,11 +61,6 @@ def test_mlflow_run_pretrain_logs_params_and_metrics(tmp_path: Path) -> None:
     assert (project / "models/baseline.pt").is_file()
 
 
-# Small enough for every stage of dvc.yaml to run in seconds on digits.
-TINY_PIPELINE = ["train.max_epochs=2", "resilience.fault_rates=[0.0, 0.3]",
-                 "resilience.repetitions=2", "resilience.max_epochs=0.5",
-                 "resilience.checkpoint_every=0.25", "compare.fixed_epochs=[0.25, 0.5]",
-                 "constraint.kind=drop", "constraint.value=0.2", "plan.budget_cap=1.0"]
 STAGES = ["prepare", "faultmaps", "pretrain", "resilience", "plan", "fat", "compare"]
 
 

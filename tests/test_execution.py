@@ -9,7 +9,13 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import clone_project, make_project, run_stages, tiny_params
+from conftest import (
+    THROUGH_GROUP,
+    WAFER_FLEET,
+    clone_project,
+    make_project,
+    tiny_params,
+)
 
 from reduce_ops import execution, resilience
 from reduce_ops.cli import main
@@ -101,19 +107,16 @@ def test_a_malformed_ray_address_names_the_key() -> None:
         execution.check_address(ExecutionConfig("ray", "no-port-here", 2, 1))
 
 
-def test_fat_and_compare_on_ray_give_what_local_gives(tmp_path: Path, ray_instance,
+def test_fat_and_compare_on_ray_give_what_local_gives(tmp_path: Path, ray_instance, tiny_pipeline,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-chip and per-group FAT with verification, and compare's per-chip runs, as Ray tasks:
     the same chips, epochs and accuracies as one after another in the driver."""
     import pandas as pd
-    from test_grouping import WAFER
 
-    base = tmp_path / "base"
-    make_project(base, WAFER + ["execution.torch_threads=1"])
-    run_stages(base, "prepare", "pretrain", "faultmaps", "resilience", "plan", "group")
+    base = tiny_pipeline("wafer", WAFER_FLEET, THROUGH_GROUP)      # test_grouping's too
     out = {}
     for backend in ("local", "ray"):
-        root = clone_project(base, tmp_path / backend)
+        root = clone_project(base, tmp_path / backend, ["execution.torch_threads=1"])
         monkeypatch.chdir(root)
         for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow sets them
             monkeypatch.delenv(leaked, raising=False)            # each project its own store

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import clone_project, make_project, run_stages
+from conftest import THROUGH_GROUP, TINY_FAT, TINY_GRID, clone_project, run_stages
 
 import reduce_ops
 from reduce_ops import names, registry
@@ -37,21 +37,16 @@ from reduce_ops.training import evaluate
 
 # 4 chips with fault rates in [0, 0.6]; at rate 0.6 a 16x16 array kills LeNet on digits (accuracy
 # stays ~0.1), so the chip near 0.6 is infeasible and the others need at most 0.5 epochs.
-SETUP = ["train.max_epochs=4", "faultmaps.rate_max=0.6", "fat.lr=0.01",
-         "resilience.fault_rates=[0.0, 0.5, 0.6]", "resilience.repetitions=2",
-         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
+SETUP = [*TINY_FAT, *TINY_GRID, "faultmaps.rate_max=0.6", "resilience.fault_rates=[0.0, 0.5, 0.6]",
          "resilience.accuracy_levels=[0.5]", "constraint.kind=absolute", "constraint.value=0.35",
          "group.enabled=false"]      # chips on their own here; eFAT groups: test_grouping.py
 PREFIX = "reduce-ops"
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def planned(tiny_pipeline) -> Path:
     """A tiny project with prepared digits, baseline, fleet, resilience trials and a plan."""
-    root = tmp_path_factory.mktemp("fleet")
-    make_project(root, SETUP)
-    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience", "plan", "group")
-    return root
+    return tiny_pipeline("fleet", SETUP, THROUGH_GROUP)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_project, run_stages, tiny_params
+from conftest import (
+    THROUGH_GROUP,
+    WAFER_FLEET,
+    clone_project,
+    make_project,
+    run_stages,
+    tiny_params,
+)
 
 from reduce_ops import registry
 from reduce_ops.config import from_dict
@@ -204,20 +211,13 @@ def test_a_group_size_below_one_is_one_line(tmp_path: Path, capsys) -> None:
 
 # --------------------------------------------------------------------------- the stages
 
-WAFER = ["train.max_epochs=4", "fat.lr=0.01", "faultmaps.generator=wafer", "faultmaps.n_chips=8",
-         "faultmaps.chips_per_wafer=4", "faultmaps.rate_max=0.3",
-         "resilience.fault_rates=[0.0, 0.1, 0.2, 0.3]", "resilience.repetitions=2",
-         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
-         "plan.min_reached=0.5", "constraint.kind=drop", "constraint.value=0.1",
-         "compare.fixed_epochs=[0.25, 0.5]"]
-
-
 @pytest.fixture(scope="module")
-def grouped(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny wafer fleet, planned, grouped and retrained (tests only read it)."""
-    root = tmp_path_factory.mktemp("efat")
-    make_project(root, WAFER)
-    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience", "plan", "group", "fat")
+def grouped(tiny_pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny wafer fleet, planned and grouped (the project test_execution.py starts from), then
+    retrained in a clone (tests only read it)."""
+    wafer = tiny_pipeline("wafer", WAFER_FLEET, THROUGH_GROUP)
+    root = clone_project(wafer, tmp_path_factory.mktemp("efat") / "project")
+    run_stages(root, "fat")
     return root
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import clone_project, make_project, run_killed_after, run_stages
+from conftest import TINY_GRID, clone_project, run_killed_after
 
 from reduce_ops import resilience
 from reduce_ops.cli import main
@@ -17,20 +17,17 @@ from reduce_ops.records import trials as trials_record
 from reduce_ops.tracking.runs import find_runs, read_children
 from reduce_ops.tracking.store import tracking_uri
 
-GRID = ["resilience.fault_rates=[0.0, 0.3]", "resilience.repetitions=2",
-        "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
-        "resilience.accuracy_levels=[0.5, 0.9]", "compare.fixed_epochs=[0.25, 0.5]",
+GRID = [*TINY_GRID, "resilience.fault_rates=[0.0, 0.3]", "resilience.accuracy_levels=[0.5, 0.9]",
+        "compare.fixed_epochs=[0.25, 0.5]", "train.max_epochs=4",
         "group.enabled=false"]        # eFAT in compare: test_grouping.py
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def project(tiny_pipeline) -> Path:
     """A tiny project with prepared digits, a briefly trained baseline, a fleet and one finished
-    resilience run; tests that add runs that change what later stages read work on a clone."""
-    root = tmp_path_factory.mktemp("res")
-    make_project(root, GRID + ["train.max_epochs=4"])
-    run_stages(root, "prepare", "pretrain", "faultmaps", "resilience")
-    return root
+    resilience run; tests that add runs that change what later stages read work on a clone.
+    (This module's alone: its plan and compare tests write their outputs into it.)"""
+    return tiny_pipeline("res", GRID, ["prepare", "pretrain", "faultmaps", "resilience"])
 
 
 def _run(project: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:

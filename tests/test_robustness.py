@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import make_project, run_stages
+from conftest import TINY_BER, make_project
 
 from reduce_ops import robustness
 from reduce_ops.cli import main
@@ -17,15 +17,12 @@ from reduce_ops.models import build_model
 from reduce_ops.tracking.runs import find_runs, read_children
 from reduce_ops.tracking.store import tracking_uri
 
-GRID = ["robustness.bers=[0.0, 0.001, 0.05]", "robustness.repetitions=2", "train.max_epochs=3"]
+GRID = [*TINY_BER, "robustness.bers=[0.0, 0.001, 0.05]"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("robust")
-    make_project(root, GRID)
-    run_stages(root, "prepare", "pretrain", "robustness")
-    return root
+def project(tiny_pipeline) -> Path:
+    return tiny_pipeline("robust", GRID, ["prepare", "pretrain", "robustness"])
 
 
 def test_trials_are_child_runs_and_the_tables_agree(project: Path,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_project, run_stages
+from conftest import DROP_PLAN, TINY_FAT, TINY_GRID, make_project
 
 from reduce_ops.cli import main
 from reduce_ops.hardware import ArrayGeometry, load_fleet
@@ -18,19 +18,14 @@ from reduce_ops.hardware.stuckfleet import load_stuck
 from reduce_ops.tracking.store import tracking_uri
 
 STUCK = ["hardware.fault_model=stuck_at", "group.enabled=false", "hardware.stuck_at.n_bits=2",
-         "hardware.stuck_at.bits=[5, 6, 7]", "train.max_epochs=4", "fat.lr=0.01",
-         "resilience.fault_rates=[0.0, 0.2, 0.4]", "resilience.repetitions=2",
-         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25", "plan.budget_cap=1.0",
-         "plan.min_reached=0.5", "constraint.kind=drop", "constraint.value=0.1",
-         "compare.fixed_epochs=[0.25]"]
+         "hardware.stuck_at.bits=[5, 6, 7]", *TINY_FAT, "resilience.fault_rates=[0.0, 0.2, 0.4]",
+         *TINY_GRID, *DROP_PLAN, "compare.fixed_epochs=[0.25]"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("stuck")
-    make_project(root, STUCK)
-    run_stages(root, "prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "fat")
-    return root
+def project(tiny_pipeline) -> Path:
+    return tiny_pipeline("stuck", STUCK, ["prepare", "faultmaps", "pretrain", "resilience",
+                                          "plan", "group", "fat"])
 
 
 def test_the_fleet_keeps_each_chips_stuck_bits(project: Path) -> None:

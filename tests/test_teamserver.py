@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_project
+from conftest import TINY_PIPELINE, make_project
 
 from reduce_ops import teamserver
 from reduce_ops.errors import ReduceOpsError
 
-PIPELINE = ["train.max_epochs=2", "resilience.fault_rates=[0.0, 0.3]",
-            "resilience.repetitions=2", "resilience.max_epochs=0.5",
-            "resilience.checkpoint_every=0.25", "compare.fixed_epochs=[0.25, 0.5]",
-            "constraint.kind=drop", "constraint.value=0.2", "plan.budget_cap=1.0",
-            "robustness.bers=[1.0e-3]", "robustness.repetitions=1",
+PIPELINE = [*TINY_PIPELINE, "robustness.bers=[1.0e-3]", "robustness.repetitions=1",
             "execution.backend=ray", "execution.workers=2", "execution.torch_threads=1"]
 
 

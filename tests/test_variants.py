@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_project, run_stages
+from conftest import TINY_BER, make_project, run_stages
 
 from reduce_ops.cli import main
 from reduce_ops.models import ThresholdReLU, load_checkpoint
@@ -18,16 +18,12 @@ from reduce_ops.tracking.store import tracking_uri
 
 VARIANTS = ("variants=[{name: sparse-plain, activation_threshold: 0.5, sharpness: none, rho: 0},"
             " {name: dense-saq, activation_threshold: 0, sharpness: saq, rho: 0.05}]")
-GRID = ["robustness.bers=[0.0, 0.01]", "robustness.repetitions=2", "train.max_epochs=3",
-        VARIANTS]
+GRID = [*TINY_BER, "robustness.bers=[0.0, 0.01]", VARIANTS]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("variants")
-    make_project(root, GRID)
-    run_stages(root, "prepare", "pretrain", "variants", "robustness")
-    return root
+def project(tiny_pipeline) -> Path:
+    return tiny_pipeline("variants", GRID, ["prepare", "pretrain", "variants", "robustness"])
 
 
 def test_variants_are_trained_measured_and_logged(project: Path,
