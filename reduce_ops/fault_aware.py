@@ -15,10 +15,12 @@ from reduce_ops.config import FatConfig
 from reduce_ops.errors import ConfigError
 from reduce_ops.hardware import MaskedWeights, build_masks, pruned_fraction
 from reduce_ops.training import (
+    Measurement,
     PreparedDataLike,
     batches,
     make_optimizer,
-    split_accuracies,
+    measure_splits,
+    reference,
     steps_per_epoch,
     train_steps,
 )
@@ -117,7 +119,9 @@ class FatSession:
 
     def __init__(self, model: nn.Module, faults: dict[str, torch.Tensor] | Bypass | StuckAt,
                  data: PreparedDataLike, cfg: FatConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 paired: dict[str, torch.Tensor] | None = None) -> None:
+        self.paired = paired or {}     # the baseline's per-image correctness, per split
         self.model = model.to(device)
         self.faults = faults if isinstance(faults, (Bypass, StuckAt)) else Bypass(model, faults)
         self.masks = self.faults.masks
@@ -134,14 +138,20 @@ class FatSession:
     @classmethod
     def from_baseline(cls, baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
                       data: PreparedDataLike, cfg: FatConfig, device: torch.device | str = "cpu",
-                      stuck: Any = None) -> FatSession:
+                      stuck: Any = None,
+                      paired: dict[str, torch.Tensor] | None = None) -> FatSession:
         """A copy of the baseline (left untouched) on a chip: `fault_map`'s PEs bypassed, or,
         given the chip's stuck bits (`stuck`, a hardware.bitfaults.PeStuckMap), read through
-        them."""
+        them. Measurements are paired with the baseline's per-image correctness on the
+        validation and test splits (`paired`, from training.reference; measured here when not
+        given)."""
+        if paired is None:
+            paired = reference(baseline, data, [s for s in ("val", "test") if s in data.y],
+                               device)
         model = copy.deepcopy(baseline).to(device)
         faults = (StuckAt(model, stuck, layer_types) if stuck is not None
                   else Bypass(model, build_masks(model, fault_map, layer_types)))
-        return cls(model, faults, data, cfg, device)
+        return cls(model, faults, data, cfg, device, paired)
 
     def release(self) -> nn.Module:
         """The model as it is saved: for stuck-at chips, the float masters without the
@@ -177,7 +187,11 @@ class FatSession:
 
     def accuracies(self, splits: Sequence[str]) -> dict[str, float]:
         """{'<split>_accuracy': accuracy} of the model as it is now."""
-        return split_accuracies(self.model, self.data, splits, self.device)
+        return {f"{s}_accuracy": m.accuracy for s, m in self.measure(splits).items()}
+
+    def measure(self, splits: Sequence[str]) -> dict[str, Measurement]:
+        """{split: Measurement} of the model as it is now, paired with the baseline."""
+        return measure_splits(self.model, self.data, splits, self.device, self.paired)
 
     def checkpoints(self, amounts: Sequence[float],
                     evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
@@ -235,9 +249,14 @@ class FatCurve:
     session: FatSession
     splits: tuple[str, ...]
     amounts: list[float]
-    accuracy: dict[str, list[float]]   # '<split>_accuracy' -> accuracy at each amount
+    measured: dict[str, list[Measurement]]   # split -> its Measurement at each amount
     train_seconds: list[float]         # FAT wall time done at each amount
     seconds: float                     # FAP + FAT + evaluation wall time
+
+    @property
+    def accuracy(self) -> dict[str, list[float]]:
+        """'<split>_accuracy' -> accuracy at each amount."""
+        return {f"{s}_accuracy": [m.accuracy for m in ms] for s, ms in self.measured.items()}
 
     def at(self, amount: float, key: str) -> float:
         """Accuracy `key` (e.g. 'test_accuracy') at one of the measured amounts."""
@@ -249,12 +268,21 @@ class FatCurve:
         beyond the last): the same model as one run measured at all of them."""
         t0 = time.perf_counter()
         s = self.session
-        for cp in s.checkpoints(amounts, lambda m: split_accuracies(m, s.data, self.splits,
-                                                                      s.device), on_checkpoint):
+        kept: list[dict[str, Measurement]] = []
+
+        def evaluate_fn(model: nn.Module) -> dict[str, float]:
+            kept.append(s.measure(self.splits))
+            return {f"{k}_accuracy": m.accuracy for k, m in kept[-1].items()}
+
+        def record(cp: FatCheckpoint) -> None:     # right after each checkpoint's evaluation
             self.amounts.append(cp.amount)
-            for key in self.accuracy:
-                self.accuracy[key].append(cp.metrics[key])
+            for split in self.splits:       # an amount that rounds to the step before repeats it
+                self.measured[split].append(kept[-1][split])
             self.train_seconds.append(cp.seconds)
+            if on_checkpoint is not None:
+                on_checkpoint(cp)
+
+        s.checkpoints(amounts, evaluate_fn, record)
         self.seconds += time.perf_counter() - t0
 
 
@@ -262,14 +290,14 @@ def fat_curve(baseline: nn.Module, fault_map: Any, layer_types: Sequence[str],
               data: PreparedDataLike, amounts: Sequence[float], cfg: FatConfig,
               device: torch.device | str = "cpu", splits: Sequence[str] = ("val", "test"),
               on_checkpoint: Callable[[FatCheckpoint], None] | None = None,
-              stuck: Any = None) -> FatCurve:
+              stuck: Any = None, paired: dict[str, torch.Tensor] | None = None) -> FatCurve:
     """A copy of the baseline on the chip (`fault_map` bypassed, or its `stuck` bits), then ONE
     FAT run up to max(amounts) with the accuracy of every split in `splits` measured at each
     amount (0 = before any retraining)."""
     t0 = time.perf_counter()
     session = FatSession.from_baseline(baseline, fault_map, layer_types, data, cfg, device,
-                                       stuck)
-    curve = FatCurve(session, tuple(splits), [], {f"{s}_accuracy": [] for s in splits}, [], 0.0)
+                                       stuck, paired)
+    curve = FatCurve(session, tuple(splits), [], {s: [] for s in splits}, [], 0.0)
     curve.extend(sorted(set(amounts)), on_checkpoint)
     curve.seconds = time.perf_counter() - t0
     return curve

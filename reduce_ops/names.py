@@ -87,5 +87,7 @@ VAL_ACCURACY = "val_accuracy"
 TEST_ACCURACY = "test_accuracy"
 RETRAINING_EPOCHS = "retraining_epochs"
 TRIAL_SECONDS = "trial_seconds"
+VAL_LOST = "val_lost"          # validation images the baseline gets right and a model wrong
+VAL_GAINED = "val_gained"      # ... wrong and the model right
 # measured once on every baseline and kept in its checkpoint's info (robustness reports them)
 BASELINE_MEASURES = ("activation_sparsity", "flatness_loss_increase", "int8_test_accuracy")

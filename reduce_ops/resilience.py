@@ -92,13 +92,16 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
                       fat_cfg, device, on_checkpoint=on_checkpoint, stuck=stuck)
-    val = curve.accuracy[VAL_ACCURACY]
     while (curve.amounts[-1] < target.cap - 1e-9
-           and not settled(curve.amounts, val, target.level, target.confirm)):
+           and not settled(curve.amounts, curve.accuracy[VAL_ACCURACY], target.level,
+                           target.confirm)):
         curve.extend([min(round(curve.amounts[-1] + res.checkpoint_every, 9), target.cap)],
                      on_checkpoint)
+    val = curve.measured["val"]
     return TrialResult(spec, fmap.n_faulty, curve.session.pruned_fraction, curve.amounts,
-                       val, curve.accuracy[TEST_ACCURACY], curve.seconds, res.max_epochs)
+                       [m.accuracy for m in val], curve.accuracy[TEST_ACCURACY], curve.seconds,
+                       res.max_epochs, val_lost=[m.lost for m in val],
+                       val_gained=[m.gained for m in val])
 
 
 @dataclass(frozen=True)

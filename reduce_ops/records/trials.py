@@ -4,7 +4,7 @@ the accuracy curves as metric histories), which is what a plan reads back."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -17,13 +17,17 @@ from reduce_ops.names import (
     TEST_ACCURACY,
     TRIAL_SECONDS,
     VAL_ACCURACY,
+    VAL_GAINED,
+    VAL_LOST,
 )
 from reduce_ops.tracking.runs import read_children
 
 # Metric steps of a trial's curve are milli-epochs: step 250 = 0.25 epochs of retraining.
 STEPS_PER_EPOCH_UNIT = 1000
 TRIAL_COLUMNS = ["fault_rate", "repetition", "fault_seed", "n_faulty", "pruned_fraction",
-                 "amount", "val_accuracy", "test_accuracy"]
+                 "amount", "val_accuracy", "test_accuracy", "val_lost", "val_gained"]
+# val_lost / val_gained: validation images the baseline classifies right and the trial's model
+# wrong / the other way round (what a paired decision against the baseline reads)
 FILE = "trials.csv"
 
 
@@ -53,6 +57,8 @@ class TrialResult:
     seconds: float
     grid_epochs: float            # resilience.max_epochs; amounts beyond it are the extension
     reused_from: str = ""
+    val_lost: list[int] = field(default_factory=list)     # per amount (empty: not recorded)
+    val_gained: list[int] = field(default_factory=list)
 
     @property
     def extended(self) -> bool:
@@ -62,8 +68,10 @@ class TrialResult:
 def table(results: list[TrialResult]) -> pd.DataFrame:
     """Long table: one row per (trial, checkpoint), sorted by rate, repetition, amount."""
     rows = [(r.spec.fault_rate, r.spec.repetition, r.spec.fault_seed, r.n_faulty,
-             r.pruned_fraction, a, v, t)
-            for r in results for a, v, t in zip(r.amounts, r.val_accuracy, r.test_accuracy)]
+             r.pruned_fraction, a, v, t, lost, gained)
+            for r in results for a, v, t, lost, gained in zip(
+                r.amounts, r.val_accuracy, r.test_accuracy,
+                r.val_lost or [-1] * len(r.amounts), r.val_gained or [-1] * len(r.amounts))]
     df = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     return df.sort_values(["fault_rate", "repetition", "amount"], ignore_index=True)
 
@@ -79,6 +87,7 @@ def run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
     history = {VAL_ACCURACY: list(zip(steps, r.val_accuracy)),
                TEST_ACCURACY: list(zip(steps, r.test_accuracy)),
                RETRAINING_EPOCHS: list(zip(steps, r.amounts)),
+               VAL_LOST: list(zip(steps, r.val_lost)), VAL_GAINED: list(zip(steps, r.val_gained)),
                TRIAL_SECONDS: [(0, r.seconds)]}
     tags = {TAG_TRIAL: r.spec.key}
     if r.reused_from:
@@ -94,12 +103,16 @@ def from_run(child: dict[str, Any]) -> TrialResult:
     spec = TrialSpec(float(p["fault_rate"]), int(p["repetition"]), int(p["fault_seed"]))
     seconds = h.get(TRIAL_SECONDS, [(0, 0.0)])[-1][1]
     amounts = [s / STEPS_PER_EPOCH_UNIT for s, _ in val]
+    lost, gained = dict(h.get(VAL_LOST, [])), dict(h.get(VAL_GAINED, []))
+    paired = all(s in lost and s in gained for s, _ in val)
     return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]), amounts,
                        [v for _, v in val], [test[s] for s, _ in val], float(seconds),
-                       float(p.get("grid_epochs", amounts[-1])), reused_from=child["run_id"])
+                       float(p.get("grid_epochs", amounts[-1])), reused_from=child["run_id"],
+                       val_lost=[int(lost[s]) for s, _ in val] if paired else [],
+                       val_gained=[int(gained[s]) for s, _ in val] if paired else [])
 
 
-TRIAL_METRICS = [VAL_ACCURACY, TEST_ACCURACY, TRIAL_SECONDS]   # what from_run reads
+TRIAL_METRICS = [VAL_ACCURACY, TEST_ACCURACY, TRIAL_SECONDS, VAL_LOST, VAL_GAINED]   # from_run
 
 
 def read_logged(uri: str, run_id: str) -> pd.DataFrame:
