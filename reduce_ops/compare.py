@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,7 +28,8 @@ from reduce_ops.grouping import member_share
 from reduce_ops.hardware import FaultMap
 from reduce_ops.progress import Progress
 from reduce_ops.records.groups import FusedGroup
-from reduce_ops.shipping import ShippingRule, check_amounts, verification
+from reduce_ops.shipping import Measurement, ShippingRule, check_amounts, verification
+from reduce_ops.yields import floor_report
 
 
 class ChipRow(NamedTuple):
@@ -50,57 +51,75 @@ class ChipRow(NamedTuple):
 PER_CHIP_COLUMNS = list(ChipRow._fields)
 # n_meet_unchecked: trained chips at or above the test level whether shipped or not (what a
 # policy that shipped without any check would count; only the test split knows it)
+# a test floor's figures against the chips recoverable at the cap (see reduce_ops.yields)
+FLOOR_COLUMNS = ["n_recoverable", "yield", "yield_low", "yield_high", "n_overkill",
+                 "overkill_rate", "n_escapes", "escape_rate", "escape_low", "escape_high"]
 SUMMARY_COLUMNS = ["policy", "n_chips", "n_shipped", "n_meet_on_test", "meet_rate",
                    "n_meet_unchecked", "total_epochs", "epochs_per_shipped",
-                   "cheapest_fixed_as_many", "epochs_ratio_to_it"]
-FIXED, REDUCE, ORACLE = "fixed", "reduce", "oracle"
+                   *FLOOR_COLUMNS, "cheapest_fixed_as_many", "epochs_ratio_to_it"]
+FIXED, UNCHECKED, REDUCE, ORACLE = "fixed", "unchecked", "reduce", "oracle"
 EFAT = "efat"
 
 
 @dataclass(frozen=True)
 class Policy:
-    """How many epochs a policy gives each chip: `epochs` for a fixed policy, the plan's
-    amounts for Reduce (NaN = rejected by the plan); the oracle picks its own."""
+    """How many epochs a policy gives each chip: `epochs` for a fixed policy (with the check,
+    or shipping every chip unchecked), the plan's amounts for Reduce (NaN = rejected by the
+    plan); the oracle picks its own. `rule`: the policy's own shipping rule (a reference kept
+    beside the default), else the comparison's."""
 
     name: str
     kind: str
     epochs: dict[str, float]
+    rule: ShippingRule | None = None
 
 
-def fixed_policy_name(epochs: float) -> str:
-    return f"fixed-{epochs:g}"
+def fixed_policy_name(epochs: float, checked: bool = True) -> str:
+    return f"fixed-{epochs:g}" if checked else f"fixed-{epochs:g}-unchecked"
 
 
 def policies(fixed: Sequence[float], reduce_plans: dict[str, dict[str, float]],
-             chip_ids: Sequence[str]) -> list[Policy]:
-    """Fixed policies, one verified Reduce policy per plan ({name: planned epochs by chip, NaN
-    for a chip the plan rejects}), and the oracle."""
+             chip_ids: Sequence[str], cap: float,
+             rules: dict[str, ShippingRule] | None = None) -> list[Policy]:
+    """Fixed policies with the check, the same amounts shipped unchecked, the cap unchecked
+    (which tells the recoverable chips), one verified Reduce policy per plan ({name: planned
+    epochs by chip, NaN for a chip the plan rejects}, checked with `rules[name]` where given),
+    and the oracle."""
     out = [Policy(fixed_policy_name(e), FIXED, {c: float(e) for c in chip_ids}) for e in fixed]
+    out += [Policy(fixed_policy_name(e, False), UNCHECKED, {c: float(e) for c in chip_ids})
+            for e in dict.fromkeys([*fixed, cap])]
     for name, by_chip in reduce_plans.items():
-        out.append(Policy(name, REDUCE, {c: float(by_chip.get(c, math.nan)) for c in chip_ids}))
+        out.append(Policy(name, REDUCE, {c: float(by_chip.get(c, math.nan)) for c in chip_ids},
+                          (rules or {}).get(name)))
     out.append(Policy("oracle", ORACLE, {}))
     return out
 
 
+def recoverable_policy(cap: float) -> str:
+    """The policy whose per-chip verdicts say which chips are recoverable: the cap, no check."""
+    return fixed_policy_name(cap, False)
+
+
 # A policy on one chip is a generator: it yields the (amount, split) it wants measured next,
-# in ascending amounts, is sent the accuracy there, and returns its per-chip row. One FAT run
+# in ascending amounts, is sent the Measurement there, and returns its per-chip row. One FAT run
 # serves every policy: it trains up to the smallest amount any policy waits for, measures only
 # the splits asked for there, and goes on.
 Request = tuple[float, str]
 
 
 def _fixed(policy: Policy, fmap: FaultMap, rule: ShippingRule
-           ) -> Generator[Request, float, ChipRow]:
+           ) -> Generator[Request, Measurement, ChipRow]:
     epochs = policy.epochs[fmap.chip_id]
     val = yield (epochs, "val")
-    test = yield (epochs, "test")
-    passed, meets = rule.passes(val), rule.meets(test)
-    return ChipRow(policy.name, fmap.chip_id, fmap.fault_rate, epochs, epochs, passed, val,
-                   test, passed and meets, meets, "" if passed else "validation")
+    test = (yield (epochs, "test")).accuracy
+    passed = policy.kind == UNCHECKED or rule.passes(val)
+    meets = rule.meets(test)
+    return ChipRow(policy.name, fmap.chip_id, fmap.fault_rate, epochs, epochs, passed,
+                   val.accuracy, test, passed and meets, meets, "" if passed else "validation")
 
 
 def _reduce(policy: Policy, fmap: FaultMap, rule: ShippingRule
-            ) -> Generator[Request, float, ChipRow]:
+            ) -> Generator[Request, Measurement, ChipRow]:
     planned = policy.epochs[fmap.chip_id]
     head = (policy.name, fmap.chip_id, fmap.fault_rate, planned)
     if math.isnan(planned):         # the plan rejected the chip: no training, not shipped
@@ -112,26 +131,26 @@ def _reduce(policy: Policy, fmap: FaultMap, rule: ShippingRule
             amount = steps.send((yield (amount, "val")))
     except StopIteration as done:
         check = done.value
-    test = yield (check.epochs, "test")
+    test = (yield (check.epochs, "test")).accuracy
     meets = rule.meets(test)
     return ChipRow(*head, check.epochs, check.passed, check.val_accuracy, test,
                    check.passed and meets, meets, "" if check.passed else "cap")
 
 
 def _oracle(policy: Policy, fmap: FaultMap, rule: ShippingRule
-            ) -> Generator[Request, float, ChipRow]:
+            ) -> Generator[Request, Measurement, ChipRow]:
     """The cheapest step at which the chip meets the test level: a lower bound that only the
     test split's answer makes possible."""
     head = (policy.name, fmap.chip_id, fmap.fault_rate, math.nan)
     for amount in check_amounts(0.0, rule.step, rule.cap):
-        test = yield (amount, "test")
+        test = (yield (amount, "test")).accuracy
         if rule.meets(test):
-            val = yield (amount, "val")
+            val = (yield (amount, "val")).accuracy
             return ChipRow(*head, amount, True, val, test, True, True, "")
     return ChipRow(*head, 0.0, False, math.nan, math.nan, False, False, "never meets on test")
 
 
-POLICY_KINDS = {FIXED: _fixed, REDUCE: _reduce, ORACLE: _oracle}
+POLICY_KINDS = {FIXED: _fixed, UNCHECKED: _fixed, REDUCE: _reduce, ORACLE: _oracle}
 
 
 def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: FaultMap,
@@ -140,12 +159,12 @@ def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: Fault
     rows: dict[int, ChipRow] = {}
     pending: dict[int, tuple[Generator, Request]] = {}
     for i, policy in enumerate(policy_list):
-        gen = POLICY_KINDS[policy.kind](policy, fmap, rule)
+        gen = POLICY_KINDS[policy.kind](policy, fmap, policy.rule or rule)
         try:
             pending[i] = (gen, next(gen))
         except StopIteration as done:
             rows[i] = done.value
-    measured: dict[Request, float] = {}
+    measured: dict[Request, Measurement] = {}
     while pending:
         amount = min(round(req[0], 9) for _, req in pending.values())
         session.advance(amount)
@@ -154,13 +173,74 @@ def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: Fault
                 continue
             key = (amount, split)
             if key not in measured:
-                measured[key] = session.accuracies((split,))[f"{split}_accuracy"]
+                measured[key] = session.measure((split,))[split]
             try:
                 pending[i] = (gen, gen.send(measured[key]))
             except StopIteration as done:
                 rows[i] = done.value
                 del pending[i]
     return [rows[i] for i in range(len(policy_list))]
+
+
+@dataclass
+class ChipCurve:
+    """One FAT run measured on both splits at every amount any policy may ask for."""
+
+    chip_id: str
+    fault_rate: float
+    amounts: list[float] = field(default_factory=list)
+    val: list[Measurement] = field(default_factory=list)
+    test: list[Measurement] = field(default_factory=list)
+
+    def rows(self) -> list[tuple]:
+        return [(self.chip_id, self.fault_rate, a, v.accuracy, v.lost, v.gained, t.accuracy,
+                 t.lost, t.gained) for a, v, t in zip(self.amounts, self.val, self.test)]
+
+
+CURVE_COLUMNS = ["chip_id", "fault_rate", "amount", "val_accuracy", "val_lost", "val_gained",
+                 "test_accuracy", "test_lost", "test_gained"]
+
+
+def curve_amounts(fixed: Sequence[float], step: float, cap: float,
+                  granularity: float) -> list[float]:
+    """Every amount a policy may ask for: the fixed amounts, and the checks of any plan (whose
+    amounts are multiples of `granularity`) every `step` up to the cap."""
+    starts = [round(k * granularity, 9) for k in range(int(math.floor(cap / granularity
+                                                                       + 1e-9)) + 1)]
+    amounts = {round(float(e), 9) for e in fixed if e <= cap + 1e-9}
+    for start in starts:
+        amounts.update(check_amounts(start, step, cap))
+    return sorted(amounts)
+
+
+def record(session: FatSession, fmap: FaultMap, amounts: Sequence[float]) -> ChipCurve:
+    """Train `session` through `amounts`, measuring both splits at each."""
+    curve = ChipCurve(fmap.chip_id, fmap.fault_rate)
+    for amount in amounts:
+        session.advance(amount)
+        m = session.measure(("val", "test"))
+        curve.amounts.append(amount)
+        curve.val.append(m["val"])
+        curve.test.append(m["test"])
+    return curve
+
+
+class Recorded:
+    """A recorded ChipCurve in place of a FAT session: `run_policies` advances it and measures,
+    and gets what the one run measured at that amount."""
+
+    def __init__(self, curve: ChipCurve) -> None:
+        self.curve, self.amount = curve, 0.0
+        self._at = {round(a, 9): i for i, a in enumerate(curve.amounts)}
+
+    def advance(self, amount: float) -> None:
+        self.amount = amount
+
+    def measure(self, splits: Sequence[str]) -> dict[str, Measurement]:
+        i = self._at.get(round(self.amount, 9))
+        if i is None:
+            raise ValueError(f"chip {self.curve.chip_id}: {self.amount:g} epochs not recorded")
+        return {s: getattr(self.curve, s)[i] for s in splits}
 
 
 @dataclass(frozen=True)
@@ -175,35 +255,40 @@ class _ChipInputs:
     layer_types: Sequence[str]
     device: Any
     stuck: dict[str, Any]
+    amounts: tuple[float, ...]
 
 
-def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[ChipRow], float]:
-    """One chip's rows (every policy, one FAT session) and how far it trained."""
+def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[ChipRow], ChipCurve]:
+    """One chip's curve (one FAT session measured at every amount) and every policy's row."""
     session = FatSession.from_baseline(shared.baseline, fmap, shared.layer_types, shared.data,
                                        shared.fat, shared.device, shared.stuck.get(fmap.chip_id))
-    return run_policies(session, shared.policy_list, fmap, shared.rule), session.amount
+    curve = record(session, fmap, shared.amounts)
+    return run_policies(Recorded(curve), shared.policy_list, fmap, shared.rule), curve
 
 
 def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
               policy_list: Sequence[Policy], rule: ShippingRule, fat: FatConfig,
-              hardware: HardwareConfig, device: torch.device | str = "cpu",
-              progress: Progress | None = None,
+              hardware: HardwareConfig, amounts: Sequence[float],
+              device: torch.device | str = "cpu", progress: Progress | None = None,
               stuck: dict[str, Any] | None = None,
-              exe: ExecutionConfig | None = None) -> pd.DataFrame:
-    """Every policy on every chip, from one FAT run per chip (through its stuck bits, for a
-    stuck-at fleet), the chips on `exe`'s workers: the per-chip table, in fleet order."""
+              exe: ExecutionConfig | None = None) -> tuple[pd.DataFrame, list[ChipCurve]]:
+    """Every policy on every chip, from one FAT run per chip measured at `amounts` (through
+    its stuck bits, for a stuck-at fleet), the chips on `exe`'s workers: the per-chip table
+    and the curves, in fleet order."""
     shared = _ChipInputs(baseline, data, tuple(policy_list), rule, fat,
-                         tuple(hardware.layer_types), device, stuck or {})
+                         tuple(hardware.layer_types), device, stuck or {}, tuple(amounts))
     rows: dict[int, list[ChipRow]] = {}
+    curves: dict[int, ChipCurve] = {}
 
-    def finished(i: int, result: tuple[list[ChipRow], float]) -> None:
-        rows[i], amount = result
+    def finished(i: int, result: tuple[list[ChipRow], ChipCurve]) -> None:
+        rows[i], curves[i] = result
         if progress is not None:
             progress.done(f"chip {fleet[i].chip_id}", f"fault rate {fleet[i].fault_rate:.3f}, "
-                          f"trained to {amount:.2f} epochs")
+                          f"trained to {curves[i].amounts[-1]:.2f} epochs")
 
     execution.map_unordered(_chip_task, shared, list(fleet), exe or execution.LOCAL, finished)
-    return pd.DataFrame([r for i in range(len(fleet)) for r in rows[i]], columns=PER_CHIP_COLUMNS)
+    return (pd.DataFrame([r for i in range(len(fleet)) for r in rows[i]],
+                         columns=PER_CHIP_COLUMNS), [curves[i] for i in range(len(fleet))])
 
 
 def _group_task(shared: _ChipInputs, grp: FusedGroup) -> ChipRow:
@@ -226,7 +311,8 @@ def efat_rows(per_chip: pd.DataFrame, groups: Sequence[FusedGroup], fallback: st
     group's epochs were spent), is what the `fallback` Reduce policy does with it."""
     own = per_chip[per_chip["policy"] == fallback].set_index("chip_id")
     multi = [g for g in groups if g.shared]
-    shared = _ChipInputs(baseline, data, (), rule, fat, tuple(hardware.layer_types), device, {})
+    shared = _ChipInputs(baseline, data, (), rule, fat, tuple(hardware.layer_types), device, {},
+                         ())
     results: dict[int, ChipRow] = {}
 
     def finished(i: int, row: ChipRow) -> None:
@@ -258,18 +344,25 @@ def efat_rows(per_chip: pd.DataFrame, groups: Sequence[FusedGroup], fallback: st
     return pd.DataFrame(rows, columns=PER_CHIP_COLUMNS)
 
 
-def summarize(per_chip: pd.DataFrame, policy_list: Sequence[Policy]) -> pd.DataFrame:
+def summarize(per_chip: pd.DataFrame, policy_list: Sequence[Policy], cap: float) -> pd.DataFrame:
     """Per policy: chips shipped, shipped chips that meet the constraint on test, total epochs,
-    and the epochs relative to the cheapest fixed policy that ships at least as many chips."""
+    the epochs relative to the cheapest fixed policy (with the check) that ships at least as
+    many chips, and a test floor's figures against the chips recoverable at the cap (yield,
+    overkill, escapes, with Wilson intervals)."""
+    recoverable = per_chip[per_chip["policy"] == recoverable_policy(cap)].set_index(
+        "chip_id")["meets_unchecked"].astype(bool)
     rows = []
     for p in policy_list:
         g = per_chip[per_chip["policy"] == p.name]
         shipped, meets = int(g["shipped"].sum()), int(g["meets_on_test"].sum())
         total = float(g["epochs"].sum())
+        floor = floor_report(g["shipped"].astype(bool), g["meets_on_test"].astype(bool),
+                             recoverable.reindex(g["chip_id"]).fillna(False).astype(bool))
         rows.append([p.name, len(g), shipped, meets, meets / shipped if shipped else math.nan,
                      int(g["meets_unchecked"].sum()), total,
-                     total / shipped if shipped else math.nan])
-    out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:8])
+                     total / shipped if shipped else math.nan,
+                     *(getattr(floor, "yield_" if k == "yield" else k) for k in FLOOR_COLUMNS)])
+    out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:8] + FLOOR_COLUMNS)
     fixed = out[out["policy"].isin([p.name for p in policy_list if p.kind == FIXED])]
     cheapest, ratios = [], []
     for row in out.itertuples(index=False):

@@ -203,9 +203,11 @@ class PlanConfig:
 class VerifyConfig:
     """Every chip's model is checked on the validation split before it ships."""
 
-    margin: float = _check(0.0, 1.0)              # ship at val accuracy >= level + margin
+    margin: float = _check(0.0, 1.0)              # ship at val accuracy - band >= level + margin
     step: float = _check(0.0, 1000.0, lo_open=True)   # a miss trains on in steps of this many
                                                       # epochs, up to plan.budget_cap
+    escape_rate: float | None = _check(0.0, 0.5, lo_open=True, hi_open=True)   # the guard
+    # band's risk: z(1 - escape_rate) standard errors of (validation - test); null = no band
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,8 @@ class CompareConfig:
 
     fixed_epochs: list[float] = _check(0.0, 1000.0, lo_open=True, nonempty=True)
     statistics: list[str] = _check(nonempty=True)     # Reduce plans, one per statistic
+    reference_margin: float | None = _check(-1.0, 1.0)   # a flat-margin Reduce kept beside
+                                                         # the default rule; null = none
 
 
 @dataclass(frozen=True)

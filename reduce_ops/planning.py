@@ -13,7 +13,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from reduce_ops.errors import ConfigError, DataError
 from reduce_ops.hardware import FaultMap
-from reduce_ops.needs import trial_needs
+from reduce_ops.needs import DECISION_METRIC, trial_needs
 from reduce_ops.records.plan import PLAN_COLUMNS
 from reduce_ops.shipping import ShippingRule
 
@@ -270,10 +270,11 @@ class PlanResult:
 
 def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic,
               granularity: float, safety_margin: float, cap: float,
-              min_reached: float = 1.0) -> PlanResult:
-    """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for validation accuracy
-    `level` (what verification checks) within the budget cap (epochs per chip)."""
-    needs = trial_needs(trials, level)
+              min_reached: float = 1.0, metric: str = DECISION_METRIC) -> PlanResult:
+    """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for `metric` (validation
+    accuracy, or what a guard band leaves of it) at `level` (what verification checks) within
+    the budget cap (epochs per chip)."""
+    needs = trial_needs(trials, level, metric)
     needs.loc[needs["needed"] > cap + 1e-9, "needed"] = math.inf    # beyond the budget
     points = aggregate_needs(needs, statistic, min_reached)
     spread = needs.groupby("fault_rate")["needed"].agg(["min", "max"]).reset_index()
@@ -290,5 +291,13 @@ def plan_for_rule(trials: pd.DataFrame, fleet: Sequence[FaultMap], rule: Shippin
     accuracy at least its ship level) within its cap."""
     chips = pd.DataFrame({"chip_id": [m.chip_id for m in fleet],
                           "fault_rate": [m.fault_rate for m in fleet]})
-    return make_plan(trials, chips, rule.ship_level, statistic, granularity, safety_margin,
-                     rule.cap, min_reached)
+    if not rule.escape_rate:
+        return make_plan(trials, chips, rule.ship_level, statistic, granularity, safety_margin,
+                         rule.cap, min_reached)
+    if (trials[["val_lost", "val_gained"]] < 0).any().any():
+        raise DataError("trials table: no val_lost / val_gained (measured before guard bands "
+                        "were); run `reduce-ops resilience` again")
+    lower = trials["val_accuracy"] - rule.bands(trials["val_accuracy"], trials["val_lost"],
+                                                trials["val_gained"], rule.n_decision)
+    return make_plan(trials.assign(val_lower=lower), chips, rule.ship_level, statistic,
+                     granularity, safety_margin, rule.cap, min_reached, metric="val_lower")

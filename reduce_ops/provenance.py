@@ -84,7 +84,8 @@ def measured_params(cfg: Config) -> dict[str, Any]:
     and checked by every stage that reads its trials."""
     return {**flatten({k: cfg.to_dict()[k] for k in ("resilience", "fat", "hardware",
                                                        "constraint")}),
-            "plan.budget_cap": cfg.plan.budget_cap, "verify.margin": cfg.verify.margin}
+            "plan.budget_cap": cfg.plan.budget_cap, "verify.margin": cfg.verify.margin,
+            "verify.escape_rate": cfg.verify.escape_rate}
 
 
 def resilience_run(cfg: Config, identity: Identity) -> RunRecord:

@@ -21,17 +21,23 @@ from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
 from reduce_ops.needs import settled
 from reduce_ops.progress import Progress
 from reduce_ops.records.trials import TrialResult, TrialSpec
+from reduce_ops.shipping import Measurement, ShippingRule
 
 
 @dataclass(frozen=True)
 class TrialTarget:
     """How far a trial trains: the grid (resilience.max_epochs), then on in checkpoint steps,
-    up to the budget cap, until its monotone fit has reached the decision level `confirm`
-    epochs before its last measurement."""
+    up to the budget cap, until the monotone fit of what the shipping rule reads (validation
+    accuracy, less its guard band) has reached `level` `confirm` epochs before its last
+    measurement."""
 
-    level: float          # validation accuracy level (the constraint on the decision split)
+    level: float          # what a chip must show on validation to ship (rule.ship_level)
     cap: float            # plan.budget_cap, epochs
     confirm: float        # resilience.confirm_epochs
+    rule: ShippingRule | None = None     # its guard band; None: the accuracy itself
+
+    def lower(self, m: Measurement) -> float:
+        return self.rule.lower(m) if self.rule is not None else m.accuracy
 
 
 def checkpoint_amounts(cfg: ResilienceConfig) -> list[float]:
@@ -93,8 +99,8 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
                       fat_cfg, device, on_checkpoint=on_checkpoint, stuck=stuck)
     while (curve.amounts[-1] < target.cap - 1e-9
-           and not settled(curve.amounts, curve.accuracy[VAL_ACCURACY], target.level,
-                           target.confirm)):
+           and not settled(curve.amounts, [target.lower(m) for m in curve.measured["val"]],
+                           target.level, target.confirm)):
         curve.extend([min(round(curve.amounts[-1] + res.checkpoint_every, 9), target.cap)],
                      on_checkpoint)
     val = curve.measured["val"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from reduce_ops.config import FatConfig, TrainConfig
+from reduce_ops.shipping import Measurement
 
 
 class PreparedDataLike(Protocol):
@@ -83,27 +83,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """(accuracy, mean cross-entropy) of `model` on in-memory tensors, in eval mode."""
     correct, loss = evaluate_images(model, x, y, batch_size, device)
     return int(correct.sum()) / max(len(y), 1), loss
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """A model on one split, image by image against the baseline on the same images: what a
-    paired decision reads (accuracy alone for an absolute level)."""
-
-    accuracy: float
-    n: int
-    lost: int = 0      # images the baseline classifies right and the model wrong
-    gained: int = 0    # images the baseline classifies wrong and the model right
-
-    @classmethod
-    def of(cls, correct: torch.Tensor, reference: torch.Tensor | None = None) -> Measurement:
-        """From per-image correctness [N] (bool) and the baseline's on the same images."""
-        n = int(correct.numel())
-        if reference is None:
-            return cls(int(correct.sum()) / max(n, 1), n)
-        lost = int((reference & ~correct).sum())
-        gained = int((~reference & correct).sum())
-        return cls(int(correct.sum()) / max(n, 1), n, lost, gained)
 
 
 def reference(model: nn.Module, data: PreparedDataLike, splits: Sequence[str] = ("val", "test"),

@@ -26,7 +26,14 @@ PLAN_FILE, POINTS_FILE, SUMMARY_FILE, FIGURE_FILE = ("plan.csv", "curve_points.c
 RATE_TOL = 1e-9             # plan vs fleet fault rates: the same float, up to repr
 # the rule's fields as the summary spells them (the names every earlier summary used)
 _RULE_KEYS = {"decision_level": "decision_level", "constraint_level": "constraint_level",
-              "margin": "verify_margin", "step": "verify_step", "cap": "budget_cap"}
+              "margin": "verify_margin", "step": "verify_step", "cap": "budget_cap",
+              "escape_rate": "verify_escape_rate", "paired": "paired_decision",
+              "n_decision": "n_decision", "n_report": "n_report"}
+
+
+def rule_from_summary(d: dict[str, Any], where: str) -> ShippingRule:
+    """The shipping rule a plan's summary.json records."""
+    return ShippingRule.from_dict({f: d[k] for f, k in _RULE_KEYS.items() if k in d}, where)
 
 
 def directory(results: Path) -> Path:
@@ -101,8 +108,7 @@ def read(plan_dir: Path) -> Plan:
         points = pd.read_csv(points_path)
         d = json.loads(summary_path.read_text())
         summary = PlanSummary(str(d["run_id"]), str(d.get("resilience_run_id", "")),
-                              ShippingRule.from_dict({f: d[k] for f, k in _RULE_KEYS.items()
-                                                      if k in d}, str(summary_path)),
+                              rule_from_summary(d, str(summary_path)),
                               str(d.get("statistic", "")), str(d.get("baseline_hash", "")),
                               str(d.get("dataset_hash", "")),
                               {k: v for k, v in d.items() if k not in _SUMMARY_FIELDS})

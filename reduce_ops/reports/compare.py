@@ -69,3 +69,47 @@ def policy_figure(per_chip: pd.DataFrame, summary: pd.DataFrame, constraint_leve
 def plot_policy_comparison(per_chip, summary, path, constraint_level) -> Path:
     """Save Fig. 3 (see `policy_figure`) as a PNG at `path`."""
     return save_figure(policy_figure(per_chip, summary, constraint_level), path)
+
+
+def operating_figure(points: pd.DataFrame, goal: tuple[float, float] | None = (0.85, 0.03)
+                     ) -> Figure:
+    """Yield against escape rate, one curve per decision rule as its guard band varies, the
+    default rule's point marked; `goal` (yield at least, escapes at most) shaded."""
+    require(points, ["family", "setting", "yield", "escape_rate", "is_default"],
+            "operating characteristic")
+    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
+    ax = fig.subplots()
+    if goal is not None:
+        ax.axhspan(goal[0] * 100, 101, xmin=0, xmax=1, color="tab:green", alpha=0.06)
+        ax.axvline(goal[1] * 100, color="tab:green", lw=1, ls=":")
+        ax.axhline(goal[0] * 100, color="tab:green", lw=1, ls=":",
+                   label=f"goal: yield >= {goal[0]:.0%}, escapes <= {goal[1]:.0%} of shipped")
+    for family, color in (("flat margin", "C1"), ("band from escape_rate", "C0")):
+        d = points[(points["family"] == family) & points["escape_rate"].notna()]
+        if d.empty:
+            continue
+        ax.plot(d["escape_rate"] * 100, d["yield"] * 100, "o-", color=color, ms=4, lw=1.2,
+                label=family)
+        for r in d.iloc[::2].itertuples(index=False):
+            ax.annotate(r.setting, (r.escape_rate * 100, r[points.columns.get_loc("yield")] * 100),
+                        fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
+    default = points[points["is_default"] & points["escape_rate"].notna()]
+    if not default.empty:
+        d = default.iloc[0]
+        ax.plot(d["escape_rate"] * 100, d["yield"] * 100, "*", color="black", ms=14,
+                label=f"default ({d['n_shipped']} shipped, {d['total_epochs']:g} epochs)")
+    ax.set_xlabel("escapes (% of shipped chips missing the constraint on test)")
+    ax.set_ylabel("yield (% of recoverable chips shipped and meeting)")
+    ax.set_title("Operating characteristic: each point is the whole Reduce run (plan + "
+                 "verification)\nwith that guard band, on the chips' recorded FAT curves",
+                 fontsize=9)
+    ax.set_ylim(0, 101)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def plot_operating_characteristic(points: pd.DataFrame, path) -> Path:
+    """Save the operating characteristic (see `operating_figure`) as a PNG at `path`."""
+    return save_figure(operating_figure(points), path)

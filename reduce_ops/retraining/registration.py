@@ -115,8 +115,10 @@ def _unit_run(stage: StageRun, unit: Unit, t: Trained, ctx: RegistryContext
             **({names.TAG_GROUP: unit.group_id} if unit.group_id
                else {names.TAG_CHIP: unit.members[0].chip_id})}
     with model_child_run(stage, unit.run_name, _run_params(unit, t, ctx), tags) as child:
-        for amount, accuracy in t.check.checks:     # the verification, step = milli-epochs
-            child.log_metrics({VAL_ACCURACY: accuracy}, step=int(round(amount * 1000)))
+        for amount, measured in t.check.checks:     # the verification, step = milli-epochs
+            child.log_metrics({VAL_ACCURACY: measured.accuracy,
+                               "val_lower": ctx.rule.lower(measured)},
+                              step=int(round(amount * 1000)))
         child.log_metrics({TEST_ACCURACY: t.test_accuracy, "test_ci_low": t.test_ci[0],
                            "test_ci_high": t.test_ci[1], "actual_epochs": t.check.epochs,
                            "n_checks": len(t.check.checks),

@@ -14,10 +14,10 @@ from torch import nn
 from reduce_ops.binomial import wilson_interval
 from reduce_ops.config import FatConfig
 from reduce_ops.fault_aware import FatSession
-from reduce_ops.names import REJECTED, SHIPPED, TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.names import REJECTED, SHIPPED
 from reduce_ops.progress import Progress
 from reduce_ops.retraining.units import Unit
-from reduce_ops.shipping import ShippingRule, Verification, verify
+from reduce_ops.shipping import Measurement, ShippingRule, Verification, verify
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,17 @@ def train(unit: Unit, baseline: nn.Module, data: Any, settings: TrainSettings,
     session = FatSession.from_baseline(baseline, unit.fault_map, settings.layer_types, data,
                                        settings.fat, settings.device, unit.stuck)
 
-    def measure(amount: float) -> float:
+    def measure(amount: float) -> Measurement:
         session.advance(amount)
-        val = session.accuracies(("val",))[VAL_ACCURACY]
+        val = session.measure(("val",))["val"]
         if progress is not None:
-            progress.inside(f"{amount:g} epochs, val {val:.4f}")
+            progress.inside(f"{amount:g} epochs, val {val.accuracy:.4f}")
         return val
 
     check = verify(measure, unit.planned_epochs, settings.rule)
     session.model.cpu().eval()
     session.device = "cpu"
-    test = session.accuracies(("test",))[TEST_ACCURACY]      # reported, never decided on
+    test = session.measure(("test",))["test"].accuracy      # reported, never decided on
     return Trained(check, check.val_accuracy, test, wilson_interval(test, len(data.y["test"])),
                    settings.rule.meets(test), session.pruned_fraction, session.train_seconds,
                    session.release())          # the float weights (a stuck-at chip quantizes)
@@ -71,9 +71,14 @@ def train(unit: Unit, baseline: nn.Module, data: Any, settings: TrainSettings,
 
 def miss_reason(t: Trained, rule: ShippingRule) -> str:
     """Why a run that missed at the cap is rejected ("" when it passed)."""
-    return "" if t.check.passed else (
-        f"validation accuracy {t.val_accuracy:.4f} < {rule.ship_level:.4f} "
-        f"(level + margin) after {t.check.epochs:g} epochs, the budget cap")
+    if t.check.passed:
+        return ""
+    last = t.check.checks[-1][1]
+    band = rule.band(last)
+    shown = (f"validation accuracy {last.accuracy:.4f} - guard band {band:.4f}"
+             if band else f"validation accuracy {last.accuracy:.4f}")
+    return (f"{shown} < {rule.ship_level:.4f} (level + margin) after {t.check.epochs:g} "
+            f"epochs, the budget cap")
 
 
 def describe(t: Trained, unit: Unit) -> str:

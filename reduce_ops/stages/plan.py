@@ -23,10 +23,11 @@ def run(cfg: Config) -> dict[str, Any]:
     source = provenance.resilience_run(cfg, identity)     # checked against params and files
     trials = trials_record.read_logged(tracking_uri(cfg.root), source.run_id)
     m = source.metrics
-    # the levels the resilience run measured for this baseline; margin and cap are the ones it
-    # was measured for (checked above), the step is params'
-    rule = ShippingRule(m["decision_level"], m["constraint_level"], cfg.verify.margin,
-                        cfg.verify.step, cfg.plan.budget_cap)
+    # for the baseline accuracies the resilience run measured; margin, escape rate and cap are
+    # the ones it was measured for (checked above), the step is params'
+    sizes = provenance.dataset_meta(cfg)["split_sizes"]
+    rule = ShippingRule.from_config(cfg, m["baseline_val_accuracy"],
+                                    m["baseline_test_accuracy"], sizes["val"], sizes["test"])
     fleet = load_fleet(cfg.path("fleet"), ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))
     result = plan_for_rule(trials, fleet, rule, cfg.plan.statistic,
                            cfg.resilience.checkpoint_every, cfg.plan.safety_margin,

@@ -49,13 +49,14 @@ def run(cfg: Config) -> dict[str, Any]:
     measured = baseline_record.read(baseline_record.path(cfg.path("results")),
                                     cfg.path("baseline"))
     base_val, base_test = measured.val_accuracy, measured.test_accuracy
-    rule = ShippingRule.from_config(cfg, base_val, base_test)
+    rule = ShippingRule.from_config(cfg, base_val, base_test, len(data.y["val"]),
+                                    len(data.y["test"]))
     level, test_level = rule.decision_level, rule.constraint_level
     res = cfg.resilience
     specs = resilience.trial_grid(res)
     # trials go on until they reach what verification will ask of a chip
     bar = rule.ship_level
-    target = resilience.TrialTarget(round(bar, 9), cfg.plan.budget_cap, res.confirm_epochs)
+    target = resilience.TrialTarget(round(bar, 9), cfg.plan.budget_cap, res.confirm_epochs, rule)
     ghash = resilience.grid_hash(res, cfg.fat, cfg.hardware, target, identity.baseline_hash,
                                  identity.dataset_hash)
     uri = tracking_uri(cfg.root)
