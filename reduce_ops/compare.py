@@ -110,9 +110,14 @@ Request = tuple[float, str]
 def _fixed(policy: Policy, fmap: FaultMap, rule: ShippingRule
            ) -> Generator[Request, Measurement, ChipRow]:
     epochs = policy.epochs[fmap.chip_id]
+    before = []
+    if policy.kind == FIXED:           # the same check as Reduce's, pooled as it pools
+        for k in range(rule.pool - 1, 0, -1):
+            if epochs - k * rule.step >= -1e-9:
+                before.append((yield (round(epochs - k * rule.step, 9), "val")))
     val = yield (epochs, "val")
     test = (yield (epochs, "test")).accuracy
-    passed = policy.kind == UNCHECKED or rule.passes(val)
+    passed = policy.kind == UNCHECKED or rule.passes(val, before)
     meets = rule.meets(test)
     return ChipRow(policy.name, fmap.chip_id, fmap.fault_rate, epochs, epochs, passed,
                    val.accuracy, test, passed and meets, meets, "" if passed else "validation")
@@ -201,16 +206,20 @@ CURVE_COLUMNS = ["chip_id", "fault_rate", "amount", "val_accuracy", "val_lost", 
                  "test_accuracy", "test_lost", "test_gained"]
 
 
-def curve_amounts(fixed: Sequence[float], step: float, cap: float,
-                  granularity: float) -> list[float]:
+def curve_amounts(fixed: Sequence[float], step: float, cap: float, granularity: float,
+                  pool: int = 1) -> list[float]:
     """Every amount a policy may ask for: the fixed amounts, and the checks of any plan (whose
-    amounts are multiples of `granularity`) every `step` up to the cap."""
+    amounts are multiples of `granularity`) every `step` up to the cap, with the `pool` - 1
+    amounts a step apart before each that a pooling check reads."""
     starts = [round(k * granularity, 9) for k in range(int(math.floor(cap / granularity
                                                                        + 1e-9)) + 1)]
-    amounts = {round(float(e), 9) for e in fixed if e <= cap + 1e-9}
+    starts += [round(float(e), 9) for e in fixed if e <= cap + 1e-9]
+    amounts: set[float] = set()
     for start in starts:
         amounts.update(check_amounts(start, step, cap))
-    return sorted(amounts)
+        amounts.update(round(start - k * step, 9) for k in range(1, pool)
+                       if start - k * step >= -1e-9)
+    return sorted(max(a, 0.0) for a in amounts)
 
 
 def record(session: FatSession, fmap: FaultMap, amounts: Sequence[float]) -> ChipCurve:

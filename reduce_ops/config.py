@@ -208,6 +208,7 @@ class VerifyConfig:
                                                       # epochs, up to plan.budget_cap
     escape_rate: float | None = _check(0.0, 0.5, lo_open=True, hi_open=True)   # the guard
     # band's risk: z(1 - escape_rate) standard errors of (validation - test); null = no band
+    pool: int = _check(1, 10)     # a check reads the mean over this many checks a step apart
 
 
 @dataclass(frozen=True)

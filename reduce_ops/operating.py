@@ -63,10 +63,13 @@ def operating_points(rule: ShippingRule, trials: pd.DataFrame, fleet: Sequence[F
     """Yield, escapes and epochs of the flat margin (no escape rate) at every margin, and of
     the statistical band at every escape rate (margin 0), beside the default rule's own."""
     rec = recoverable(curves, rule)
-    variants = [("flat margin", f"{m * 100:+.2f} point", dataclasses.replace(
-        rule, margin=float(m), escape_rate=0.0)) for m in margins]
-    variants += [("band from escape_rate", f"{e:g}", dataclasses.replace(
-        rule, margin=0.0, escape_rate=float(e))) for e in escape_rates]
+    variants = [("flat margin, one check", f"{m * 100:+.2f} point", dataclasses.replace(
+        rule, margin=float(m), escape_rate=0.0, pool=1)) for m in margins]
+    variants += [("band from escape_rate, one check", f"{e:g}", dataclasses.replace(
+        rule, margin=0.0, escape_rate=float(e), pool=1)) for e in escape_rates]
+    variants += [(f"band from escape_rate, pooled over {max(rule.pool, 2)} checks", f"{e:g}",
+                  dataclasses.replace(rule, margin=0.0, escape_rate=float(e),
+                                      pool=max(rule.pool, 2))) for e in escape_rates]
     variants.append(("default", "params.yaml", rule))
     points = []
     for family, setting, r in variants:

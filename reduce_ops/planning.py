@@ -291,13 +291,26 @@ def plan_for_rule(trials: pd.DataFrame, fleet: Sequence[FaultMap], rule: Shippin
     accuracy at least its ship level) within its cap."""
     chips = pd.DataFrame({"chip_id": [m.chip_id for m in fleet],
                           "fault_rate": [m.fault_rate for m in fleet]})
-    if not rule.escape_rate:
+    if not rule.escape_rate and rule.pool <= 1:
         return make_plan(trials, chips, rule.ship_level, statistic, granularity, safety_margin,
                          rule.cap, min_reached)
+    return make_plan(with_decision_column(trials, rule), chips, rule.ship_level, statistic,
+                     granularity, safety_margin, rule.cap, min_reached, metric=DECIDED_METRIC)
+
+
+DECIDED_METRIC = "val_decided"     # what the shipping rule reads at each trial checkpoint
+
+
+def with_decision_column(trials: pd.DataFrame, rule: ShippingRule) -> pd.DataFrame:
+    """The trials with what the rule compares with its ship level at each checkpoint: the
+    validation accuracy less its guard band, pooled along each trial like the checks of a
+    chip."""
     if (trials[["val_lost", "val_gained"]] < 0).any().any():
         raise DataError("trials table: no val_lost / val_gained (measured before guard bands "
                         "were); run `reduce-ops resilience` again")
-    lower = trials["val_accuracy"] - rule.bands(trials["val_accuracy"], trials["val_lost"],
-                                                trials["val_gained"], rule.n_decision)
-    return make_plan(trials.assign(val_lower=lower), chips, rule.ship_level, statistic,
-                     granularity, safety_margin, rule.cap, min_reached, metric="val_lower")
+    t = trials.sort_values(["fault_rate", "repetition", "amount"]).copy()
+    t[DECIDED_METRIC] = t["val_accuracy"] - rule.bands(t["val_accuracy"], t["val_lost"],
+                                                       t["val_gained"], rule.n_decision)
+    t[DECIDED_METRIC] = t.groupby(["fault_rate", "repetition"])[DECIDED_METRIC].transform(
+        lambda x: rule.pooled_curve(x.to_numpy()))
+    return t

@@ -85,7 +85,7 @@ def measured_params(cfg: Config) -> dict[str, Any]:
     return {**flatten({k: cfg.to_dict()[k] for k in ("resilience", "fat", "hardware",
                                                        "constraint")}),
             "plan.budget_cap": cfg.plan.budget_cap, "verify.margin": cfg.verify.margin,
-            "verify.escape_rate": cfg.verify.escape_rate}
+            "verify.escape_rate": cfg.verify.escape_rate, "verify.pool": cfg.verify.pool}
 
 
 def resilience_run(cfg: Config, identity: Identity) -> RunRecord:

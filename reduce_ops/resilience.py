@@ -36,8 +36,11 @@ class TrialTarget:
     confirm: float        # resilience.confirm_epochs
     rule: ShippingRule | None = None     # its guard band; None: the accuracy itself
 
-    def lower(self, m: Measurement) -> float:
-        return self.rule.lower(m) if self.rule is not None else m.accuracy
+    def decided(self, measured: list[Measurement]) -> list[float]:
+        """What the rule reads at each checkpoint of a trial (pooled like a chip's checks)."""
+        if self.rule is None:
+            return [m.accuracy for m in measured]
+        return list(self.rule.pooled_curve([self.rule.lower(m) for m in measured]))
 
 
 def checkpoint_amounts(cfg: ResilienceConfig) -> list[float]:
@@ -99,7 +102,7 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
                       fat_cfg, device, on_checkpoint=on_checkpoint, stuck=stuck)
     while (curve.amounts[-1] < target.cap - 1e-9
-           and not settled(curve.amounts, [target.lower(m) for m in curve.measured["val"]],
+           and not settled(curve.amounts, target.decided(curve.measured["val"]),
                            target.level, target.confirm)):
         curve.extend([min(round(curve.amounts[-1] + res.checkpoint_every, 9), target.cap)],
                      on_checkpoint)

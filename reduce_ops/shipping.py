@@ -5,7 +5,7 @@ split. Computed once from the baseline's accuracies and the config; every stage 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,6 +61,9 @@ class ShippingRule:
     `drop` constraint both splits are measured against the baseline on the same images
     (`paired`), so the noise is the chip's own disagreement with the baseline; with an
     `absolute` level it is the chip's binomial noise. No escape rate: the flat margin alone.
+    With `pool` > 1 a check reads the mean of what the rule compares (accuracy less band) over
+    this check and the `pool - 1` measurements one `step` apart before it (the model of a few
+    hundred optimizer steps earlier; a lucky measurement alone does not ship a chip).
     """
 
     decision_level: float      # the constraint on the validation split (drop: from the baseline)
@@ -72,15 +75,16 @@ class ShippingRule:
     paired: bool = False       # drop constraint: noise from the disagreement with the baseline
     n_decision: int = 0        # images of the validation split
     n_report: int = 0          # images of the test split (the verdict's own noise)
+    pool: int = 1              # verify.pool: a check reads the mean over this many checks
 
     @classmethod
     def from_baseline(cls, kind: str, value: float, margin: float, step: float, cap: float,
                       baseline_val: float, baseline_test: float, escape_rate: float = 0.0,
-                      n_decision: int = 0, n_report: int = 0) -> ShippingRule:
+                      n_decision: int = 0, n_report: int = 0, pool: int = 1) -> ShippingRule:
         """Each split's level from the baseline's accuracy on that split."""
         return cls(constraint_level(kind, value, baseline_val),
                    constraint_level(kind, value, baseline_test), margin, step, cap,
-                   escape_rate, kind == "drop", n_decision, n_report)
+                   escape_rate, kind == "drop", n_decision, n_report, pool)
 
     @classmethod
     def from_config(cls, cfg: Config, baseline_val: float, baseline_test: float,
@@ -91,7 +95,7 @@ class ShippingRule:
         rule = cls.from_baseline(cfg.constraint.kind, cfg.constraint.value, cfg.verify.margin,
                                  cfg.verify.step, cfg.plan.budget_cap, baseline_val,
                                  baseline_test, cfg.verify.escape_rate or 0.0, n_decision,
-                                 n_report)
+                                 n_report, cfg.verify.pool)
         as_good = round(baseline_val * n_decision)         # the baseline's own measurement
         like_baseline = Measurement(baseline_val, n_decision, 0, 0)
         if rule.escape_rate and not rule.passes(like_baseline):
@@ -137,8 +141,27 @@ class ShippingRule:
         """What the rule compares with ship_level: the accuracy minus the band."""
         return m.accuracy - self.band(m) if self.escape_rate > 0 else m.accuracy
 
-    def passes(self, m: Measurement) -> bool:
-        return self.lower(m) >= self.ship_level
+    def passes(self, m: Measurement, before: Sequence[Measurement] = ()) -> bool:
+        """Whether a check with measurement `m` ships the chip; `before`: the measurements one
+        step apart before it, newest last (the rule pools the last `pool` - 1 of them)."""
+        return self.pooled(m, before) >= self.ship_level
+
+    def pooled(self, m: Measurement, before: Sequence[Measurement] = ()) -> float:
+        """The mean of `lower` over `m` and up to `pool` - 1 measurements before it."""
+        if self.pool <= 1:
+            return self.lower(m)
+        window = [*list(before)[-(self.pool - 1):], m]
+        return sum(self.lower(x) for x in window) / len(window)
+
+    def pooled_curve(self, lowers: Sequence[float]) -> np.ndarray:
+        """`pooled` along one run's curve of lowers (one step apart): what each check reads."""
+        x = np.asarray(lowers, dtype=float)
+        if self.pool <= 1 or x.size == 0:
+            return x
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = x[max(0, i - self.pool + 1):i + 1].mean()
+        return out
 
     def meets(self, test_accuracy: float) -> bool:
         """The verdict on the report split (never an input to a decision)."""
@@ -150,8 +173,9 @@ class ShippingRule:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> ShippingRule:
         """Read back what to_dict wrote; one line naming `where` when a field is missing."""
-        kinds = {"paired": bool, "n_decision": int, "n_report": int}
-        defaults = {"escape_rate": 0.0, "paired": False, "n_decision": 0, "n_report": 0}
+        kinds = {"paired": bool, "n_decision": int, "n_report": int, "pool": int}
+        defaults = {"escape_rate": 0.0, "paired": False, "n_decision": 0, "n_report": 0,
+                    "pool": 1}
         try:
             return cls(**{k: kinds.get(k, float)(d[k] if k in d else defaults[k])
                           for k in cls.__dataclass_fields__})
@@ -190,13 +214,19 @@ def verification(planned: float, rule: ShippingRule
     """The check of one chip as a generator: it yields the next amount to measure, is sent the
     validation measurement there, and returns the Verification. The chip passes at the first
     check that `rule` passes; checks run from the planned amount every `rule.step` epochs up to
-    the cap."""
+    the cap. A pooling rule first measures the `pool` - 1 amounts a step apart before the
+    planned one (where they are >= 0): they inform the first check but ship nothing."""
+    history: list[Measurement] = []
+    earlier = [round(planned - k * rule.step, 9) for k in range(rule.pool - 1, 0, -1)]
+    for amount in [a for a in earlier if a >= -1e-9]:
+        history.append((yield amount))
     checks = []
     for amount in check_amounts(planned, rule.step, rule.cap):
         measured = yield amount
         checks.append((amount, measured))
-        if rule.passes(measured):
+        if rule.passes(measured, history):
             return Verification(True, amount, tuple(checks))
+        history.append(measured)
     return Verification(False, checks[-1][0] if checks else planned, tuple(checks))
 
 

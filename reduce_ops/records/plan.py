@@ -28,7 +28,7 @@ RATE_TOL = 1e-9             # plan vs fleet fault rates: the same float, up to r
 _RULE_KEYS = {"decision_level": "decision_level", "constraint_level": "constraint_level",
               "margin": "verify_margin", "step": "verify_step", "cap": "budget_cap",
               "escape_rate": "verify_escape_rate", "paired": "paired_decision",
-              "n_decision": "n_decision", "n_report": "n_report"}
+              "n_decision": "n_decision", "n_report": "n_report", "pool": "verify_pool"}
 
 
 def rule_from_summary(d: dict[str, Any], where: str) -> ShippingRule:
@@ -186,7 +186,10 @@ def read_current(cfg: Config, check_rule: bool = True) -> Plan:
         rule = plan.rule
         for key, planned, now in (("plan.budget_cap", rule.cap, cfg.plan.budget_cap),
                                   ("verify.margin", rule.margin, cfg.verify.margin),
-                                  ("verify.step", rule.step, cfg.verify.step)):
+                                  ("verify.step", rule.step, cfg.verify.step),
+                                  ("verify.escape_rate", rule.escape_rate,
+                                   cfg.verify.escape_rate or 0.0),
+                                  ("verify.pool", rule.pool, cfg.verify.pool)):
             if planned != now:
                 raise ReduceOpsError(f"the plan in {plan_dir} was made for {key} {planned:g} "
                                      f"(now {now:g}); {remedy}")

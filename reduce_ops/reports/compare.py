@@ -84,15 +84,16 @@ def operating_figure(points: pd.DataFrame, goal: tuple[float, float] | None = (0
         ax.axvline(goal[1] * 100, color="tab:green", lw=1, ls=":")
         ax.axhline(goal[0] * 100, color="tab:green", lw=1, ls=":",
                    label=f"goal: yield >= {goal[0]:.0%}, escapes <= {goal[1]:.0%} of shipped")
-    for family, color in (("flat margin", "C1"), ("band from escape_rate", "C0")):
+    families = [f for f in dict.fromkeys(points["family"]) if f != "default"]
+    for family, color in zip(families, ("C1", "C2", "C0", "C4", "C5")):
         d = points[(points["family"] == family) & points["escape_rate"].notna()]
         if d.empty:
             continue
         ax.plot(d["escape_rate"] * 100, d["yield"] * 100, "o-", color=color, ms=4, lw=1.2,
                 label=family)
-        for r in d.iloc[::2].itertuples(index=False):
-            ax.annotate(r.setting, (r.escape_rate * 100, r[points.columns.get_loc("yield")] * 100),
-                        fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
+        for r in d.iloc[::2].to_dict("records"):
+            ax.annotate(r["setting"], (r["escape_rate"] * 100, r["yield"] * 100), fontsize=6,
+                        color=color, xytext=(3, 3), textcoords="offset points")
     default = points[points["is_default"] & points["escape_rate"].notna()]
     if not default.empty:
         d = default.iloc[0]

@@ -89,7 +89,7 @@ def run(cfg: Config) -> dict[str, Any]:
     plans, rules = _reduce_plans(cfg, plan, trials, fleet)
     policy_list = compare.policies(cfg.compare.fixed_epochs, plans, chip_ids, rule.cap, rules)
     amounts = compare.curve_amounts(cfg.compare.fixed_epochs, rule.step, rule.cap,
-                                    cfg.resilience.checkpoint_every)
+                                    cfg.resilience.checkpoint_every, rule.pool)
     groups = (groups_record.read(groups_record.directory(cfg.path("results")), plan, fleet)
               if cfg.group.enabled else [])
     data = load_prepared(cfg.path("prepared"))
