@@ -38,6 +38,7 @@ from reduce_ops.hardware.geometry import ArrayGeometry
 from reduce_ops.hardware.mapping import (
     _faulty_array,
     _weight_param_name,
+    array_groups,
     mapped_layers,
     tile_pe_grid,
 )
@@ -392,21 +393,23 @@ class PeStuckMap:
     __hash__ = None
 
     def layer_bits(self, weight_shape: Iterable[int],
-                   device: torch.device | str | None = None) -> StuckBits:
+                   device: torch.device | str | None = None, groups: int = 1) -> StuckBits:
         """The stuck bits of one weight: the PE masks tiled over its [M, K] view, like the
-        keep mask of a fault map (mapping.tile_pe_grid)."""
+        keep mask of a fault map (mapping.tile_pe_grid; `groups` of a grouped conv)."""
         shape = _shape(weight_shape)
         # [cols, rows]: grid_t[c, r] is PE (r, c)
         and_t = self.and_mask.T.contiguous().to(device)
         or_t = self.or_mask.T.contiguous().to(device)
-        return StuckBits(tile_pe_grid(and_t, shape), tile_pe_grid(or_t, shape))
+        return StuckBits(tile_pe_grid(and_t, shape, groups=groups),
+                         tile_pe_grid(or_t, shape, groups=groups))
 
     def stuck_bits(self, model: nn.Module,
                    layer_types: Iterable[str] = ("conv", "linear")) -> dict[str, StuckBits]:
         """Stuck bits per mapped weight, keyed by parameter name ("features.0.weight"), on the
         weight's device. Biases are added outside the array and have no stuck bits."""
         return {
-            _weight_param_name(name): self.layer_bits(module.weight.shape, module.weight.device)
+            _weight_param_name(name): self.layer_bits(module.weight.shape, module.weight.device,
+                                                      array_groups(module))
             for name, module in mapped_layers(model, layer_types).items()
         }
 
