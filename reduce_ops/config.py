@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,13 +46,19 @@ class PathsConfig:
     baseline: str
     variants: str
     results: str
+    code: str | None        # a folder put on sys.path to import model.factory / data.function
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset source and the seeded, stratified split."""
 
-    source: Literal["mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
+    source: Literal["mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "imagefolder",
+                    "npz", "function"]
+    path: str | None          # npz: the file (x_train, y_train, optional x_val.., x_test..)
+    function: str | None      # function: package.module:function returning the splits
+    mean: list[float] | None  # per-channel normalisation of [0, 1] pixels that the model was
+    std: list[float] | None   # trained with; null = the train split's own statistics
     download: bool
     val_fraction: float = _check(0.0, 0.5, lo_open=True)
     test_fraction: float = _check(0.0, 0.5, lo_open=True)
@@ -62,9 +69,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which architecture build_model constructs."""
+    """The baseline: a zoo architecture that pretrain trains, or a trained network of the
+    user's (an MLflow model URI, or a factory and its state_dict) that pretrain measures."""
 
-    name: Literal["lenet", "mlp", "vgg11", "resnet18"]
+    source: Literal["zoo", "mlflow", "python"]
+    name: Literal["lenet", "mlp", "vgg11", "resnet18"]   # zoo
+    uri: str | None               # mlflow: models:/name@alias | models:/name/N | runs:/id/path
+    factory: str | None           # python: package.module:function returning the nn.Module
+    weights: str | None           # python: its state_dict file, loaded with weights_only=True
+    allow_pickle: bool            # mlflow: unpickle a model saved with pickle (runs its code)
     activation_threshold: float = _check(0.0, 100.0)   # ReLU -> x if x > t else 0 (0 = ReLU)
 
 
@@ -128,6 +141,7 @@ class HardwareConfig:
     rows: int = _check(1, 65536)
     cols: int = _check(1, 65536)
     layer_types: list[Literal["conv", "linear"]] = _check(nonempty=True)
+    exclude_layers: list[str]     # module names (a container: all inside) that run elsewhere
     fault_model: Literal["bypass", "stuck_at"]     # weights act as zero | int8 with stuck bits
     stuck_at: StuckAtConfig
 
@@ -473,6 +487,52 @@ def _cross_checks(cfg: Config, where: str) -> None:
                           f"got {cfg.train.device!r}")
 
 
+# Model URIs that name one model (resolved to a pinned version when pretrain reads it).
+MODEL_URI = re.compile(r"models:/[^/@]+@[^/@]+|models:/[^/@]+/[0-9]+|models:/m-[0-9a-f]+"
+                       r"|runs:/[0-9a-f]+/.+")
+IMPORT_SPEC = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+def _source_checks(cfg: Config, where: str) -> None:
+    """Which keys the model and data sources need, and that the others stay null."""
+    m, d = cfg.model, cfg.data
+    needs = {"zoo": (), "mlflow": ("uri",), "python": ("factory", "weights")}
+    for section, source, keys, need in (
+            ("model", m.source, ("uri", "factory", "weights"), needs[m.source]),
+            ("data", d.source, ("path", "function"),
+             {"npz": ("path",), "function": ("function",)}.get(d.source, ()))):
+        obj = m if section == "model" else d
+        for key in keys:
+            given = getattr(obj, key) is not None
+            if key in need and not given:
+                raise ConfigError(f"{where}: {section}.{key}: needed by {section}.source "
+                                  f"{source}")
+            if key not in need and given:
+                raise ConfigError(f"{where}: {section}.{key}: set, but {section}.source is "
+                                  f"{source}; set it to null (or change {section}.source)")
+    if m.uri is not None and not MODEL_URI.fullmatch(m.uri):
+        raise ConfigError(f"{where}: model.uri: expected models:/<name>@<alias>, "
+                          f"models:/<name>/<version> or runs:/<run id>/<path>, got {m.uri!r}")
+    for key, spec in (("model.factory", m.factory), ("data.function", d.function)):
+        if spec is not None and not IMPORT_SPEC.fullmatch(spec):
+            raise ConfigError(f"{where}: {key}: expected package.module:function, got {spec!r}")
+    if m.source != "zoo":
+        if m.activation_threshold > 0:
+            raise ConfigError(f"{where}: model.activation_threshold: thresholds a zoo model "
+                              f"that pretrain trains; with model.source {m.source} set it to 0")
+        if cfg.variants:
+            raise ConfigError(f"{where}: variants: are trained from scratch, for model.source "
+                              f"zoo only; with model.source {m.source} set variants: []")
+    if (d.mean is None) != (d.std is None) or (d.mean is not None and len(d.mean) != len(d.std)):
+        raise ConfigError(f"{where}: data.mean and data.std: both null, or lists of one value "
+                          f"per channel, got {d.mean} and {d.std}")
+    if d.std is not None and not all(v > 0 for v in d.std):
+        raise ConfigError(f"{where}: data.std: every value must be > 0, got {d.std}")
+    if len(set(cfg.hardware.exclude_layers)) != len(cfg.hardware.exclude_layers):
+        raise ConfigError(f"{where}: hardware.exclude_layers: a name listed twice in "
+                          f"{cfg.hardware.exclude_layers}")
+
+
 # --------------------------------------------------------------------------- overrides
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -555,6 +615,7 @@ def from_dict(raw: dict[str, Any], root: Path = Path("."), where: str = DEFAULT_
     cfg = _build(Config, raw, "", where)
     cfg = dataclasses.replace(cfg, root=Path(root).resolve(), source=where)
     _cross_checks(cfg, where)
+    _source_checks(cfg, where)
     return cfg
 
 
