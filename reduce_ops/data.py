@@ -35,13 +35,16 @@ _TORCHVISION_LAYOUT = {
 
 @dataclass(frozen=True)
 class RawDataset:
-    """Images as uint8 [N, C, H, W] with int64 labels; `test` set when the source has one."""
+    """Images as uint8 [N, C, H, W] with int64 labels; `test` (and `val`) set when the source
+    has them."""
 
     x: np.ndarray
     y: np.ndarray
     classes: list[str]
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- sources
@@ -78,8 +81,19 @@ def _load_torchvision(source: str, raw: Path, download: bool) -> RawDataset:
     except ImportError as exc:
         raise DataError(f"data.source {source} needs torchvision, which failed to import: "
                         f"{exc}") from None
-    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
-           "cifar10": datasets.CIFAR10}[source]
+    if source == "cifar10":
+        from reduce_ops import readers
+
+        folder = raw / readers.CIFAR10_FOLDER
+        if download and not all((folder / f).is_file() for f in readers.CIFAR10_FILES):
+            try:
+                datasets.CIFAR10(root=str(raw), train=True, download=True)
+            except (RuntimeError, OSError) as exc:
+                raise DataError(f"dataset 'cifar10': download failed ({exc})") from None
+        if not all((folder / f).is_file() for f in readers.CIFAR10_FILES):
+            raise DataError(_missing_message(source, raw))
+        return readers.load_cifar10(folder)        # read as is: no md5 of the archive's files
+    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[source]
     try:
         train = cls(root=str(raw), train=True, download=download)
         test = cls(root=str(raw), train=False, download=download)
@@ -126,8 +140,16 @@ def _load_imagefolder(raw: Path, cfg: DataConfig) -> RawDataset:
     return RawDataset(np.stack(xs), np.asarray(ys, dtype=np.int64), classes)
 
 
-def load_source(cfg: DataConfig, raw: Path) -> RawDataset:
-    """Read the configured dataset source into memory."""
+def load_source(cfg: DataConfig, raw: Path, root: Path | None = None,
+                code: Path | None = None) -> RawDataset:
+    """Read the configured dataset source into memory (data.path is relative to `root`, the
+    project folder; data.function is imported with `code`, paths.code, on sys.path)."""
+    if cfg.source in ("npz", "function"):
+        from reduce_ops import readers
+
+        if cfg.source == "npz":
+            return readers.load_npz((root if root is not None else raw.parent) / cfg.path)
+        return readers.load_function(cfg.function, code)
     if cfg.source == "mnist5k":
         return _load_mnist5k()
     if cfg.source == "digits":
@@ -144,7 +166,16 @@ def split_dataset(ds: RawDataset, cfg: DataConfig) -> dict[str, tuple[np.ndarray
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(ds.y))
-    if ds.x_test is not None:
+    if ds.x_val is not None:                      # the source's own validation split
+        if ds.x_test is not None:
+            parts = {"train": (ds.x, ds.y), "val": (ds.x_val, ds.y_val),
+                     "test": (ds.x_test, ds.y_test)}
+        else:
+            train_idx, test_idx = train_test_split(idx, test_size=cfg.test_fraction,
+                                                   random_state=cfg.seed, stratify=ds.y)
+            parts = {"train": (ds.x[train_idx], ds.y[train_idx]), "val": (ds.x_val, ds.y_val),
+                     "test": (ds.x[test_idx], ds.y[test_idx])}
+    elif ds.x_test is not None:
         train_idx, val_idx = train_test_split(idx, test_size=cfg.val_fraction,
                                               random_state=cfg.seed, stratify=ds.y)
         parts = {"train": (ds.x[train_idx], ds.y[train_idx]), "val": (ds.x[val_idx], ds.y[val_idx]),
@@ -173,6 +204,12 @@ def build_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[s
     """meta.json: source, shapes, classes, split sizes, per-channel stats and content hashes."""
     x_train = splits["train"][0].astype(np.float64) / 255.0           # [N, C, H, W]
     hashes = {k: _sha256(x, y) for k, (x, y) in splits.items()}
+    if cfg.mean is not None and len(cfg.mean) != x_train.shape[1]:
+        raise DataError(f"data.mean: {len(cfg.mean)} values for images with "
+                        f"{x_train.shape[1]} channels")
+    mean = cfg.mean if cfg.mean is not None else x_train.mean(axis=(0, 2, 3)).tolist()
+    std = cfg.std if cfg.std is not None else \
+        np.maximum(x_train.std(axis=(0, 2, 3)), 1e-6).tolist()
     return {
         "source": cfg.source,
         "input_shape": list(splits["train"][0].shape[1:]),
@@ -181,8 +218,8 @@ def build_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[s
         "split_sizes": {k: int(len(y)) for k, (_, y) in splits.items()},
         "class_counts": {k: np.bincount(y, minlength=len(classes)).tolist()
                          for k, (_, y) in splits.items()},
-        "mean": x_train.mean(axis=(0, 2, 3)).tolist(),
-        "std": np.maximum(x_train.std(axis=(0, 2, 3)), 1e-6).tolist(),
+        "mean": [float(v) for v in mean],       # data.mean / data.std, or the train split's
+        "std": [float(v) for v in std],
         "split_seed": cfg.seed,
         "hashes": hashes,
         "dataset_hash": hashlib.sha256("".join(hashes[k] for k in SPLITS).encode()).hexdigest(),
@@ -199,9 +236,10 @@ def write_prepared(splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def prepare(cfg: DataConfig, raw: Path, out_dir: Path) -> dict[str, Any]:
+def prepare(cfg: DataConfig, raw: Path, out_dir: Path, root: Path | None = None,
+            code: Path | None = None) -> dict[str, Any]:
     """The `prepare` stage: read the source, split it, write data/prepared; returns meta."""
-    ds = load_source(cfg, raw)
+    ds = load_source(cfg, raw, root, code)
     splits = split_dataset(ds, cfg)
     meta = build_meta(splits, ds.classes, cfg)
     write_prepared(splits, meta, out_dir)
