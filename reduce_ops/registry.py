@@ -90,7 +90,7 @@ def load_chip_model(chip_id: str, tracking_uri: str | None = None,
     version = champion(uri, chip_id, prefix)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_run_artifact(uri, version.run_id, CHIP_MODEL_FILE, Path(tmp))
-        model, _ = load_checkpoint(path)
+        model, _ = load_checkpoint(path, tracking_uri=uri)   # a user's MLflow model: here
     return model
 
 

@@ -94,7 +94,8 @@ def run(cfg: Config) -> dict[str, Any]:
               if cfg.group.enabled else [])
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
-    baseline, _ = load_checkpoint(cfg.path("baseline"), device)
+    baseline, _ = load_checkpoint(cfg.path("baseline"), device,
+                                   cfg.hardware.exclude_layers)
     out_dir = cfg.path("results") / "compare"
     with stage_run(cfg.root, "compare", cfg.tracking.experiment,
                    provenance.dataset_ref(cfg)) as stage:
