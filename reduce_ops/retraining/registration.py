@@ -24,6 +24,7 @@ from reduce_ops.names import (
     VAL_ACCURACY,
     registered_name,
 )
+from reduce_ops.models import Preprocess
 from reduce_ops.records.chips import ChipOutcome, from_version, version_tags
 from reduce_ops.retraining.units import ChipJob, Unit
 from reduce_ops.retraining.worker import Trained, miss_reason
@@ -48,7 +49,8 @@ class RegistryContext:
     dataset_hash: str
     prefix: str                           # registry.prefix
     arch: dict[str, Any]                  # build_model arguments, saved in chip_model.pt
-    input_example: np.ndarray             # [2, C, H, W] float32 test images (pt2 tracing)
+    input_example: np.ndarray             # [2, C, H, W] uint8 raw test images (pt2 tracing)
+    preprocess: Preprocess                # what the served model does to them inside
     warn: Callable[[str], None] = print
 
 
@@ -135,7 +137,8 @@ def _unit_run(stage: StageRun, unit: Unit, t: Trained, ctx: RegistryContext
                     "run_id": child.run_id}
             save_checkpoint(t.model, ctx.arch, info, path)
             child.log_artifact(path)
-        logged = child.log_pytorch_model(t.model, ctx.input_example, _pip_requirements())
+        logged = child.log_pytorch_model(ctx.preprocess.wrap(t.model), ctx.input_example,
+                                         _pip_requirements())
         child.log_metrics({"log_model_seconds": logged.seconds})
         child.set_tags({names.TAG_SERIALIZATION: logged.serialization_format,
                         **({names.TAG_PT2_FALLBACK: logged.fallback_reason}
@@ -180,7 +183,8 @@ def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str
     outcome.model_version = register_model_version(
         stage, name, logged, run_id, version_tags(outcome, context),
         CHAMPION if t.check.passed else None, model_tags=model_tags,
-        description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): {how}.")
+        description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): {how}. "
+                    f"{ctx.preprocess.describe()}")
     outcome.champion_version = outcome.model_version if t.check.passed else ""
     if not t.check.passed:
         _withdraw(stage, name, reason)
