@@ -12,9 +12,12 @@ from typing import Any
 
 # Every stage, in pipeline order, with the one line `reduce-ops --help` shows for it.
 STAGES: dict[str, str] = {
+    "source": "record what the model and data sources are now (for DVC: a new version re-runs "
+              "what follows)",
     "prepare": "read the dataset, write the seeded stratified split",
     "faultmaps": "generate the fleet's fault maps, or `faultmaps import DIR`",
-    "pretrain": "train the baseline model to convergence",
+    "pretrain": "train the baseline model to convergence (or measure the one model.source "
+                "gives)",
     "resilience": "measure accuracy after k epochs of FAT at each fault rate",
     "plan": "plan each chip's retraining from the logged resilience",
     "group": "eFAT: fuse chips' fault maps where one retraining can serve several",
