@@ -73,7 +73,7 @@ def leave_off_array(model: nn.Module, names: Iterable[str],
     for name in names:
         if name not in modules or name == "":
             layers = [n for n, m in modules.items() if n and _own_weight(m) is not None]
-            close = difflib.get_close_matches(name, layers, n=1)
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{key}: no layer {name!r} in the model{hint}; its layers with "
                               f"weights: {', '.join(layers[:30]) or 'none'}")
