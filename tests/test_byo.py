@@ -577,3 +577,27 @@ def test_function_and_npz_sources_keep_their_splits(tmp_path: Path) -> None:
         "train": 20, "val": 5, "test": 5}
     with np.load(cfg.path("prepared") / "dataset.npz") as npz:
         assert np.array_equal(npz["x_val"], x[20:25].transpose(0, 3, 1, 2))
+
+
+def test_source_records_change_with_the_weights_and_arrays_only(tmp_path: Path) -> None:
+    """What DVC sees: the same files give the same records (nothing re-runs), new weights or
+    new arrays change the one record that `pretrain` or `prepare` depends on."""
+    from reduce_ops import sources
+
+    pkg = tmp_path / "code" / "byo_src_net"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from torch import nn\ndef build():\n"
+                                     "    return nn.Linear(4, 2)\n")
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "w.pt")
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((4, 2, 2), np.uint8), y_train=np.arange(4))
+    cfg = from_dict(tiny_params(["paths.code=code", "model.source=python",
+                                 "model.factory=byo_src_net:build", "model.weights=w.pt",
+                                 "data.source=npz", "data.path=d.npz"]), root=tmp_path)
+    first = sources.fingerprints(cfg)
+    assert sources.fingerprints(cfg) == first
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "w.pt")          # new weights
+    second = sources.fingerprints(cfg)
+    assert second[sources.MODEL_FILE] != first[sources.MODEL_FILE]
+    assert second[sources.DATA_FILE] == first[sources.DATA_FILE]
+    np.savez(tmp_path / "d.npz", x_train=np.ones((4, 2, 2), np.uint8), y_train=np.arange(4))
+    assert sources.fingerprints(cfg)[sources.DATA_FILE] != first[sources.DATA_FILE]

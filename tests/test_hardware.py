@@ -145,6 +145,17 @@ def test_depthwise_mask_by_hand_gives_each_channel_its_own_rows():
     assert not torch.equal(layer_keep_mask(layer.weight.shape, faulty), expected)
 
 
+def test_stuck_bits_of_a_depthwise_conv_sit_where_its_mask_does() -> None:
+    from reduce_ops.hardware.bitfaults import pe_stuck_map
+
+    faulty = uniform_fault_map(ArrayGeometry(8, 4), 0.3, seed=2)
+    stuck = pe_stuck_map(faulty, torch.Generator().manual_seed(0), n_bits=2)
+    layer = nn.Conv2d(6, 6, 3, groups=6)
+    bits = stuck.stuck_bits(layer)["weight"]
+    keep = build_masks(layer, faulty)["weight"]
+    assert torch.equal((bits.and_mask != 255) | (bits.or_mask != 0), ~keep)
+
+
 def test_excluded_layers_are_off_the_array_and_listed_once() -> None:
     from reduce_ops.errors import ConfigError
     from reduce_ops.hardware import leave_off_array, unmapped_layers
