@@ -148,7 +148,7 @@ def load_source(cfg: DataConfig, raw: Path, root: Path | None = None,
         from reduce_ops import readers
 
         if cfg.source == "npz":
-            return readers.load_npz((root if root is not None else raw.parent) / cfg.path)
+            return readers.load_npz(Path(cfg.path) if root is None else root / cfg.path)
         return readers.load_function(cfg.function, code)
     if cfg.source == "mnist5k":
         return _load_mnist5k()
