@@ -61,10 +61,83 @@ def write_csv(df: Any, path: Path | str) -> Path:
     return write_file(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
+MARKER = ".reduce-ops-output"      # in every folder atomic_dir writes: which writer owns it
+_RENAME_EXCHANGE = 2                 # renameat2 flag: swap two paths in one step (Linux)
+_AT_FDCWD = -100
+
+
+def owner_of(folder: Path) -> str | None:
+    """The writer kind that `folder`'s marker names, or None when it has no marker."""
+    try:
+        return (Path(folder) / MARKER).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def check_replaceable(out_dir: Path, kind: str,
+                      legacy: Callable[[Path], bool] | None = None) -> None:
+    """Refuse (one ReduceOpsError line) to replace `out_dir` unless it is absent, empty, or a
+    folder this writer kind made: its marker names `kind`, or (written before markers existed)
+    `legacy(out_dir)` recognises every file in it as this writer's own."""
+    from reduce_ops.errors import ReduceOpsError
+
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise ReduceOpsError(f"{out_dir}: exists and is not a folder; reduce-ops {kind} writes "
+                             f"a folder there: move the file away or choose another path")
+    owner = owner_of(out_dir)
+    if owner == kind:
+        return
+    if owner is not None:
+        raise ReduceOpsError(f"{out_dir}: holds the output of reduce-ops {owner}, not {kind}; "
+                             f"give each its own path")
+    try:
+        empty = not any(out_dir.iterdir())
+    except OSError as exc:
+        raise ReduceOpsError(f"{out_dir}: cannot read the folder ({exc.strerror})") from None
+    if empty or (legacy is not None and legacy(out_dir)):
+        return
+    raise ReduceOpsError(f"{out_dir}: a folder that reduce-ops {kind} did not write (no "
+                         f"{MARKER} in it) and that is not empty; it would be replaced: move "
+                         f"it away or choose another path")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths a and b in one atomic step (renameat2 RENAME_EXCHANGE); False where the
+    system or filesystem cannot."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def replace_dir(new_dir: Path, out_dir: Path) -> None:
-    """Move new_dir to out_dir; an old out_dir is moved aside first and restored on failure."""
-    if not out_dir.exists():
+    """Move new_dir to out_dir. An old out_dir is swapped with new_dir in one step where the
+    system allows (a reader, or a kill at any moment, sees the old folder or the new one),
+    else moved aside first and restored on failure; then removed."""
+    if not out_dir.exists() and not out_dir.is_symlink():
         os.replace(new_dir, out_dir)
+        return
+    if _exchange(new_dir, out_dir):
+        _remove(new_dir)                     # now holds the old folder
         return
     old_dir = temp_sibling(out_dir, "old")
     os.replace(out_dir, old_dir)
@@ -73,19 +146,66 @@ def replace_dir(new_dir: Path, out_dir: Path) -> None:
     except BaseException:
         os.replace(old_dir, out_dir)
         raise
-    shutil.rmtree(old_dir, ignore_errors=True)
+    _remove(old_dir)
+
+
+def _sweep(out_dir: Path) -> None:
+    """Remove temporary siblings of out_dir left by writers that were killed (their process
+    is gone): `.NAME.tmp-PID-...` and `.NAME.old-PID-...`."""
+    prefix = f".{out_dir.name}."
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        tag, _, rest = entry.name[len(prefix):].partition("-")
+        pid = rest.split("-", 1)[0]
+        if tag in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            _remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
-def atomic_dir(out_dir: Path | str) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces `out_dir`, on error it is removed."""
+def atomic_dir(out_dir: Path | str, kind: str,
+               legacy: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder (holding only the marker that says `kind` wrote it); on
+    success it replaces `out_dir`, on error it is removed. An existing `out_dir` is replaced
+    only when this writer made it (see check_replaceable): nothing else is ever deleted."""
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, kind, legacy)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(out_dir)
     tmp = temp_sibling(out_dir)
     tmp.mkdir()          # default permissions (mkdtemp would make it readable by the owner only)
     try:
+        (tmp / MARKER).write_text(f"{kind}\n")
         yield tmp
+        check_replaceable(out_dir, kind, legacy)    # still ours (nothing appeared meanwhile)
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def only_files(*patterns: str) -> Callable[[Path], bool]:
+    """A `legacy` test for atomic_dir: every entry of the folder is a plain file whose name
+    matches one of the glob `patterns` (an output written before folders were marked)."""
+    from fnmatch import fnmatchcase
+
+    def test(folder: Path) -> bool:
+        entries = list(folder.iterdir())
+        return all(e.is_file() and not e.is_symlink()
+                   and any(fnmatchcase(e.name, p) for p in patterns) for e in entries)
+
+    return test

@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from reduce_ops.atomic import atomic_dir
+from reduce_ops.atomic import atomic_dir, check_replaceable, only_files
 from reduce_ops.config import DataConfig
 from reduce_ops.errors import DataError
 
 SPLITS = ("train", "val", "test")
 ARRAYS_FILE = "dataset.npz"
 META_FILE = "meta.json"
+_LEGACY_PREPARED = only_files(ARRAYS_FILE, META_FILE)   # a split written before folders had markers
 
 # Files torchvision's readers look for under paths.raw, and where to get them.
 _TORCHVISION_LAYOUT = {
@@ -192,7 +193,7 @@ def build_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[s
 def write_prepared(splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[str, Any],
                    out_dir: Path) -> None:
     """Write arrays + meta.json into a temporary sibling folder, then swap it in."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "prepare", _LEGACY_PREPARED) as tmp:
         arrays = {f"{kind}_{name}": arr for name, (x, y) in splits.items()
                   for kind, arr in (("x", x), ("y", y))}
         np.savez(tmp / ARRAYS_FILE, **arrays)
@@ -201,6 +202,7 @@ def write_prepared(splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict[
 
 def prepare(cfg: DataConfig, raw: Path, out_dir: Path) -> dict[str, Any]:
     """The `prepare` stage: read the source, split it, write data/prepared; returns meta."""
+    check_replaceable(out_dir, "prepare", _LEGACY_PREPARED)    # before reading the source
     ds = load_source(cfg, raw)
     splits = split_dataset(ds, cfg)
     meta = build_meta(splits, ds.classes, cfg)

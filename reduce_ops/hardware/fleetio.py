@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from reduce_ops.atomic import atomic_dir
+from reduce_ops.atomic import atomic_dir, only_files
 from reduce_ops.errors import FaultMapError
 from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
 from reduce_ops.hardware.geometry import ArrayGeometry
@@ -66,7 +66,7 @@ def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike,
     if out_dir.exists() and not out_dir.is_dir():
         raise FaultMapError(f"{out_dir}: exists and is not a directory")
 
-    with atomic_dir(out_dir) as tmp_dir:
+    with atomic_dir(out_dir, "faultmaps", _legacy_fleet) as tmp_dir:
         with open(tmp_dir / MANIFEST, "w", newline="", encoding="utf-8") as manifest:
             writer = csv.writer(manifest)
             writer.writerow(MANIFEST_COLUMNS)
@@ -84,6 +84,11 @@ def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike,
         if also is not None:
             also(tmp_dir)
     return out_dir
+
+
+def _legacy_fleet(folder: Path) -> bool:
+    """A fleet written before output folders were marked: fleet.csv and the maps beside it."""
+    return (folder / MANIFEST).is_file() and only_files(MANIFEST, "*.npy", "*.stuck.npz")(folder)
 
 
 def load_fleet(fleet_dir: str | os.PathLike, geometry: ArrayGeometry) -> list[FaultMap]:

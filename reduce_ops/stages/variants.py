@@ -37,7 +37,9 @@ def run(cfg: Config) -> dict[str, Any]:
     rows = []
     with stage_run(cfg.root, "variants", cfg.tracking.experiment,
                    provenance.dataset_ref(cfg)) as stage, \
-            atomic.atomic_dir(cfg.path("variants")) as models_dir:
+            atomic.atomic_dir(cfg.path("variants"), "variants",
+                              atomic.only_files(*(f"{v.name}.pt" for v in cfg.variants))
+                              ) as models_dir:
         stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("model", "train", "flatness")}))
         stage.log_params({"dataset_hash": data.dataset_hash, "device": str(device),
                           "variants": [v.name for v in cfg.variants]})
