@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from reduce_ops import names
-from reduce_ops.errors import TrackingError
+from reduce_ops.errors import ReduceOpsError, TrackingError
 from reduce_ops.names import CHAMPION, CHIP_MODEL_FILE, REJECTED, registered_name
 from reduce_ops.tracking.registry import (
     ModelVersionInfo,
@@ -41,6 +41,9 @@ def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
 def champion(uri: str, chip_id: str, prefix: str | None = None) -> ModelVersionInfo:
     """The chip's champion version, or one TrackingError line saying why there is none (no
     version met the constraint, the plan rejected the chip, or an unknown id: close matches)."""
+    problem = names.safe_name_problem(chip_id)
+    if problem:                      # it goes into registry searches: a safe name or nothing
+        raise TrackingError(f"chip id: {problem}")
     name = _model_name(uri, chip_id, prefix)
     if name is not None:
         found = model_version_by_alias(uri, name, CHAMPION)
@@ -95,15 +98,29 @@ def load_chip_model(chip_id: str, tracking_uri: str | None = None,
 
 
 def download_champion(uri: str, version: ModelVersionInfo, out: Path) -> Path:
-    """The champion's MLflow model folder (out/model) and chip_model.pt (out/) downloaded."""
-    import shutil
+    """The champion's MLflow model folder (out/model) and chip_model.pt (out/) downloaded. What
+    is there already is replaced only when an earlier fetch put it there (out/model carries
+    the marker): a user's own folder or file is never overwritten."""
+    from reduce_ops import atomic
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:   # same disk: the moves are renames
-        model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE,
-                                                          Path(tmp))
-        for src, dst in ((model_dir, out / "model"), (ckpt, out / CHIP_MODEL_FILE)):
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            src.replace(dst)
+    model_dst, ckpt_dst = out / "model", out / CHIP_MODEL_FILE
+    if out.exists() and not out.is_dir():
+        raise ReduceOpsError(f"{out}: exists and is not a folder; give --out a folder")
+    atomic.check_replaceable(model_dst, "fetch")
+    if ((ckpt_dst.exists() or ckpt_dst.is_symlink())
+            and atomic.owner_of(model_dst) != "fetch"):
+        raise ReduceOpsError(f"{ckpt_dst}: exists and was not fetched by reduce-ops; it would "
+                             f"be overwritten: move it away or give --out another folder")
+    if ckpt_dst.is_dir():
+        raise ReduceOpsError(f"{ckpt_dst}: is a folder; move it away or give --out another "
+                             f"folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReduceOpsError(f"{out}: cannot create the folder ({exc.strerror})") from None
+    with tempfile.TemporaryDirectory(dir=out, prefix=".fetch-") as tmp:   # same disk: renames
+        model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE, Path(tmp))
+        (model_dir / atomic.MARKER).write_text("fetch\n")
+        atomic.replace_dir(model_dir, model_dst)
+        os.replace(ckpt, ckpt_dst)
     return out

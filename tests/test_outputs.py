@@ -231,3 +231,96 @@ def test_a_params_file_that_is_not_utf8_is_one_line(project: Path,
     params.write_bytes(params.read_text().encode("utf-16"))
     assert main(["faultmaps", "--params", str(params)]) == 2
     _one_line_error(capsys, "not UTF-8")
+
+
+# --------------------------------------------------------------------------- records as sets
+
+def _plan_parts(epochs: float):
+    import pandas as pd
+
+    from reduce_ops.records import plan as plan_record
+    from reduce_ops.shipping import ShippingRule
+
+    chips = pd.DataFrame({"chip_id": ["a", "b"], "fault_rate": [0.1, 0.2],
+                          "needed": [epochs, epochs], "planned_epochs": [epochs, epochs],
+                          "feasible": [True, True], "reason": ["", ""]})
+    points = pd.DataFrame({"fault_rate": [0.1, 0.2], "needed": [epochs, epochs]})
+    summary = plan_record.PlanSummary(f"run-{epochs:g}", "res", ShippingRule(0.9, 0.9, 0.0, 0.25,
+                                                                             1.0),
+                                      "mean", "b", "d", {"total_planned_epochs": 2 * epochs})
+    return chips, points, summary
+
+
+def test_a_plan_interrupted_while_drawing_leaves_the_old_plan_whole(tmp_path: Path) -> None:
+    """Ctrl-C (or a full disk) while the figure is drawn: every file is still the old plan's."""
+    from reduce_ops.records import plan as plan_record
+
+    out = tmp_path / "results/plan"
+    plan_record.write(out, *_plan_parts(0.5), draw=lambda p: p.write_bytes(b"old figure"))
+    before = _tree(out)
+
+    def interrupted(path: Path) -> None:
+        path.write_bytes(b"half a figure")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        plan_record.write(out, *_plan_parts(0.75), draw=interrupted)
+    assert _tree(out) == before
+    assert plan_record.read(out).run_id == "run-0.5"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["plan"]
+
+
+def test_a_mixed_plan_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """plan.csv of one plan beside the summary of another (a copy, an older writer): the
+    reader says so instead of handing on rows under the wrong run id."""
+    from reduce_ops.errors import DataError
+    from reduce_ops.records import plan as plan_record
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    plan_record.write(old, *_plan_parts(0.5))
+    plan_record.write(new, *_plan_parts(0.75))
+    (old / "plan.csv").write_bytes((new / "plan.csv").read_bytes())
+    with pytest.raises(DataError, match=r"plan\.csv: not the file summary\.json was written "
+                                        r"with.*reduce-ops plan"):
+        plan_record.read(old)
+    (new / "curve_points.csv").unlink()
+    with pytest.raises(DataError, match="no plan"):
+        plan_record.read(new)
+
+
+def test_mixed_or_broken_groups_record_is_one_line(tmp_path: Path) -> None:
+    """groups.csv of another run, a summary.json that is not JSON or not a mapping, chips that
+    are not in the fleet: one DataError line each, naming the file."""
+    import pandas as pd
+
+    from reduce_ops.errors import DataError
+    from reduce_ops.hardware import FaultMap
+    from reduce_ops.records import groups as groups_record
+    from reduce_ops.records import plan as plan_record
+
+    chips, points, summary = _plan_parts(0.5)
+    plan = plan_record.Plan(chips, points, summary)
+    fleet = [FaultMap("a", np.zeros((4, 4), bool)), FaultMap("b", np.zeros((4, 4), bool))]
+
+    def table(members: list[str]) -> pd.DataFrame:
+        return pd.DataFrame([(f"alone-{m}", m, 1, 0.0, 0.0, 0.5, 0.5, 0.0) for m in members],
+                            columns=groups_record.GROUP_COLUMNS)
+
+    out = tmp_path / "group"
+    groups_record.write(out, table(["a", "b"]), {"plan_run_id": plan.run_id})
+    assert len(groups_record.read(out, plan, fleet)) == 2
+    other = tmp_path / "other"
+    groups_record.write(other, table(["a", "b", "c"]), {"plan_run_id": plan.run_id})
+    (out / "groups.csv").write_bytes((other / "groups.csv").read_bytes())
+    with pytest.raises(DataError, match=r"groups\.csv: not the file"):
+        groups_record.read(out, plan, fleet)
+    for text in ("{not json", "[1, 2]"):
+        (out / "summary.json").write_text(text)
+        with pytest.raises(DataError, match=r"summary\.json: (unreadable|not a groups)"):
+            groups_record.read(out, plan, fleet)
+    # a record made for a fleet with more chips, plan included (no digests: an older writer)
+    (other / "summary.json").write_text('{"plan_run_id": "run-0.5"}')
+    plan3 = plan_record.Plan(pd.concat([chips, chips.iloc[:1].assign(chip_id="c")]), points,
+                             summary)
+    with pytest.raises(DataError, match=r"chips not in the fleet \(c\)"):
+        groups_record.read(other, plan3, fleet)

@@ -18,11 +18,13 @@ from reduce_ops import atomic, provenance
 from reduce_ops.config import Config
 from reduce_ops.errors import DataError, ReduceOpsError
 from reduce_ops.hardware import FaultMap
+from reduce_ops.records import sets
 from reduce_ops.shipping import ShippingRule
 
 PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
 PLAN_FILE, POINTS_FILE, SUMMARY_FILE, FIGURE_FILE = ("plan.csv", "curve_points.csv",
                                                      "summary.json", "plan_curve.png")
+_FILES = (PLAN_FILE, POINTS_FILE, SUMMARY_FILE, FIGURE_FILE)
 RATE_TOL = 1e-9             # plan vs fleet fault rates: the same float, up to repr
 # the rule's fields as the summary spells them (the names every earlier summary used)
 _RULE_KEYS = {"decision_level": "decision_level", "constraint_level": "constraint_level",
@@ -73,18 +75,20 @@ class Plan:
 
 def write(out_dir: Path, chips: pd.DataFrame, points: pd.DataFrame, summary: PlanSummary,
           draw: Any = None) -> dict[str, Any]:
-    """plan.csv, curve_points.csv, the figure (`draw(path)`, optional) and summary.json; the
-    summary last, so a plan whose summary is there is complete. Returns the summary as
-    written."""
+    """plan.csv, curve_points.csv, the figure (`draw(path)`, optional) and summary.json (with
+    the other files' sha256), all of them replacing the old plan at once: an interrupted
+    write leaves the old plan whole. Returns the summary as written."""
     missing = [c for c in PLAN_COLUMNS if c not in chips.columns]
     if missing:
         raise ValueError(f"plan rows lack {missing}")
-    atomic.write_csv(chips[PLAN_COLUMNS], out_dir / PLAN_FILE)
-    atomic.write_csv(points, out_dir / POINTS_FILE)
-    if draw is not None:
-        draw(out_dir / FIGURE_FILE)
-    written = summary.to_dict()
-    atomic.write_json(out_dir / SUMMARY_FILE, written)
+    with sets.record_dir(out_dir, "plan", *_FILES) as tmp:
+        atomic.write_csv(chips[PLAN_COLUMNS], tmp / PLAN_FILE)
+        atomic.write_csv(points, tmp / POINTS_FILE)
+        if draw is not None:
+            draw(tmp / FIGURE_FILE)
+        written = {**summary.to_dict(),
+                   sets.FILES_KEY: sets.digests(tmp, PLAN_FILE, POINTS_FILE, FIGURE_FILE)}
+        atomic.write_json(tmp / SUMMARY_FILE, written)
     return written
 
 
@@ -100,6 +104,7 @@ def read(plan_dir: Path) -> Plan:
                             keep_default_na=False, na_values=[""])
         points = pd.read_csv(points_path)
         d = json.loads(summary_path.read_text())
+        sets.check(plan_dir, d, SUMMARY_FILE, "plan")
         summary = PlanSummary(str(d["run_id"]), str(d.get("resilience_run_id", "")),
                               ShippingRule.from_dict({f: d[k] for f, k in _RULE_KEYS.items()
                                                       if k in d}, str(summary_path)),
@@ -121,7 +126,7 @@ def read(plan_dir: Path) -> Plan:
 
 
 _SUMMARY_FIELDS = {"run_id", "resilience_run_id", "statistic", "baseline_hash", "dataset_hash",
-                   *_RULE_KEYS.values()}
+                   sets.FILES_KEY, *_RULE_KEYS.values()}
 
 
 @dataclass(frozen=True)

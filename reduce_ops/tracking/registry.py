@@ -164,6 +164,13 @@ def registered_model_tags(uri: str, key: str) -> dict[str, str]:
             return found
 
 
+def _quiet_downloads() -> None:
+    """No per-file progress bars on stderr (a user's own setting wins)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def download_model_version(uri: str, version: ModelVersionInfo, artifact: str,
                            dst: Path) -> tuple[Path, Path]:
     """Download a version's model directory (to dst/model) and one artifact of its run (to dst).
@@ -173,6 +180,7 @@ def download_model_version(uri: str, version: ModelVersionInfo, artifact: str,
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
+    _quiet_downloads()
     dst.mkdir(parents=True, exist_ok=True)
     model_dir = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{version.name}/{version.version}",
@@ -186,6 +194,7 @@ def download_run_artifact(uri: str, run_id: str, artifact: str, dst: Path) -> Pa
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    _quiet_downloads()
     dst.mkdir(parents=True, exist_ok=True)
     try:
         return Path(MlflowClient(uri).download_artifacts(run_id, artifact, str(dst)))
