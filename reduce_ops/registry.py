@@ -50,6 +50,9 @@ def champion(uri: str, chip_id: str, prefix: str | None = None) -> ModelVersionI
         if found is not None:
             return found
         tags = registered_model_tags_of(uri, name)
+        if tags.get(names.MTAG_STATUS) == names.RETIRED:
+            raise TrackingError(f"chip {chip_id!r} has no champion: it is retired "
+                                f"({tags.get(names.MTAG_REASON) or 'not in the fleet'})")
         if tags.get(names.MTAG_STATUS) == REJECTED:
             raise TrackingError(f"chip {chip_id!r} has no champion: the current plan rejected "
                                 f"it ({tags.get(names.MTAG_REASON) or 'no reason recorded'})")

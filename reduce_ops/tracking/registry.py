@@ -57,6 +57,12 @@ def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_
     return str(mv.version)
 
 
+def delete_model_version(stage: StageRun, name: str, version: str) -> None:
+    """Delete version `version` of registered model `name` (its run and files stay)."""
+    with stage._timed():
+        stage.client.delete_model_version(name, version)
+
+
 def set_alias(stage: StageRun, name: str, alias: str, version: str) -> None:
     """Point `alias` of registered model `name` at `version`."""
     with stage._timed():
