@@ -81,6 +81,8 @@ def _load_torchvision(source: str, raw: Path, download: bool) -> RawDataset:
                         f"{exc}") from None
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
            "cifar10": datasets.CIFAR10}[source]
+    import pickle
+
     try:
         train = cls(root=str(raw), train=True, download=download)
         test = cls(root=str(raw), train=False, download=download)
@@ -88,6 +90,13 @@ def _load_torchvision(source: str, raw: Path, download: bool) -> RawDataset:
         raise DataError(_missing_message(source, raw)) from None
     except OSError as exc:
         raise DataError(f"dataset '{source}' under {raw}: cannot read ({exc})") from None
+    except (AssertionError, ValueError, EOFError, IndexError, KeyError, TypeError,
+            pickle.UnpicklingError) as exc:      # what torchvision's readers raise on junk
+        folder = raw / _TORCHVISION_LAYOUT[source][0]
+        reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+        raise DataError(f"dataset '{source}': the files in {folder}/ are corrupt or not "
+                        f"{source} ({reason}); replace them with {_TORCHVISION_LAYOUT[source][2]}"
+                        ) from None
 
     def arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(ds.data)
@@ -121,9 +130,11 @@ def _load_imagefolder(raw: Path, cfg: DataConfig) -> RawDataset:
                 raise DataError(f"{f}: not a readable image") from None
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(label)
-    if len(xs) < 3 * len(classes):
-        raise DataError(f"{root}: need at least 3 images per class to split, found {len(xs)} "
-                        f"images in {len(classes)} classes")
+    if len(classes) < 2:
+        raise DataError(f"{root}: {len(classes)} class folder ({', '.join(classes)}); a "
+                        f"classifier needs images of at least 2 classes, one sub-folder each")
+    if not xs:
+        raise DataError(f"{root}: no images in the class folders")
     return RawDataset(np.stack(xs), np.asarray(ys, dtype=np.int64), classes)
 
 
@@ -140,10 +151,46 @@ def load_source(cfg: DataConfig, raw: Path) -> RawDataset:
 
 # --------------------------------------------------------------------------- split + write
 
+def _too_few(ds: RawDataset, cfg: DataConfig) -> DataError:
+    """The one line for a dataset whose stratified split cannot give every split every class:
+    the class with the fewest images, and about how many each class needs."""
+    counts = np.bincount(ds.y, minlength=len(ds.classes))
+    own_test = ds.x_test is None
+    shares = [cfg.val_fraction, 1.0 - cfg.val_fraction - (cfg.test_fraction if own_test else 0)]
+    shares += [cfg.test_fraction] if own_test else []
+    need = max(int(np.ceil(1.0 / min(shares))), len(shares))
+    i = int(np.argmin(counts))
+    return DataError(f"dataset '{cfg.source}': class {ds.classes[i]!r} has {counts[i]} "
+                     f"image(s); a stratified split with data.val_fraction "
+                     f"{cfg.val_fraction:g}" + (f" and data.test_fraction {cfg.test_fraction:g}"
+                                                if own_test else "")
+                     + f" needs about {need} or more per class, so that every split holds "
+                       f"every class")
+
+
 def split_dataset(ds: RawDataset, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Seeded, stratified train/val/test split; an official test split is kept as the test set."""
     from sklearn.model_selection import train_test_split
 
+    counts = np.bincount(ds.y, minlength=len(ds.classes))
+    empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"dataset '{cfg.source}': class {empty[0]!r} has no images"
+                        + (f" ({len(empty)} classes have none)" if len(empty) > 1 else ""))
+    if len(counts) < 2:
+        raise DataError(f"dataset '{cfg.source}': images of {len(counts)} class; a classifier "
+                        f"needs at least 2")
+    try:
+        parts = _split(ds, cfg, train_test_split)
+    except ValueError:                 # sklearn: a class too small for a stratified split
+        raise _too_few(ds, cfg) from None
+    if any(len(np.unique(y)) < len(ds.classes) for _, y in parts.values()):
+        raise _too_few(ds, cfg)
+    return parts
+
+
+def _split(ds: RawDataset, cfg: DataConfig, train_test_split: Any
+           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     idx = np.arange(len(ds.y))
     if ds.x_test is not None:
         train_idx, val_idx = train_test_split(idx, test_size=cfg.val_fraction,

@@ -1,0 +1,123 @@
+"""Bad input a new user gives (issue 24): one line naming the file or key and what is wrong, exit
+2, no traceback, nothing written; and input that looked fine but gave wrong results (one class,
+two fault rates under one trial key, a map file skipped without a word)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_project
+
+from reduce_ops.cli import main
+from reduce_ops.config import DataConfig
+from reduce_ops.data import prepare
+from reduce_ops.errors import DataError, FaultMapError
+from reduce_ops.hardware import ArrayGeometry, import_fault_maps
+from reduce_ops.records.trials import TrialSpec
+
+
+def _one_line(capsys: pytest.CaptureFixture, *words: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+def _image_folder(root: Path, counts: dict[str, int]) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, n in counts.items():
+        folder = root / "imagefolder" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+IMAGEFOLDER = DataConfig("imagefolder", False, 0.2, 0.2, 0, 8, True)
+
+
+@pytest.mark.parametrize("counts, words", [
+    ({"cat": 30}, ["1 class folder", "at least 2 classes"]),
+    ({"cat": 3, "dog": 3}, ["class 'cat' has 3 image(s)", "needs about 5"]),
+    ({"cat": 30, "dog": 0}, ["class 'dog' has no images"]),
+])
+def test_an_image_folder_that_cannot_make_a_classifier_is_one_line(
+        tmp_path: Path, counts: dict[str, int], words: list[str]) -> None:
+    """One class (validation accuracy 1.0, every chip would pass), too few images per class
+    for every split to hold every class, an empty class: refused, nothing written."""
+    raw = _image_folder(tmp_path / "raw", counts)
+    with pytest.raises(DataError) as info:
+        prepare(IMAGEFOLDER, raw, tmp_path / "prepared")
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_an_image_folder_just_large_enough_splits_with_every_class_everywhere(
+        tmp_path: Path) -> None:
+    raw = _image_folder(tmp_path / "raw", {"cat": 5, "dog": 5})
+    meta = prepare(IMAGEFOLDER, raw, tmp_path / "prepared")
+    assert all(min(c) >= 1 for c in meta["class_counts"].values()), meta["class_counts"]
+
+
+def test_junk_mnist_files_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    params = make_project(tmp_path / "project", ["data.source=mnist"])
+    raw = params.parent / "data/raw/MNIST/raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(rng.integers(0, 255, 100, dtype=np.uint8).tobytes())
+    assert main(["prepare", "--params", str(params)]) == 2
+    _one_line(capsys, str(raw), "corrupt")
+    assert not (params.parent / "data/prepared").exists()
+
+
+def test_dangling_links_and_link_loops_are_named_not_skipped(tmp_path: Path) -> None:
+    """Every file named like a map gets a line: a chip never disappears without a word."""
+    src = tmp_path / "maps"
+    src.mkdir()
+    np.save(src / "chip-a.npy", np.zeros((4, 4), bool))
+    os.symlink(tmp_path / "nowhere.npy", src / "chip-b.npy")
+    os.symlink(src / "chip-c.csv", src / "chip-c.csv")            # a loop
+    (src / "chip-d.npy").mkdir()                                  # a folder
+    with pytest.raises(FaultMapError) as info:
+        import_fault_maps(src, ArrayGeometry(4, 4))
+    text = str(info.value)
+    assert text.startswith("3 problems")
+    assert "chip-b.npy: a dangling symbolic link" in text
+    assert "chip-c.csv: a symbolic link loop" in text
+    assert "chip-d.npy: not a regular file" in text
+
+
+@pytest.mark.parametrize("cell", ["1_0", "\u0661", "+1", " 2 3", "0x1", "1.0"])
+def test_csv_coordinates_are_ascii_digits_only(tmp_path: Path, cell: str) -> None:
+    src = tmp_path / "maps"
+    src.mkdir()
+    (src / "chip-a.csv").write_text(f"row,col\n{cell},0\n", encoding="utf-8")
+    with pytest.raises(FaultMapError, match="is not an integer"):
+        import_fault_maps(src, ArrayGeometry(16, 16))
+
+
+def test_stuck_csv_cells_are_ascii_digits_only(tmp_path: Path) -> None:
+    from reduce_ops.hardware.bitfaults import read_pe_stuck_file
+
+    path = tmp_path / "chip-a.csv"
+    path.write_text("row,col,bit,value\n1_0,0,0,1\n", encoding="utf-8")
+    with pytest.raises(FaultMapError, match="is not an integer"):
+        read_pe_stuck_file(path, ArrayGeometry(16, 16))
+
+
+def test_close_fault_rates_get_their_own_trial_keys() -> None:
+    """0.10001 and 0.10004 shared the key r0.1000: trials.csv held one twice and lost the
+    other. Rates that 4 decimals hold keep their old keys (reuse of earlier trials)."""
+    keys = [TrialSpec(r, 0, 1).key for r in (0.1, 0.10001, 0.10004)]
+    assert len(set(keys)) == 3
+    assert keys[0] == "r0.1000-rep0"
+    assert TrialSpec(0.25, 3, 1).key == "r0.2500-rep3"
