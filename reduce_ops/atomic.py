@@ -149,9 +149,9 @@ def replace_dir(new_dir: Path, out_dir: Path) -> None:
     _remove(old_dir)
 
 
-def _sweep(out_dir: Path) -> None:
+def sweep(out_dir: Path, tags: tuple[str, ...] = ("tmp", "old")) -> None:
     """Remove temporary siblings of out_dir left by writers that were killed (their process
-    is gone): `.NAME.tmp-PID-...` and `.NAME.old-PID-...`."""
+    is gone): `.NAME.TAG-PID-...` for each of `tags` (temp_sibling's names)."""
     prefix = f".{out_dir.name}."
     try:
         entries = list(out_dir.parent.iterdir())
@@ -162,7 +162,7 @@ def _sweep(out_dir: Path) -> None:
             continue
         tag, _, rest = entry.name[len(prefix):].partition("-")
         pid = rest.split("-", 1)[0]
-        if tag in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if tag in tags and pid.isdigit() and not _alive(int(pid)):
             _remove(entry)
 
 
@@ -185,7 +185,7 @@ def atomic_dir(out_dir: Path | str, kind: str,
     out_dir = Path(out_dir)
     check_replaceable(out_dir, kind, legacy)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(out_dir)
+    sweep(out_dir)
     tmp = temp_sibling(out_dir)
     tmp.mkdir()          # default permissions (mkdtemp would make it readable by the owner only)
     try:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from reduce_ops.config import load_config, split_overrides
 from reduce_ops.errors import ReduceOpsError
-from reduce_ops.stages import STAGES, runner
+from reduce_ops.stages import STAGES, check_tracking, runner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> None:
     cfg = load_config(args.params, [*split_overrides(args.overrides), *args.sets])
+    check_tracking(cfg, args.stage)
     if args.stage == "faultmaps" and args.action == "import":
         from reduce_ops.stages.faultmaps import import_maps
 
@@ -83,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"reduce-ops {args.stage}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the store or the disk failing: one line too
+        from reduce_ops.tracking.store import store_failure
+
+        line = store_failure(exc)
+        if line is None or os.environ.get("REDUCE_OPS_TRACEBACK"):
+            raise                                   # a bug: shown in full
+        print(f"reduce-ops {args.stage}: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -31,6 +31,27 @@ PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "
             "variants", "robustness")
 
 
+# stages that read or write the tracking store, and whether they may create it
+TRACKED = {"pretrain": True, "resilience": True, "plan": True, "group": True, "fat": True,
+           "compare": True, "variants": True, "robustness": True, "main": True, "ui": True,
+           "fetch": False}
+
+
+def check_tracking(cfg: Any, stage: str) -> None:
+    """Before a stage does any work: one line when its tracking store cannot be used (a server
+    away fails within seconds, not after minutes of retries); a new SQLite store is created
+    here, once and whole, before anything else can open (and half-create) it."""
+    import os
+
+    from reduce_ops.tracking.store import check_store, ensure_store, tracking_uri
+
+    if stage in TRACKED:
+        uri = tracking_uri(cfg.root)
+        check_store(uri, bool(os.environ.get("MLFLOW_TRACKING_URI")), create=TRACKED[stage])
+        if TRACKED[stage]:
+            ensure_store(uri)
+
+
 def runner(stage: str) -> Callable[..., Any]:
     """The stage's `run` function (its module is imported only when it runs)."""
     return importlib.import_module(f"reduce_ops.stages.{stage}").run

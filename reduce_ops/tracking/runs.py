@@ -226,7 +226,9 @@ def get_run(uri: str, run_id: str) -> RunRecord:
 
     try:
         return _record(MlflowClient(uri).get_run(run_id))
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise                   # the store failing is not a missing run (see store_failure)
         raise TrackingError(f"MLflow run {run_id!r} not found in {uri}") from None
 
 
@@ -343,6 +345,22 @@ def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
         if params:
             child.log_params(params)
         yield child
+
+
+def end_running_children(stage: StageRun, status: str = "KILLED") -> list[str]:
+    """Child runs of `stage` still RUNNING (their process died: the logging process killed,
+    out of memory) end `status`, so that none stays RUNNING forever. Returns their ids."""
+    from mlflow.entities import ViewType
+
+    client = stage.client
+    with stage._timed():
+        running = [r.info.run_id for r in client.search_runs(
+            [stage.experiment_id], f"tags.`{names.TAG_PARENT}` = '{stage.run_id}'",
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
+            if r.info.status == "RUNNING"]
+        for run_id in running:
+            client.set_terminated(run_id, status)
+    return running
 
 
 def reap_abandoned(uri: str, tags: Mapping[str, str]) -> list[str]:

@@ -1,0 +1,188 @@
+"""The tracking store when it is away, misnamed, broken or being created (issue 24): one line
+naming MLFLOW_TRACKING_URI and a non-zero exit within seconds instead of minutes of retries; a
+store that a killed process was creating never blocks later commands; a killed logging
+process leaves no run RUNNING forever."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_project, run_killed_after
+
+from reduce_ops.cli import main
+from reduce_ops.errors import TrackingError
+from reduce_ops.tracking import store
+
+
+def _one_line(capsys: pytest.CaptureFixture, *words: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project").parent
+
+
+@pytest.mark.parametrize("argv", [["fetch", "chip-001"], ["plan"], ["resilience"], ["fat"]])
+def test_an_unreachable_server_is_one_line_naming_the_variable(
+        project: Path, argv: list[str]) -> None:
+    """In a fresh process, as a user runs it (MLflow's own retries would wait for minutes): the
+    generous timeout here only keeps a broken build from hanging the suite."""
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, "-m", "reduce_ops", *argv, "--params",
+                           str(project / "params.yaml")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"MLFLOW_TRACKING_URI={uri}" in lines[0] and "unreachable" in lines[0]
+    assert not (project / "mlflow.db").exists() and not (project / "results").exists()
+
+
+def test_a_server_that_never_answers_is_no_answer() -> None:
+    """A port that accepts connections but never replies (a hung server, a firewall that
+    swallows packets): the check gives up after its timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(TrackingError, match=r"MLFLOW_TRACKING_URI=.*no answer within 0.5 s"):
+            store.check_store(uri, from_env=True, timeout=0.5)
+    finally:
+        listener.close()
+
+
+def test_a_database_server_away_is_one_line() -> None:
+    uri = f"postgresql://user:pw@127.0.0.1:{_closed_port()}/mlflow"
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI=postgresql.*cannot connect"):
+        store.check_store(uri, from_env=True, timeout=2.0)
+
+
+@pytest.mark.parametrize("stage", ["fetch", "plan"])
+def test_sqlite_in_a_folder_that_does_not_exist_is_one_line_and_creates_nothing(
+        project: Path, tmp_path: Path, stage: str, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nonexistent/dir"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}/x.db")
+    argv = [stage, "chip-001"] if stage == "fetch" else [stage]
+    assert main([*argv, "--params", str(project / "params.yaml")]) == 2
+    _one_line(capsys, "MLFLOW_TRACKING_URI=sqlite", f"folder {missing} does not exist")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_fetch_from_a_store_that_is_not_there_creates_none(
+        project: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'typo.db'}")
+    assert main(["fetch", "chip-001", "--params", str(project / "params.yaml")]) == 2
+    _one_line(capsys, "no store there yet")
+    assert not (tmp_path / "typo.db").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a database at all\n", None])
+def test_a_garbage_or_truncated_store_is_one_line(
+        project: Path, tmp_path: Path, content: bytes | None, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "store.db"
+    if content is None:                 # a real store cut short (a copy that did not finish)
+        store.ensure_store(f"sqlite:///{tmp_path / 'whole.db'}")
+        content = (tmp_path / "whole.db").read_bytes()[:20000]
+    path.write_bytes(content)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    for argv in (["fetch", "chip-001"], ["plan"]):
+        assert main([*argv, "--params", str(project / "params.yaml")]) == 2
+        _one_line(capsys, "MLFLOW_TRACKING_URI=sqlite")
+    assert path.read_bytes() == content                         # left as it was
+
+
+@pytest.mark.parametrize("statements", [1, 40, 150, 400])
+def test_a_store_killed_while_being_created_never_blocks_later_commands(
+        project: Path, statements: int) -> None:
+    """SIGKILL after the N-th SQL statement of a new store's creation (its migrations): no
+    half-made mlflow.db is left, and the next command creates a whole one."""
+    proc = run_killed_after(project, ["plan", "--params", str(project / "params.yaml")],
+                            "sqlalchemy.engine.base", "Connection.execute", statements)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (project / "mlflow.db").exists()
+    proc = subprocess.run([sys.executable, "-m", "reduce_ops", "plan", "--params",
+                           str(project / "params.yaml")], cwd=project,
+                          env={k: v for k, v in os.environ.items()
+                               if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2          # the project has no baseline yet: that is all it says
+    assert "run `reduce-ops pretrain`" in proc.stderr and "already exists" not in proc.stderr
+    with sqlite3.connect(project / "mlflow.db") as db:                # whole: every table
+        tables = {r[0] for r in db.execute("select name from sqlite_master")}
+    assert {"runs", "experiments", "registered_models", "model_versions"} <= tables
+    assert [p.name for p in project.iterdir() if p.name.startswith(".mlflow.db")] == []
+
+
+def test_a_store_left_half_made_by_an_older_creator_is_set_aside(
+        project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store an older reduce-ops (or MLflow itself) was killed creating ('table ... already
+    exists' on every later command): with no run in it, it is renamed aside and a new one is
+    made; nothing is deleted."""
+    path = project / "half.db"
+    script = ("import os, signal, sys\n"
+              "from sqlalchemy.engine.base import Connection\n"
+              "n, run = [0], Connection.execute\n"
+              "def counted(self, *a, **k):\n"
+              "    out = run(self, *a, **k); n[0] += 1\n"
+              "    if n[0] == 150: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return out\n"
+              "Connection.execute = counted\n"
+              "from mlflow.tracking import MlflowClient\n"
+              f"MlflowClient('sqlite:///{path}').search_experiments()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    assert main(["plan", "--params", str(project / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete MLflow store" in err and "run `reduce-ops pretrain`" in err
+    assert [p for p in project.iterdir() if p.name.startswith("half.db.incomplete-")]
+
+
+def _die_in_an_open_run(stage) -> None:  # noqa: ANN001 - runs in the logging process
+    from reduce_ops.tracking.runs import model_child_run
+
+    with model_child_run(stage, "chip x", {"chip_id": "x"}):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_logging_process_is_one_error_and_no_run_stays_running(
+        tmp_path: Path) -> None:
+    from reduce_ops.tracking.logger import BackgroundTracking
+    from reduce_ops.tracking.runs import find_runs, stage_run
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    with pytest.raises(TrackingError, match="logs and registers the models died"):
+        with stage_run(tmp_path, "fat", "test") as stage:
+            queue = BackgroundTracking(stage).start()
+            try:
+                queue.submit(_die_in_an_open_run)
+                queue.drain()
+            finally:
+                queue.close()
+    runs = find_runs(uri, {"mlflow.parentRunId": stage.run_id})
+    assert [r.status for r in runs] == ["KILLED"]
+    (parent,) = find_runs(uri, {"reduce_ops.stage": "fat"})
+    assert parent.status == "FAILED"
