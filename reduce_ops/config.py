@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from reduce_ops.errors import ConfigError
 from reduce_ops.names import safe_name_problem
 
 DEFAULT_PARAMS = "params.yaml"
+MAX_SEED = 2**32 - 1       # every seed goes to numpy, torch and scikit-learn: the range they share
 # keys of earlier params files, and where their value lives now
 MOVED_KEYS = {
     "robustness.stuck_polarity": "stuck-at faults share one setting: hardware.stuck_at.polarity",
@@ -55,7 +57,7 @@ class DataConfig:
     download: bool
     val_fraction: float = _check(0.0, 0.5, lo_open=True)
     test_fraction: float = _check(0.0, 0.5, lo_open=True)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     image_size: int = _check(4, 512)      # imagefolder only: images are resized to this square
     grayscale: bool                       # imagefolder only: convert to one channel
 
@@ -82,7 +84,7 @@ class TrainConfig:
     lr: float = _check(0.0, 10.0, lo_open=True)
     momentum: float = _check(0.0, 1.0, hi_open=True)
     weight_decay: float = _check(0.0, 1.0)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     augment_shift: int = _check(0, 64)
     device: str
     sharpness: Literal["none", "sam", "saq"]     # plain steps | SAM | SAQ (int8 in the loop)
@@ -96,7 +98,7 @@ class FlatnessConfig:
     sigma: float = _check(0.0, 10.0, lo_open=True)   # noise std, relative to each |weight|
     draws: int = _check(1, 10000)
     n_images: int = _check(1)                       # training images the loss is measured on
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ class FaultMapsConfig:
     rate_distribution: Literal["uniform", "beta"]
     rate_min: float = _check(0.0, 1.0)
     rate_max: float = _check(0.0, 1.0)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     id_prefix: str
 
 
@@ -161,7 +163,7 @@ class FatConfig:
     momentum: float = _check(0.0, 1.0, hi_open=True)
     weight_decay: float = _check(0.0, 1.0)
     batch_size: int = _check(1, 65536)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ class ResilienceConfig:
     max_epochs: float = _check(0.0, 1000.0, lo_open=True)
     checkpoint_every: float = _check(0.0, 1000.0, lo_open=True)
     generator: Literal["uniform", "clustered"]
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     accuracy_levels: list[float] = _check(0.0, 1.0)
     confirm_epochs: float = _check(0.0, 1000.0)   # a trial past the grid stops this long after
                                                   # its monotone fit reached the level
@@ -235,7 +237,7 @@ class RobustnessConfig:
     bers: list[float] = _check(0.0, 1.0, nonempty=True)          # bit error rates
     fault_models: list[Literal["bit_flip", "stuck_at"]] = _check(nonempty=True)
     repetitions: int = _check(1, 1000)
-    seed: int = _check(0)                         # fault seed, apart from every other seed
+    seed: int = _check(0, MAX_SEED)                         # fault seed, apart from every other seed
 
 
 @dataclass(frozen=True)
@@ -463,7 +465,7 @@ def _cross_checks(cfg: Config, where: str) -> None:
                               if variant.name == "baseline" else "a name used twice")
             raise ConfigError(f"{where}: variants[{i}].name: {why}")
         seen.add(variant.name)
-    if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith(("cuda", "mps")):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]{1,3})?", cfg.train.device):
         raise ConfigError(f"{where}: train.device: expected auto, cpu, cuda[:N] or mps, "
                           f"got {cfg.train.device!r}")
     _check_paths(cfg, where)

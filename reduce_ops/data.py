@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,9 @@ def load_prepared(prepared_dir: Path) -> PreparedData:
         meta = json.loads(meta_path.read_text())
         with np.load(arrays_path, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
+        # the arrays are the ones meta.json describes (not another split copied beside it)
+        stale = [name for name in SPLITS
+                 if _sha256(raw[f"x_{name}"], raw[f"y_{name}"]) != meta["hashes"][name]]
         mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(meta["std"], dtype=torch.float32).view(1, -1, 1, 1)
         xs, ys = {}, {}
@@ -297,7 +301,14 @@ def load_prepared(prepared_dir: Path) -> PreparedData:
             x = torch.from_numpy(raw[f"x_{name}"]).float().div_(255.0)
             xs[name] = (x - mean) / std                     # [N, C, H, W] float32
             ys[name] = torch.from_numpy(raw[f"y_{name}"]).long()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{prepared_dir}: prepared dataset is unreadable ({exc!r}); "
-                        f"run `reduce-ops prepare` again") from None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError,
+            zipfile.BadZipFile) as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise DataError(f"{prepared_dir}: prepared dataset is unreadable "
+                        f"({type(exc).__name__}: {reason}); run `reduce-ops prepare` again"
+                        ) from None
+    if stale:
+        raise DataError(f"{prepared_dir / ARRAYS_FILE}: its {', '.join(stale)} split is not the "
+                        f"one {META_FILE} describes (a mixed or edited dataset); run "
+                        f"`reduce-ops prepare` again")
     return PreparedData(xs, ys, meta)

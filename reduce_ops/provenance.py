@@ -50,7 +50,16 @@ def dataset_meta(cfg: Config) -> dict:
     path = cfg.path("prepared") / META_FILE
     if not path.is_file():
         raise DataError(f"{path}: no prepared dataset; run `reduce-ops prepare` first")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        missing = [k for k in ("dataset_hash", "source", "split_sizes", "input_shape",
+                               "num_classes") if k not in meta]
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable ({type(exc).__name__}); run `reduce-ops prepare` "
+                        f"again") from None
+    if missing:
+        raise DataError(f"{path}: lacks {', '.join(missing)}; run `reduce-ops prepare` again")
+    return meta
 
 
 def current_identity(cfg: Config) -> Identity:

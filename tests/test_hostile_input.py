@@ -121,3 +121,57 @@ def test_close_fault_rates_get_their_own_trial_keys() -> None:
     assert len(set(keys)) == 3
     assert keys[0] == "r0.1000-rep0"
     assert TrialSpec(0.25, 3, 1).key == "r0.2500-rep3"
+
+
+def test_a_device_that_is_not_there_is_one_line() -> None:
+    import torch
+
+    from reduce_ops.errors import ConfigError
+    from reduce_ops.training import resolve_device
+
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:0", "cuda:3"):
+            with pytest.raises(ConfigError, match=f"train.device: {name}: no CUDA GPU"):
+                resolve_device(name)
+    if not (torch.backends.mps.is_available()):
+        with pytest.raises(ConfigError, match="train.device: mps: .* not available"):
+            resolve_device("mps")
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.device=cuda:zz", ["train.device", "cuda:zz"]),
+    ("train.device=cudaX", ["train.device"]),
+    ("train.seed=18446744073709551616", ["train.seed", "4294967295"]),
+    ("data.seed=4294967296", ["data.seed"]),
+    ("faultmaps.seed=-1", ["faultmaps.seed"]),
+])
+def test_a_device_or_seed_out_of_range_is_one_line(tmp_path: Path, override: str,
+                                                   words: list[str],
+                                                   capsys: pytest.CaptureFixture) -> None:
+    params = make_project(tmp_path / "project")
+    assert main(["prepare", "--set", override, "--params", str(params)]) == 2
+    _one_line(capsys, *words)
+    assert not (params.parent / "data/prepared").exists()
+
+
+def test_a_corrupt_or_mixed_prepared_dataset_is_one_line(tmp_path: Path) -> None:
+    """meta.json that is not JSON, a truncated dataset.npz, or the arrays of another split
+    beside meta.json (a copy, a hand edit): one DataError line, before anything trains."""
+    from reduce_ops.config import DataConfig
+    from reduce_ops.data import load_prepared
+
+    def prepared(folder: Path, seed: int) -> Path:
+        prepare(DataConfig("digits", False, 0.2, 0.2, seed, 8, True), tmp_path, folder)
+        return folder
+
+    one, two = prepared(tmp_path / "one", 0), prepared(tmp_path / "two", 1)
+    (one / "dataset.npz").write_bytes((two / "dataset.npz").read_bytes())
+    with pytest.raises(DataError, match="split is not the one meta.json describes"):
+        load_prepared(one)
+    (one / "dataset.npz").write_bytes((two / "dataset.npz").read_bytes()[:3000])
+    with pytest.raises(DataError, match="unreadable"):
+        load_prepared(one)
+    (two / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="unreadable"):
+        load_prepared(two)

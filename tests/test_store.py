@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_project, run_killed_after
+from conftest import make_project
 
 from reduce_ops.cli import main
 from reduce_ops.errors import TrackingError
@@ -114,26 +114,45 @@ def test_a_garbage_or_truncated_store_is_one_line(
     assert path.read_bytes() == content                         # left as it was
 
 
+_KILLED_CREATOR = """
+import os, signal, sys
+from sqlalchemy.engine.base import Connection
+n, run = [0], Connection.execute
+def counted(self, *a, **k):
+    out = run(self, *a, **k)
+    n[0] += 1
+    if n[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+Connection.execute = counted
+if sys.argv[1] == "reduce-ops":
+    from reduce_ops.tracking.store import ensure_store
+    ensure_store(sys.argv[2])
+else:                                  # MLflow on its own (what older reduce-ops did)
+    from mlflow.tracking import MlflowClient
+    MlflowClient(sys.argv[2]).search_experiments()
+"""
+
+
+def _kill_creator(who: str, uri: str, statements: int) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILLED_CREATOR, who, uri, str(statements)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("statements", [1, 40, 150, 400])
 def test_a_store_killed_while_being_created_never_blocks_later_commands(
-        project: Path, statements: int) -> None:
+        tmp_path: Path, statements: int) -> None:
     """SIGKILL after the N-th SQL statement of a new store's creation (its migrations): no
-    half-made mlflow.db is left, and the next command creates a whole one."""
-    proc = run_killed_after(project, ["plan", "--params", str(project / "params.yaml")],
-                            "sqlalchemy.engine.base", "Connection.execute", statements)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not (project / "mlflow.db").exists()
-    proc = subprocess.run([sys.executable, "-m", "reduce_ops", "plan", "--params",
-                           str(project / "params.yaml")], cwd=project,
-                          env={k: v for k, v in os.environ.items()
-                               if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2          # the project has no baseline yet: that is all it says
-    assert "run `reduce-ops pretrain`" in proc.stderr and "already exists" not in proc.stderr
-    with sqlite3.connect(project / "mlflow.db") as db:                # whole: every table
+    half-made store is left under the store's name, and the next use creates a whole one."""
+    path = tmp_path / "mlflow.db"
+    _kill_creator("reduce-ops", f"sqlite:///{path}", statements)
+    assert not path.exists()
+    store.ensure_store(f"sqlite:///{path}")
+    with sqlite3.connect(path) as db:                                 # whole: every table
         tables = {r[0] for r in db.execute("select name from sqlite_master")}
     assert {"runs", "experiments", "registered_models", "model_versions"} <= tables
-    assert [p.name for p in project.iterdir() if p.name.startswith(".mlflow.db")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]   # temporaries swept
 
 
 def test_a_store_left_half_made_by_an_older_creator_is_set_aside(
@@ -142,22 +161,11 @@ def test_a_store_left_half_made_by_an_older_creator_is_set_aside(
     exists' on every later command): with no run in it, it is renamed aside and a new one is
     made; nothing is deleted."""
     path = project / "half.db"
-    script = ("import os, signal, sys\n"
-              "from sqlalchemy.engine.base import Connection\n"
-              "n, run = [0], Connection.execute\n"
-              "def counted(self, *a, **k):\n"
-              "    out = run(self, *a, **k); n[0] += 1\n"
-              "    if n[0] == 150: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "    return out\n"
-              "Connection.execute = counted\n"
-              "from mlflow.tracking import MlflowClient\n"
-              f"MlflowClient('sqlite:///{path}').search_experiments()\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL
+    _kill_creator("mlflow", f"sqlite:///{path}", 150)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
-    assert main(["plan", "--params", str(project / "params.yaml")]) == 2
+    assert main(["fetch", "chip-001", "--params", str(project / "params.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "incomplete MLflow store" in err and "run `reduce-ops pretrain`" in err
+    assert "incomplete MLflow store" in err and "no chip is registered yet" in err
     assert [p for p in project.iterdir() if p.name.startswith("half.db.incomplete-")]
 
 

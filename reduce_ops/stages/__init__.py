@@ -39,17 +39,16 @@ TRACKED = {"pretrain": True, "resilience": True, "plan": True, "group": True, "f
 
 def check_tracking(cfg: Any, stage: str) -> None:
     """Before a stage does any work: one line when its tracking store cannot be used (a server
-    away fails within seconds, not after minutes of retries); a new SQLite store is created
-    here, once and whole, before anything else can open (and half-create) it."""
+    away fails within seconds, not after minutes of retries). A new SQLite store is made on
+    first use, whole (tracking.store.client_for)."""
     import os
 
-    from reduce_ops.tracking.store import check_store, ensure_store, tracking_uri
+    from reduce_ops.tracking.store import check_store, open_existing, tracking_uri
 
     if stage in TRACKED:
         uri = tracking_uri(cfg.root)
         check_store(uri, bool(os.environ.get("MLFLOW_TRACKING_URI")), create=TRACKED[stage])
-        if TRACKED[stage]:
-            ensure_store(uri)
+        open_existing(uri)
 
 
 def runner(stage: str) -> Callable[..., Any]:

@@ -18,6 +18,7 @@ from reduce_ops.errors import TrackingError
 from reduce_ops.tracking.owner import driver_token, owner_gone
 from reduce_ops.tracking.store import (
     all_experiment_ids,
+    client_for,
     ensure_store,
     experiment_id_of,
     mark_model_training,
@@ -151,14 +152,14 @@ def stage_run(root: Path, stage: str, experiment: str,
     Never calls set_experiment. On Ctrl-C the run is marked KILLED, on an error FAILED.
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(root)
     try:
         ensure_store(uri)
     except Exception as exc:  # noqa: BLE001 - any store failure is one line for the user
-        raise TrackingError(f"MLflow tracking store {uri}: cannot open ({exc})") from None
-    client = MlflowClient(uri)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrackingError(f"MLflow tracking store {uri}: cannot open ({first})") from None
+    client = client_for(uri)
     env_run = os.environ.get("MLFLOW_RUN_ID")
     active = mlflow.active_run()
     if active is not None:
@@ -222,10 +223,9 @@ def _record(run: Any) -> RunRecord:
 def get_run(uri: str, run_id: str) -> RunRecord:
     """Fetch a run by id, or a one-line TrackingError."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        return _record(MlflowClient(uri).get_run(run_id))
+        return _record(client_for(uri).get_run(run_id))
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise                   # the store failing is not a missing run (see store_failure)
@@ -237,9 +237,8 @@ def find_runs(uri: str, tags: Mapping[str, str], statuses: Sequence[str] | None 
               exclude: str | None = None) -> list[RunRecord]:
     """Runs in any experiment carrying all `tags`, newest first (optionally of given statuses)."""
     from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     filters = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     runs = client.search_runs(all_experiment_ids(client), " and ".join(filters),
                               run_view_type=ViewType.ACTIVE_ONLY,
@@ -252,9 +251,8 @@ def read_children(uri: str, parent_run_id: str, metric_keys: Sequence[str],
                   statuses: Sequence[str] = ("FINISHED",)) -> list[dict[str, Any]]:
     """Child runs of a parent as plain dicts: run_id, params, tags, histories {key: [(step, v)]}."""
     from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     parent = get_run(uri, parent_run_id)
     children = client.search_runs([parent.experiment_id],
                                   f"tags.`{names.TAG_PARENT}` = '{parent_run_id}'",
@@ -367,9 +365,8 @@ def reap_abandoned(uri: str, tags: Mapping[str, str]) -> list[str]:
     """Runs with `tags` left RUNNING by a process that died without ending them (SIGKILL, out
     of memory, a power cut) are ended KILLED, with their RUNNING children, so that a rerun
     reuses their finished work like that of an interrupted run. Returns their run ids."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     reaped = []
     for run in find_runs(uri, tags, statuses=("RUNNING",)):
         if not owner_gone(run.tags.get(names.TAG_DRIVER, "")):

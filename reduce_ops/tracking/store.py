@@ -59,7 +59,9 @@ def ensure_store(uri: str) -> None:
 
 def _forget_engines(uri: str) -> None:
     """Drop the database engines MLflow keeps per URI (tracking and registry stores)."""
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.model_registry.sqlalchemy_store import (
+        SqlAlchemyStore as RegistryStore,
+    )
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
 
     for store in (TrackingStore, RegistryStore):
@@ -80,7 +82,7 @@ def _set_aside_if_empty(path: Path) -> bool:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             tables = {r[0] for r in db.execute("select name from sqlite_master "
                                                "where type = 'table'")}
-            held = sum(db.execute(f"select count(*) from {t}").fetchone()[0]   # noqa: S608
+            held = sum(db.execute(f"select count(*) from {t}").fetchone()[0]
                        for t in ("runs", "registered_models") if t in tables)
     except sqlite3.Error:
         return False                             # not even readable as SQLite: the user's call
@@ -91,6 +93,26 @@ def _set_aside_if_empty(path: Path) -> bool:
     print(f"reduce-ops: {path} was an incomplete MLflow store without runs (a creation killed "
           f"midway); kept as {aside.name}, a new store is created", file=sys.stderr)
     return True
+
+
+def open_existing(uri: str) -> None:
+    """Open an existing SQLite store once (ensure_store), before a stage's work: one that a
+    killed creator left half-made, holding no run, is set aside and made anew. Nothing is
+    created where there is no store."""
+    path = _sqlite_path(uri)
+    if path is not None and path.is_file():
+        ensure_store(uri)
+
+
+def client_for(uri: str) -> Any:
+    """An MlflowClient on `uri` for runs and the registry alike; a new SQLite store is made
+    whole first (ensure_store), never half-created by the client's own first use."""
+    from mlflow.tracking import MlflowClient
+
+    path = _sqlite_path(uri)
+    if path is not None and not path.exists():
+        ensure_store(uri)
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def _create_sqlite(path: Path) -> None:
@@ -285,10 +307,9 @@ def all_experiment_ids(client: Any) -> list[str]:
 def experiment_page(base_url: str, uri: str, experiment: str) -> str:
     """The UI address of an experiment's training runs. MLflow 3's UI opens on its GenAI view
     unless told otherwise (a global switch, remembered by the browser), hence workflowType."""
-    from mlflow.tracking import MlflowClient
 
     ensure_store(uri)
-    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    exp = client_for(uri).get_experiment_by_name(experiment)
     where = f"experiments/{exp.experiment_id}" if exp is not None else "experiments"
     return f"{base_url.rstrip('/')}/#/{where}?workflowType=machine_learning"
 
