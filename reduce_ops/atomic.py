@@ -68,10 +68,28 @@ _AT_FDCWD = -100
 
 def owner_of(folder: Path) -> str | None:
     """The writer kind that `folder`'s marker names, or None when it has no marker."""
+    lines = _marker_lines(folder)
+    return lines[0] if lines else None
+
+
+def _marker_lines(folder: Path) -> list[str]:
     try:
-        return (Path(folder) / MARKER).read_text().strip() or None
+        return [s for s in (Path(folder) / MARKER).read_text().splitlines() if s.strip()]
     except (OSError, UnicodeDecodeError):
-        return None
+        return []
+
+
+def _files_in(folder: Path) -> set[str]:
+    """Every file (or link) under `folder` but the marker, as a relative POSIX path."""
+    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
+            if (p.is_file() or p.is_symlink()) and p.name != MARKER}
+
+
+def mark(folder: Path, kind: str) -> None:
+    """Write `folder`'s marker: the writer kind, then every file it holds now (so that a file
+    put there later is noticed before the folder is replaced)."""
+    text = "\n".join([kind, *sorted(_files_in(folder))]) + "\n"
+    (Path(folder) / MARKER).write_text(text, encoding="utf-8")
 
 
 def check_replaceable(out_dir: Path, kind: str,
@@ -89,6 +107,13 @@ def check_replaceable(out_dir: Path, kind: str,
                              f"a folder there: move the file away or choose another path")
     owner = owner_of(out_dir)
     if owner == kind:
+        listed = _marker_lines(out_dir)[1:]
+        strangers = sorted(_files_in(out_dir) - set(listed)) if listed else []
+        if strangers:
+            raise ReduceOpsError(f"{out_dir}: holds file(s) reduce-ops {kind} did not write "
+                                 f"({', '.join(strangers[:3])}"
+                                 f"{' ...' if len(strangers) > 3 else ''}); replacing the "
+                                 f"folder would delete them: move them away")
         return
     if owner is not None:
         raise ReduceOpsError(f"{out_dir}: holds the output of reduce-ops {owner}, not {kind}; "
@@ -179,9 +204,10 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def atomic_dir(out_dir: Path | str, kind: str,
                legacy: Callable[[Path], bool] | None = None) -> Iterator[Path]:
-    """Yield an empty temporary folder (holding only the marker that says `kind` wrote it); on
-    success it replaces `out_dir`, on error it is removed. An existing `out_dir` is replaced
-    only when this writer made it (see check_replaceable): nothing else is ever deleted."""
+    """Yield an empty temporary folder; on success it gets its marker (`kind` and the files
+    written) and replaces `out_dir`, on error it is removed. An existing `out_dir` is replaced
+    only when this writer made it and holds only what it wrote (see check_replaceable):
+    nothing else is ever deleted."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, kind, legacy)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -189,8 +215,8 @@ def atomic_dir(out_dir: Path | str, kind: str,
     tmp = temp_sibling(out_dir)
     tmp.mkdir()          # default permissions (mkdtemp would make it readable by the owner only)
     try:
-        (tmp / MARKER).write_text(f"{kind}\n")
         yield tmp
+        mark(tmp, kind)
         check_replaceable(out_dir, kind, legacy)    # still ours (nothing appeared meanwhile)
         replace_dir(tmp, out_dir)
     finally:

@@ -123,7 +123,7 @@ def download_champion(uri: str, version: ModelVersionInfo, out: Path) -> Path:
         raise ReduceOpsError(f"{out}: cannot create the folder ({exc.strerror})") from None
     with tempfile.TemporaryDirectory(dir=out, prefix=".fetch-") as tmp:   # same disk: renames
         model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE, Path(tmp))
-        (model_dir / atomic.MARKER).write_text("fetch\n")
+        atomic.mark(model_dir, "fetch")
         atomic.replace_dir(model_dir, model_dst)
         os.replace(ckpt, ckpt_dst)
     return out

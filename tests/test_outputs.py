@@ -324,3 +324,28 @@ def test_mixed_or_broken_groups_record_is_one_line(tmp_path: Path) -> None:
                              summary)
     with pytest.raises(DataError, match=r"chips not in the fleet \(c\)"):
         groups_record.read(other, plan3, fleet)
+
+
+def test_a_user_file_put_into_an_output_folder_is_never_deleted(
+        project: Path, capsys: pytest.CaptureFixture) -> None:
+    """data/fleet is the stage's own folder; a file a user drops into it later is not: the
+    next run refuses to replace the folder (one line naming the file) instead of deleting it."""
+    params = str(project / "params.yaml")
+    assert main(["faultmaps", "--params", params]) == 0
+    (project / "data/fleet/my-notes.txt").write_text("which chips came back from the lab")
+    before = _tree(project)
+    capsys.readouterr()
+    assert main(["faultmaps", "--params", params]) == 2
+    _one_line_error(capsys, "my-notes.txt", "did not write")
+    assert _tree(project) == before
+    (project / "data/fleet/my-notes.txt").unlink()
+    assert main(["faultmaps", "--params", params]) == 0
+
+
+def test_an_output_path_that_is_a_file_is_one_line(project: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    (project / "data").mkdir(exist_ok=True)
+    (project / "data/prepared").write_text("a file of the user's")
+    assert main(["prepare", "--params", str(project / "params.yaml")]) == 2
+    _one_line_error(capsys, "data/prepared", "not a folder")
+    assert (project / "data/prepared").read_text() == "a file of the user's"
