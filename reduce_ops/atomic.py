@@ -18,6 +18,20 @@ from pathlib import Path
 from typing import Any
 
 
+def not_a_file_reason(path: Path) -> str:
+    """Why `path` (named like an input file) cannot be read as one: a dangling link, a link
+    loop, a folder, or nothing there."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "a symbolic link loop"
+        except OSError:
+            return f"a dangling symbolic link (to {os.readlink(path)})"
+        return "a symbolic link to something that is not a file"
+    return "not a regular file" if path.exists() else "file not found"
+
+
 def temp_sibling(path: Path, tag: str = "tmp") -> Path:
     """A unique hidden name next to `path` (same folder, so a rename onto `path` is atomic)."""
     path = Path(path)

@@ -487,6 +487,9 @@ def _check_paths(cfg: Config, where: str) -> None:
              ("raw", "prepared", "fleet", "baseline", "variants", "results")}
     named["faultmaps.import_dir"] = place(cfg.faultmaps.import_dir)
     named["the params file"] = place(where) if Path(where).name else cfg.root
+    if named["paths.baseline"].is_dir():
+        raise ConfigError(f"{where}: paths.baseline: {named['paths.baseline']} is a folder; it "
+                          f"names the model file that pretrain writes (e.g. models/baseline.pt)")
     replaced = {k: named[f"paths.{k}"] for k in REPLACED_PATHS}
     replaced.update({f"results/{r}": named["paths.results"] / r for r in REPLACED_RECORDS})
     for name, out in replaced.items():

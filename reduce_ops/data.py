@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reduce_ops.atomic import atomic_dir, check_replaceable, only_files
+from reduce_ops.atomic import atomic_dir, check_replaceable, not_a_file_reason, only_files
 from reduce_ops.config import DataConfig
 from reduce_ops.errors import DataError
 
@@ -109,6 +109,11 @@ def _load_torchvision(source: str, raw: Path, download: bool) -> RawDataset:
     return RawDataset(x, y, [str(c) for c in train.classes], xt, yt)
 
 
+def _hidden(path: Path) -> bool:
+    """A file or folder the system or a tool keeps beside a user's own (not data)."""
+    return path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini", "__MACOSX")
+
+
 def _load_imagefolder(raw: Path, cfg: DataConfig) -> RawDataset:
     root = raw / "imagefolder"
     if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
@@ -116,18 +121,26 @@ def _load_imagefolder(raw: Path, cfg: DataConfig) -> RawDataset:
                         f"class in {root}/ (e.g. {root}/cat/001.png)")
     from PIL import Image, UnidentifiedImageError
 
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git) are no classes; hidden files (.DS_Store,
+    # ._x.png, Thumbs.db) no images
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p))
     xs, ys = [], []
     mode = "L" if cfg.grayscale else "RGB"
     for label, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
-            if not f.is_file():
+            if _hidden(f):
                 continue
+            if f.is_dir() and not f.is_symlink():
+                raise DataError(f"{f}: a folder inside class folder {name!r}; images go directly "
+                                f"in the class folder (sub-folders are not read)")
+            if not f.is_file():                   # a dangling link or a link loop
+                raise DataError(f"{f}: {not_a_file_reason(f)}, not an image")
             try:
                 with Image.open(f) as img:
                     img = img.convert(mode).resize((cfg.image_size, cfg.image_size))
                     arr = np.asarray(img, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError):
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+                    Image.DecompressionBombError):
                 raise DataError(f"{f}: not a readable image") from None
             xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
             ys.append(label)

@@ -108,12 +108,19 @@ def resilience_run(cfg: Config, identity: Identity) -> RunRecord:
         if not summary.is_file():
             raise DataError(f"{summary}: no resilience results; run `reduce-ops resilience` "
                             f"first (or set plan.resilience_run)")
-        run_id, where = str(json.loads(summary.read_text())["run_id"]), str(summary)
+        try:
+            run_id, where = str(json.loads(summary.read_text())["run_id"]), str(summary)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{summary}: unreadable ({type(exc).__name__}); run `reduce-ops "
+                            f"resilience` again (or set plan.resilience_run)") from None
     try:
         run = get_run(uri, run_id)
     except TrackingError:
         raise TrackingError(f"{where}: resilience run {run_id!r} is not in {uri}; run "
                             f"`reduce-ops resilience` (or set plan.resilience_run)") from None
+    if run.deleted:
+        raise TrackingError(f"{where}: resilience run {run_id} was deleted in MLflow; run "
+                            f"`reduce-ops resilience` again (or restore the run)")
     stage = run.tags.get(names.TAG_STAGE)
     if stage != "resilience":
         what = f"a {stage} run" if stage else "not a reduce-ops run"

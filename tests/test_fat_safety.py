@@ -158,6 +158,7 @@ def test_fetch_out_never_replaces_what_it_did_not_fetch(project: Path,
     (out / "chip_model.pt").unlink()
     for _ in range(2):                   # its own download is replaced by the next one
         assert _run(project, "fetch", shipped, "--out", str(out)) == 0
+    assert "Downloading artifacts" not in capsys.readouterr().err      # no progress bars
     assert (out / "model/MLmodel").is_file() and (out / "chip_model.pt").stat().st_size > 100
     (project / "F").write_text("a file")
     capsys.readouterr()
@@ -187,3 +188,16 @@ def test_plan_interrupted_while_drawing_keeps_the_old_plan(project: Path,
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert _run(project, "fat") == 0
     assert not _chips(project)["trained"].any()      # the same plan: nothing to retrain
+
+
+def test_a_plan_made_with_another_store_is_one_line(project: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """results/plan was made while MLFLOW_TRACKING_URI named another store: `group` and `fat`
+    would record and register chips under a plan run this store has never seen."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    for stage in ("group", "fat"):
+        capsys.readouterr()
+        assert _run(project, stage) == 2, stage
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is not in" in err and "reduce-ops plan" in err

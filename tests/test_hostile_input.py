@@ -175,3 +175,83 @@ def test_a_corrupt_or_mixed_prepared_dataset_is_one_line(tmp_path: Path) -> None
     (two / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match="unreadable"):
         load_prepared(two)
+
+
+def test_hidden_files_and_folders_are_no_images_or_classes(tmp_path: Path) -> None:
+    """.DS_Store, ._x.png, Thumbs.db beside the images and a .ipynb_checkpoints folder (what
+    a Mac, Windows or Jupyter leaves there) are not data: no error, no extra class."""
+    raw = _image_folder(tmp_path / "raw", {"cat": 10, "dog": 10})
+    (raw / "imagefolder/cat/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (raw / "imagefolder/cat/._0.png").write_bytes(b"\0\5\26\7")
+    (raw / "imagefolder/dog/Thumbs.db").write_bytes(b"\xd0\xcf")
+    (raw / "imagefolder/.ipynb_checkpoints").mkdir()
+    meta = prepare(IMAGEFOLDER, raw, tmp_path / "prepared")
+    assert meta["classes"] == ["cat", "dog"] and sum(meta["split_sizes"].values()) == 20
+
+
+@pytest.mark.parametrize("what", ["dangling", "loop", "folder"])
+def test_an_image_that_cannot_be_read_is_named_not_skipped(tmp_path: Path, what: str) -> None:
+    raw = _image_folder(tmp_path / "raw", {"cat": 10, "dog": 10})
+    entry = raw / "imagefolder/cat/extra.png"
+    if what == "dangling":
+        os.symlink(tmp_path / "gone.png", entry)
+    elif what == "loop":
+        os.symlink(entry, entry)
+    else:
+        entry.mkdir()
+        (entry / "more.png").write_bytes((raw / "imagefolder/cat/0.png").read_bytes())
+    with pytest.raises(DataError, match="extra.png"):
+        prepare(IMAGEFOLDER, raw, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_corrupt_resilience_summary_is_one_line(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from reduce_ops import provenance
+    from reduce_ops.config import load_config
+
+    params = make_project(tmp_path / "project")
+    summary = params.parent / "results/resilience/summary.json"
+    summary.parent.mkdir(parents=True)
+    for text in ("{not json", "[]", '{"n_trials": 3}'):
+        summary.write_text(text)
+        with pytest.raises(DataError, match=r"summary\.json: unreadable"):
+            provenance.resilience_run(load_config(params), provenance.Identity(None, "d"))
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    params = make_project(tmp_path / "project")
+    real = Path.write_bytes
+    written: list[Path] = []
+
+    def full(self: Path, data: bytes) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        written.append(self)
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert main(["faultmaps", "--params", str(params)]) == 2
+    _one_line(capsys, "No space left on device")
+    assert sorted(p.name for p in (params.parent / "data").iterdir()) == ["fault_maps"]
+
+
+def test_paths_baseline_naming_a_folder_is_one_line_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    params = make_project(tmp_path / "project")
+    (params.parent / "models/baseline.pt").mkdir(parents=True)
+    assert main(["pretrain", "--params", str(params)]) == 2
+    _one_line(capsys, "paths.baseline", "is a folder")
+
+
+def test_dvc_reruns_faultmaps_when_the_fault_model_changes() -> None:
+    """faultmaps writes each faulty PE's stuck bits under hardware.fault_model stuck_at: a
+    change of either key must make `dvc repro` write the fleet again."""
+    import yaml
+
+    stage = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())[
+        "stages"]["faultmaps"]
+    assert {"hardware.fault_model", "hardware.stuck_at"} <= set(stage["params"])

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,78 @@ def test_a_killed_logging_process_is_one_error_and_no_run_stays_running(
     assert [r.status for r in runs] == ["KILLED"]
     (parent,) = find_runs(uri, {"reduce_ops.stage": "fat"})
     assert parent.status == "FAILED"
+
+
+def test_a_web_server_that_is_not_mlflow_is_one_line() -> None:
+    """Something answers at the address, but not MLflow (404 on /health): said at once, not
+    after the first real request failed with an unrelated message."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server name
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(TrackingError, match="HTTP 404.*not an MLflow tracking server"):
+            store.check_store(uri, from_env=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_relative_sqlite_uri_is_made_absolute_for_every_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db names a file relative to the current folder; the
+    logging process, `mlflow ui` (started in the project folder) and Ray workers must open the
+    same one: the variable is made absolute."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+    uri = store.tracking_uri(tmp_path / "elsewhere")
+    assert uri == f"sqlite:///{tmp_path / 'runs/mlflow.db'}"
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
+
+
+def test_a_store_error_is_not_reported_as_a_missing_run(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """get_run said "not found ... run `reduce-ops resilience`" for any MLflow error (a server
+    error, a locked database): only a missing run is a missing run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from reduce_ops.tracking.runs import get_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(TrackingError, match="not found"):
+        get_run(uri, "0" * 32)
+
+    def broken(self, run_id):  # noqa: ANN001
+        raise MlflowException("database is locked", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(MlflowClient, "get_run", broken)
+    with pytest.raises(MlflowException, match="locked"):
+        get_run(uri, "0" * 32)
+    assert store.store_failure(MlflowException("database is locked")).endswith(
+        "MlflowException: database is locked")
+
+
+def test_a_deleted_resilience_run_is_not_planned_from(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from reduce_ops import names, provenance
+    from reduce_ops.config import load_config
+    from reduce_ops.tracking.runs import stage_run
+
+    params = make_project(tmp_path / "project", ["plan.resilience_run=placeholder"])
+    with stage_run(params.parent, "resilience", "test") as stage:
+        stage.set_tags({names.TAG_STAGE: "resilience"})
+    store.client_for(os.environ["MLFLOW_TRACKING_URI"]).delete_run(stage.run_id)
+    cfg = load_config(params, [f"plan.resilience_run={stage.run_id}"])
+    with pytest.raises(TrackingError, match="was deleted"):
+        provenance.resilience_run(cfg, provenance.Identity(None, "d"))

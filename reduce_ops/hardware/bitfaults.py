@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from reduce_ops.atomic import write_file
+from reduce_ops.atomic import not_a_file_reason, write_file
 from reduce_ops.errors import ConfigError, FaultMapError
-from reduce_ops.hardware.faultmap import FaultMap, not_a_file_reason, validate_chip_id
+from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
 from reduce_ops.hardware.fleetio import _csv_lines, _problems_error, _shape_text
 from reduce_ops.hardware.geometry import ArrayGeometry
 from reduce_ops.hardware.mapping import (

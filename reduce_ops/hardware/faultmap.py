@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -15,22 +14,6 @@ from reduce_ops.names import safe_name_problem
 
 # A seed is an int, a SeedSequence or an already-built Generator (used as is).
 Seed = int | np.random.SeedSequence | np.random.Generator | None
-
-def not_a_file_reason(path: Path) -> str:
-    """Why `path` (named like a map) cannot be read as a file: a dangling link, a link loop,
-    a folder, or nothing there."""
-    import os
-
-    if path.is_symlink():
-        try:
-            path.resolve(strict=True)
-        except RuntimeError:
-            return "a symbolic link loop"
-        except OSError:
-            return f"a dangling symbolic link (to {os.readlink(path)})"
-        return "a symbolic link to something that is not a file"
-    return "not a regular file" if path.exists() else "fault map file not found"
-
 
 def validate_chip_id(chip_id: str, source: str = "") -> str:
     """Return chip_id if safe as a file name and registry suffix; else raise one clear line."""

@@ -12,9 +12,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from reduce_ops.atomic import atomic_dir, only_files
+from reduce_ops.atomic import atomic_dir, not_a_file_reason, only_files
 from reduce_ops.errors import FaultMapError
-from reduce_ops.hardware.faultmap import FaultMap, not_a_file_reason, validate_chip_id
+from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
 from reduce_ops.hardware.geometry import ArrayGeometry
 
 MANIFEST = "fleet.csv"

@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reduce_ops import atomic, provenance
+from reduce_ops import atomic, names, provenance
 from reduce_ops.config import Config
-from reduce_ops.errors import DataError, ReduceOpsError
+from reduce_ops.errors import DataError, ReduceOpsError, TrackingError
 from reduce_ops.hardware import FaultMap
 from reduce_ops.records import sets
 from reduce_ops.shipping import ShippingRule
+from reduce_ops.tracking.runs import get_run
+from reduce_ops.tracking.store import tracking_uri
 
 PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
 PLAN_FILE, POINTS_FILE, SUMMARY_FILE, FIGURE_FILE = ("plan.csv", "curve_points.csv",
@@ -172,6 +174,22 @@ def epochs_by_chip(plan: Plan) -> dict[str, float]:
             zip(plan.chips["chip_id"], plan.chips["planned_epochs"], plan.chips["feasible"])}
 
 
+def _require_logged(plan: Plan, plan_dir: Path, uri: str) -> None:
+    """The plan's run is in the store this project tracks to now: a plan made while
+    MLFLOW_TRACKING_URI named another store (or whose run was deleted) would have its chips
+    registered under a plan id that store has never seen."""
+    try:
+        run = get_run(uri, plan.run_id)
+    except TrackingError:
+        run = None
+    if run is None or run.deleted or run.tags.get(names.TAG_STAGE) != "plan":
+        why = ("is not in" if run is None else "was deleted in" if run.deleted
+               else "is not a plan run in")
+        raise TrackingError(f"the plan in {plan_dir}: its MLflow run {plan.run_id} {why} "
+                            f"{uri} (made with another MLFLOW_TRACKING_URI?); run "
+                            f"`reduce-ops plan` again")
+
+
 def read_current(cfg: Config, check_rule: bool = True) -> Plan:
     """The plan record in results/plan, checked against the current baseline and dataset and
     (`check_rule`) made for the shipping rule params.yaml states now: verify.margin,
@@ -181,6 +199,7 @@ def read_current(cfg: Config, check_rule: bool = True) -> Plan:
     remedy = "run `reduce-ops resilience` and `reduce-ops plan` again"
     provenance.Identity(plan.summary.baseline_hash, plan.summary.dataset_hash).require_match(
         provenance.current_identity(cfg), f"the plan in {plan_dir}", remedy)
+    _require_logged(plan, plan_dir, tracking_uri(cfg.root))
     if check_rule:
         rule = plan.rule
         for key, planned, now in (("plan.budget_cap", rule.cap, cfg.plan.budget_cap),

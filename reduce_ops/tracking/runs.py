@@ -212,11 +212,13 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    deleted: bool = False          # in MLflow's trash (lifecycle stage "deleted")
 
 
 def _record(run: Any) -> RunRecord:
     return RunRecord(run.info.run_id, run.info.experiment_id, run.info.status,
-                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags),
+                     run.info.lifecycle_stage == "deleted")
 
 
 

@@ -12,9 +12,17 @@ MAX_PARAM_LEN = 6000
 
 
 def tracking_uri(root: Path) -> str:
-    """MLFLOW_TRACKING_URI when set (a team's server); else SQLite at the project root (absolute)."""
+    """MLFLOW_TRACKING_URI when set (a team's server); else SQLite at the project root (absolute).
+    A relative SQLite path in the variable is made absolute (from the current folder) and
+    written back, so that every process (the logging process, `mlflow ui` started in the
+    project folder, Ray workers) opens the same file."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
+        path = _sqlite_path(env)
+        if path is not None and not path.is_absolute():
+            query = env.partition("?")[2]
+            env = f"sqlite:///{path.resolve()}" + (f"?{query}" if query else "")
+            os.environ["MLFLOW_TRACKING_URI"] = env
         return env
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
