@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -121,9 +122,14 @@ def download_champion(uri: str, version: ModelVersionInfo, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReduceOpsError(f"{out}: cannot create the folder ({exc.strerror})") from None
-    with tempfile.TemporaryDirectory(dir=out, prefix=".fetch-") as tmp:   # same disk: renames
-        model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE, Path(tmp))
+    atomic.sweep(model_dst, ("fetch",))         # downloads of fetches that were killed
+    tmp = atomic.temp_sibling(model_dst, "fetch")  # same disk: the moves below are renames
+    tmp.mkdir()
+    try:
+        model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE, tmp)
         atomic.mark(model_dir, "fetch")
         atomic.replace_dir(model_dir, model_dst)
         os.replace(ckpt, ckpt_dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -156,9 +156,12 @@ def test_fetch_out_never_replaces_what_it_did_not_fetch(project: Path,
     assert "was not fetched by reduce-ops" in capsys.readouterr().err
     assert (out / "chip_model.pt").read_text() == "mine too"
     (out / "chip_model.pt").unlink()
+    killed = out / ".model.fetch-999999999-deadbeef"       # a fetch SIGKILLed mid-download
+    (killed / "model").mkdir(parents=True)
     for _ in range(2):                   # its own download is replaced by the next one
         assert _run(project, "fetch", shipped, "--out", str(out)) == 0
     assert "Downloading artifacts" not in capsys.readouterr().err      # no progress bars
+    assert sorted(p.name for p in out.iterdir()) == ["chip_model.pt", "model"]
     assert (out / "model/MLmodel").is_file() and (out / "chip_model.pt").stat().st_size > 100
     (project / "F").write_text("a file")
     capsys.readouterr()

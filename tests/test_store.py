@@ -270,3 +270,38 @@ def test_a_deleted_resilience_run_is_not_planned_from(tmp_path: Path,
     cfg = load_config(params, [f"plan.resilience_run={stage.run_id}"])
     with pytest.raises(TrackingError, match="was deleted"):
         provenance.resilience_run(cfg, provenance.Identity(None, "d"))
+
+
+_TERM_AFTER = """
+import functools, os, signal, sys
+from reduce_ops import progress
+done = progress.Progress.done
+
+@functools.wraps(done)
+def done_then_term(self, *args, **kwargs):
+    done(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)          # what a scheduler's stop or `kill` sends
+
+progress.Progress.done = done_then_term
+from reduce_ops.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_ends_a_stage_like_ctrl_c(project: Path) -> None:
+    """SIGTERM mid-stage: the stage's run ends KILLED (not RUNNING until a later run reaps
+    it), nothing is half-written, exit 143."""
+    from reduce_ops.tracking.runs import find_runs
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID")}
+    params = str(project / "params.yaml")
+    subprocess.run([sys.executable, "-m", "reduce_ops", "prepare", "--params", params],
+                   cwd=project, env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _TERM_AFTER, "pretrain", "--params", params],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "reduce-ops pretrain: terminated"
+    (run,) = find_runs(f"sqlite:///{project / 'mlflow.db'}", {"reduce_ops.stage": "pretrain"})
+    assert run.status == "KILLED"
+    assert not (project / "models/baseline.pt").exists()
