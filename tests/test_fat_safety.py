@@ -182,7 +182,7 @@ def test_plan_interrupted_while_drawing_keeps_the_old_plan(project: Path,
     folder = project / "results/plan"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
-    def interrupted(points, curve, plan, path, **kwargs):  # noqa: ANN001, ANN003
+    def interrupted(points, curve, plan, path, **kwargs):
         Path(path).write_bytes(b"half a figure")
         raise KeyboardInterrupt
 

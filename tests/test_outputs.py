@@ -55,17 +55,15 @@ def test_atomic_dir_replaces_only_a_folder_its_own_kind_made(tmp_path: Path) -> 
     with atomic.atomic_dir(out, "faultmaps") as tmp:          # its own: replaced
         (tmp / "b.npy").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == [atomic.MARKER, "b.npy"]
-    with pytest.raises(ReduceOpsError, match="output of reduce-ops faultmaps, not prepare"):
-        with atomic.atomic_dir(out, "prepare"):
-            pass
+    with pytest.raises(ReduceOpsError, match="output of reduce-ops faultmaps, not prepare"), atomic.atomic_dir(out, "prepare"):
+        pass
     assert (out / "b.npy").read_text() == "2"
 
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
-    with pytest.raises(ReduceOpsError, match="did not write"):
-        with atomic.atomic_dir(user, "faultmaps"):
-            pass
+    with pytest.raises(ReduceOpsError, match="did not write"), atomic.atomic_dir(user, "faultmaps"):
+        pass
     assert _tree(user) == {"thesis.tex": b"years of work"}
     # nothing is left beside it either (no temporary folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "user"]
@@ -89,9 +87,8 @@ def test_atomic_dir_takes_an_empty_folder_and_a_legacy_output(tmp_path: Path) ->
     legacy_plus.mkdir()
     (legacy_plus / "meta.json").write_text("{}")
     (legacy_plus / "mine.txt").write_text("mine")
-    with pytest.raises(ReduceOpsError, match="did not write"):
-        with atomic.atomic_dir(legacy_plus, "prepare", test):
-            pass
+    with pytest.raises(ReduceOpsError, match="did not write"), atomic.atomic_dir(legacy_plus, "prepare", test):
+        pass
     assert (legacy_plus / "mine.txt").read_text() == "mine"
 
 
@@ -99,10 +96,9 @@ def test_atomic_dir_error_leaves_old_folder_and_no_temporary(tmp_path: Path) -> 
     out = tmp_path / "out"
     with atomic.atomic_dir(out, "plan") as tmp:
         (tmp / "plan.csv").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic.atomic_dir(out, "plan") as tmp:
-            (tmp / "plan.csv").write_text("new")
-            raise RuntimeError("disk full while drawing the figure")
+    with pytest.raises(RuntimeError), atomic.atomic_dir(out, "plan") as tmp:
+        (tmp / "plan.csv").write_text("new")
+        raise RuntimeError("disk full while drawing the figure")
     assert (out / "plan.csv").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -123,9 +119,8 @@ def test_atomic_dir_sweeps_temporaries_of_dead_writers(tmp_path: Path) -> None:
 def test_a_file_where_a_folder_goes_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("a file")
-    with pytest.raises(ReduceOpsError, match="not a folder"):
-        with atomic.atomic_dir(out, "faultmaps"):
-            pass
+    with pytest.raises(ReduceOpsError, match="not a folder"), atomic.atomic_dir(out, "faultmaps"):
+        pass
     assert out.read_text() == "a file"
 
 
@@ -199,7 +194,7 @@ def test_import_with_another_geometry_records_it_and_writes_params_last(
 
     from reduce_ops.hardware import fleetio
 
-    def full_disk(*args, **kwargs):  # noqa: ANN002, ANN003
+    def full_disk(*args, **kwargs):
         raise ReduceOpsError("data/fleet: no space left on device")
 
     monkeypatch.setattr(fleetio, "atomic_dir", full_disk)
