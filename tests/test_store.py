@@ -305,3 +305,26 @@ def test_sigterm_ends_a_stage_like_ctrl_c(project: Path) -> None:
     (run,) = find_runs(f"sqlite:///{project / 'mlflow.db'}", {"reduce_ops.stage": "pretrain"})
     assert run.status == "KILLED"
     assert not (project / "models/baseline.pt").exists()
+
+
+def test_a_read_only_store_is_one_line_before_any_work(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store (or its folder) a stage cannot write: said before any work. (Simulated: root
+    may write anywhere.) Reading it, as fetch does, is fine."""
+    path = tmp_path / "store.db"
+    store.ensure_store(f"sqlite:///{path}")
+    monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK)
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI=.*read-only"):
+        store.check_store(f"sqlite:///{path}", from_env=True)
+    store.check_store(f"sqlite:///{path}", from_env=True, create=False)
+
+
+def test_a_full_or_locked_store_mid_stage_is_one_line() -> None:
+    """What SQLite says when the disk under the store fills up, or the store is read-only,
+    reaches the user as one line naming the store; an error of our own stays a traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    full = OperationalError("INSERT INTO metrics ...", {}, Exception("database or disk is full"))
+    line = store.store_failure(full)
+    assert line is not None and "\n" not in line and "database or disk is full" in line
+    assert store.store_failure(KeyError("chip-009")) is None
