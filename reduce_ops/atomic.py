@@ -2,7 +2,9 @@
 
 Everything a stage writes goes through here: a temporary sibling (same filesystem, so the final
 rename is atomic) is written first and renamed over the target; on any error it is removed and an
-existing target is left as it was.
+existing target is left as it was. A folder is replaced only when its marker says this writer made
+it and holds nothing else (a user's folder or file is never deleted), and old and new are swapped
+in one step where the system allows.
 """
 
 from __future__ import annotations
