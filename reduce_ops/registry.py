@@ -24,6 +24,7 @@ from reduce_ops.tracking.registry import (
     registered_model_tags_of,
 )
 from reduce_ops.tracking.runs import find_runs
+from reduce_ops.tracking.store import check_store
 
 
 def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
@@ -94,6 +95,7 @@ def load_chip_model(chip_id: str, tracking_uri: str | None = None,
     if not uri:
         raise TrackingError("load_chip_model: give tracking_uri= or set MLFLOW_TRACKING_URI "
                             "(e.g. sqlite:////path/to/project/mlflow.db or http://host:5000)")
+    check_store(uri, from_env=tracking_uri is None, create=False)   # seconds, not minutes
     version = champion(uri, chip_id, prefix)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_run_artifact(uri, version.run_id, CHIP_MODEL_FILE, Path(tmp))

@@ -328,3 +328,11 @@ def test_a_full_or_locked_store_mid_stage_is_one_line() -> None:
     line = store.store_failure(full)
     assert line is not None and "\n" not in line and "database or disk is full" in line
     assert store.store_failure(KeyError("chip-009")) is None
+
+
+def test_load_chip_model_from_a_server_that_is_away_fails_fast() -> None:
+    import reduce_ops
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(TrackingError, match="unreachable"):
+        reduce_ops.load_chip_model("chip-001", tracking_uri=uri)
