@@ -78,6 +78,9 @@ def write_csv(df: Any, path: Path | str) -> Path:
 
 
 MARKER = ".reduce-ops-output"      # in every folder atomic_dir writes: which writer owns it
+# files that tools keep inside an output folder (DVC lists a stage's file outputs in the
+# folder's .gitignore): not the user's data, and carried over into the folder that replaces it
+CARRIED = (".gitignore", ".dvcignore")
 _RENAME_EXCHANGE = 2                 # renameat2 flag: swap two paths in one step (Linux)
 _AT_FDCWD = -100
 
@@ -98,7 +101,8 @@ def _marker_lines(folder: Path) -> list[str]:
 def _files_in(folder: Path) -> set[str]:
     """Every file (or link) under `folder` but the marker, as a relative POSIX path."""
     return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
-            if (p.is_file() or p.is_symlink()) and p.name != MARKER}
+            if (p.is_file() or p.is_symlink()) and p.name != MARKER
+            and p.relative_to(folder).as_posix() not in CARRIED}
 
 
 def mark(folder: Path, kind: str) -> None:
@@ -135,7 +139,7 @@ def check_replaceable(out_dir: Path, kind: str,
         raise ReduceOpsError(f"{out_dir}: holds the output of reduce-ops {owner}, not {kind}; "
                              f"give each its own path")
     try:
-        empty = not any(out_dir.iterdir())
+        empty = not any(e.name not in CARRIED for e in out_dir.iterdir())
     except OSError as exc:
         raise ReduceOpsError(f"{out_dir}: cannot read the folder ({exc.strerror})") from None
     if empty or (legacy is not None and legacy(out_dir)):
@@ -234,6 +238,9 @@ def atomic_dir(out_dir: Path | str, kind: str,
         yield tmp
         mark(tmp, kind)
         check_replaceable(out_dir, kind, legacy)    # still ours (nothing appeared meanwhile)
+        for name in CARRIED:
+            if (out_dir / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(out_dir / name, tmp / name)
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -246,7 +253,7 @@ def only_files(*patterns: str) -> Callable[[Path], bool]:
     from fnmatch import fnmatchcase
 
     def test(folder: Path) -> bool:
-        entries = list(folder.iterdir())
+        entries = [e for e in folder.iterdir() if e.name not in CARRIED]
         return all(e.is_file() and not e.is_symlink()
                    and any(fnmatchcase(e.name, p) for p in patterns) for e in entries)
 

@@ -344,3 +344,20 @@ def test_an_output_path_that_is_a_file_is_one_line(project: Path,
     assert main(["prepare", "--params", str(project / "params.yaml")]) == 2
     _one_line_error(capsys, "data/prepared", "not a folder")
     assert (project / "data/prepared").read_text() == "a file of the user's"
+
+
+def test_dvcs_gitignore_in_an_output_folder_is_kept(tmp_path: Path) -> None:
+    """DVC lists a stage's file outputs in a .gitignore inside their folder (results/plan): it
+    is not a stranger there, and the folder that replaces the old one keeps it."""
+    out = tmp_path / "plan"
+    out.mkdir()
+    (out / "plan.csv").write_text("legacy")                 # written before markers
+    (out / ".gitignore").write_text("/plan.csv\n")
+    with atomic.atomic_dir(out, "plan", atomic.only_files("plan.csv")) as tmp:
+        (tmp / "plan.csv").write_text("new")
+    assert (out / ".gitignore").read_text() == "/plan.csv\n"
+    (out / ".gitignore").write_text("/plan.csv\n/summary.json\n")   # dvc updated it
+    with atomic.atomic_dir(out, "plan") as tmp:
+        (tmp / "plan.csv").write_text("newer")
+    assert (out / ".gitignore").read_text() == "/plan.csv\n/summary.json\n"
+    assert (out / "plan.csv").read_text() == "newer"
