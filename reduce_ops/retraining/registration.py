@@ -1,6 +1,8 @@
 """The logging process's side of `fat`: each FAT run's child run (every check, the test
 accuracy, chip_model.pt, the pt2 model) and one registered model version per chip it serves,
-`champion` only when verified; a chip the plan rejects gets a run that says why."""
+`champion` only when verified, under the key of everything that decided it (model_key); a chip
+the plan rejects gets a run that says why, one the fleet lost is retired; a second `fat` of the
+plan registering the same chip at once is settled in the registry (_settle)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`fat`'s runs on the workers: chips registered for the plan already are skipped, the rest
+"""`fat`'s runs on the workers: chips registered for the plan (under the same model key) already
+are skipped, the rest
 train (execution's backend) while the logging process logs and registers the models of the runs
 that finished; an eFAT group that misses at the cap falls back to its members alone."""
 
@@ -124,8 +125,9 @@ def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
         uri: str, force: bool = False, progress: Progress | None = None,
         exe: ExecutionConfig | None = None,
         queue: BackgroundTracking | None = None) -> list[ChipOutcome]:
-    """Chips the plan rejected get a run that says why; every unit (a chip, or an eFAT group)
-    is skipped for chips registered for this plan already (unless `force`), else trained and
+    """Registered chips the plan's fleet lacks are retired; chips the plan rejected get a run
+    that says why; every unit (a chip, or an eFAT group) is skipped for chips registered for
+    this plan under the unit's model key already (unless `force`), else trained and
     verified (on `exe`'s workers), then logged and registered by `queue`'s process while the
     next units train. Outcomes come in plan order (rejected chips first) whatever order the
     units finish in."""
