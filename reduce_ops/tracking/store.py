@@ -225,6 +225,8 @@ def _tcp_problem(host: str, port: int, timeout: float) -> str:
     def probe() -> str:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
         except OSError as exc:
             return f"cannot connect to {host}:{port} ({exc.strerror or exc})"
         return ""
@@ -240,6 +242,8 @@ def _http_problem(uri: str, timeout: float) -> str:
     def probe() -> str:
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 return ""                         # an MLflow server behind a login
@@ -247,6 +251,8 @@ def _http_problem(uri: str, timeout: float) -> str:
                     f"tracking server (or not running behind that address)")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError):
+                return f"no answer within {timeout:g} s"
             return f"tracking server unreachable ({getattr(reason, 'strerror', None) or reason})"
         return ""
 
