@@ -50,8 +50,8 @@ def resolve_device(name: str) -> torch.device:
                               f"(cuda:0..cuda:{count - 1})")
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None)
                                        and torch.backends.mps.is_available()):
-        raise ConfigError(f"train.device: mps: Apple's Metal backend is not available here; "
-                          f"set train.device to auto or cpu")
+        raise ConfigError("train.device: mps: Apple's Metal backend is not available here; "
+                          "set train.device to auto or cpu")
     return device
 
 
