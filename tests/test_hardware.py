@@ -360,7 +360,7 @@ def test_write_then_load_fleet_round_trip(tmp_path):
     out = tmp_path / "fleet"
     write_fleet(fleet, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["fleet.csv", *(f"{m.chip_id}.npy" for m in fleet)]
+        [".reduce-ops-output", "fleet.csv", *(f"{m.chip_id}.npy" for m in fleet)]
     )
     header, *lines = (out / "fleet.csv").read_text().splitlines()
     assert header == "chip_id,fault_rate,n_faulty,generator,seed,sha256"

@@ -21,6 +21,7 @@ import io
 import math
 import numbers
 import os
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reduce_ops.atomic import write_file
+from reduce_ops.atomic import not_a_file_reason, write_file
 from reduce_ops.errors import ConfigError, FaultMapError
 from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
 from reduce_ops.hardware.fleetio import _csv_lines, _problems_error, _shape_text
@@ -498,11 +499,11 @@ def _stuck_csv(path: Path, geometry: ArrayGeometry) -> tuple[torch.Tensor, torch
             continue
         numbers_: list[int] = []
         for (name, size), text in zip(limits, row):
-            try:
-                value = int(text.strip())
-            except ValueError:
-                problems.append(f"{where}: {name} {text.strip()!r} is not an integer")
+            if not re.fullmatch(r"-?[0-9]+", text.strip()):   # int() takes "1_0", "١"
+                problems.append(f"{where}: {name} {text.strip()!r} is not an integer "
+                                f"(digits 0-9 only)")
                 break
+            value = int(text.strip())
             if not 0 <= value < size:
                 if name == "bit":
                     problems.append(f"{where}: bit position {value} out of range 0..7")
@@ -598,7 +599,7 @@ def read_pe_stuck_file(path: str | os.PathLike, geometry: ArrayGeometry) -> PeSt
         raise FaultMapError(f"{path}: unsupported stuck-at map file type; use .csv or .npz")
     chip_id = validate_chip_id(path.stem, source=str(path))
     if not path.is_file():
-        raise FaultMapError(f"{path}: stuck-at map file not found")
+        raise FaultMapError(f"{path}: {not_a_file_reason(path)}")
     reader = _stuck_csv if suffix == ".csv" else _stuck_npz
     and_mask, or_mask = reader(path, geometry)
     return PeStuckMap(chip_id, and_mask, or_mask)

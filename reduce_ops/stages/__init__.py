@@ -34,6 +34,26 @@ PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "
             "variants", "robustness")
 
 
+# stages that read or write the tracking store, and whether they may create it
+TRACKED = {"pretrain": True, "resilience": True, "plan": True, "group": True, "fat": True,
+           "compare": True, "variants": True, "robustness": True, "main": True, "ui": True,
+           "fetch": False}
+
+
+def check_tracking(cfg: Any, stage: str) -> None:
+    """Before a stage does any work: one line when its tracking store cannot be used (a server
+    away fails within seconds, not after minutes of retries). A new SQLite store is made on
+    first use, whole (tracking.store.client_for)."""
+    import os
+
+    from reduce_ops.tracking.store import check_store, open_existing, tracking_uri
+
+    if stage in TRACKED:
+        uri = tracking_uri(cfg.root)
+        check_store(uri, bool(os.environ.get("MLFLOW_TRACKING_URI")), create=TRACKED[stage])
+        open_existing(uri)
+
+
 def runner(stage: str) -> Callable[..., Any]:
     """The stage's `run` function (its module is imported only when it runs)."""
     return importlib.import_module(f"reduce_ops.stages.{stage}").run

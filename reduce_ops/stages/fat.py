@@ -19,7 +19,7 @@ from reduce_ops.records import chips as chips_record
 from reduce_ops.records import groups as groups_record
 from reduce_ops.records import plan as plan_record
 from reduce_ops.retraining import schedule
-from reduce_ops.retraining.registration import RegistryContext
+from reduce_ops.retraining.registration import RegistryContext, settings_key
 from reduce_ops.retraining.units import chip_jobs, units
 from reduce_ops.retraining.worker import TrainSettings
 from reduce_ops.tracking.logger import BackgroundTracking
@@ -63,7 +63,10 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
         settings = TrainSettings(cfg.fat, cfg.hardware.layer_types, device, rule)
         pre = Preprocess.from_meta(data.meta)        # served models take raw images
         ctx = RegistryContext(plan.run_id, rule, plan.summary.dataset_hash, cfg.registry.prefix,
-                              dict(ckpt["arch"]), pre.raw(data.x["test"][:2]).numpy(), pre)
+                              dict(ckpt["arch"]), pre.raw(data.x["test"][:2]).numpy(), pre,
+                              settings_key=settings_key(settings, plan.run_id,
+                                                        identity.baseline_hash or "",
+                                                        identity.dataset_hash))
         stage.set_tags({names.TAG_PLAN_RUN: plan.run_id, **provenance.identity_tags(identity)})
         stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("fat", "hardware", "registry",
                                                                    "verify")}))
