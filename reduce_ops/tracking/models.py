@@ -50,9 +50,12 @@ def resolve(uri: str, tracking: str, key: str = "model.uri") -> ResolvedModel:
     """Pin `uri` to what it names in the store at `tracking` now (an alias to its version);
     one line naming `key` when nothing is there."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking, registry_uri=tracking)
+    from reduce_ops.tracking.store import check_store, client_for
+
+    # a store away or not there is one line naming it, within seconds
+    check_store(tracking, bool(os.environ.get("MLFLOW_TRACKING_URI")), create=False)
+    client = client_for(tracking)
     try:
         if m := re.fullmatch(r"models:/([^/@]+)@([^/@]+)", uri):
             mv = client.get_model_version_by_alias(m[1], m[2])
