@@ -56,16 +56,18 @@ class DataConfig:
 
     source: Literal["mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "imagefolder",
                     "npz", "function"]
-    path: str | None          # npz: the file (x_train, y_train, optional x_val.., x_test..)
-    function: str | None      # function: package.module:function returning the splits
-    mean: list[float] | None  # per-channel normalisation of [0, 1] pixels that the model was
-    std: list[float] | None   # trained with; null = the train split's own statistics
     download: bool
     val_fraction: float = _check(0.0, 0.5, lo_open=True)
     test_fraction: float = _check(0.0, 0.5, lo_open=True)
     seed: int = _check(0, MAX_SEED)
     image_size: int = _check(4, 512)      # imagefolder only: images are resized to this square
     grayscale: bool                       # imagefolder only: convert to one channel
+    # a user's own data (every key is still required in params.yaml: the defaults are only for
+    # code that builds a DataConfig by position)
+    path: str | None = None       # npz: the file (x_train, y_train, optional x_val.., x_test..)
+    function: str | None = None   # function: package.module:function returning the splits
+    mean: list[float] | None = None   # per-channel normalisation of [0, 1] pixels that the
+    std: list[float] | None = None    # model was trained with; null = the train split's own
 
 
 @dataclass(frozen=True)
