@@ -203,8 +203,16 @@ def load_cifar10(folder: Path) -> Any:
             if "data" not in d or "labels" not in d:
                 raise DataError(f"{folder / name}: a CIFAR-10 batch has 'data' and 'labels', "
                                 f"this one {sorted(d)}")
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d["labels"], dtype=np.int64))
+            try:
+                x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                y = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"{folder / name}: not CIFAR-10 images and labels ({exc})"
+                                ) from None
+            if len(x) != len(y):
+                raise DataError(f"{folder / name}: {len(x)} images but {len(y)} labels")
+            xs.append(x)
+            ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
 
     x, y = arrays(CIFAR10_FILES[:5])

@@ -526,6 +526,10 @@ def test_cifar10_reader_on_synthetic_files_in_the_python_format(tmp_path: Path) 
     with np.load(cfg.path("prepared") / "dataset.npz") as npz:
         assert np.array_equal(npz["x_test"], written["test_batch"].reshape(-1, 3, 32, 32))
         assert npz["x_test"][0, 1, 0, 0] == written["test_batch"][0, 1024]   # green plane
+    with (cfg.path("raw") / "cifar-10-batches-py/data_batch_3").open("wb") as f:
+        pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(DataError, match="data_batch_3: not CIFAR-10 images and labels"):
+        prepare(cfg.data, cfg.path("raw"), cfg.path("prepared"), cfg.root)
     # a pickle that would run code is refused, not run
     class Evil:
         def __reduce__(self):
