@@ -284,7 +284,7 @@ def test_a_factory_with_its_weights_on_npz_data(tmp_path: Path) -> None:
                            f"data.path={user / 'digits.npz'}", "data.mean=[0.5]",
                            "data.std=[0.5]", "hardware.exclude_layers=[stem]"])
     run_stages(project, "source", "prepare", "faultmaps", "pretrain", "resilience", "plan",
-               "group", "fat", "compare")
+               "group", "fat", "compare", "variants", "robustness")
     meta = json.loads((project / "data/prepared/meta.json").read_text())
     assert meta["split_sizes"]["test"] == 1797 - 1400          # the user's test split, kept
     assert meta["classes"][3] == "digit 3" and meta["mean"] == [0.5]
