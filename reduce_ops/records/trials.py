@@ -59,8 +59,10 @@ class TrialResult:
     reused_from: str = ""
     val_lost: list[int] = field(default_factory=list)     # per amount (empty: not recorded)
     val_gained: list[int] = field(default_factory=list)
-    started: float = 0.0          # time.time() the trial started (0: not recorded)
-    times: list[float] = field(default_factory=list)      # time.time() of each measurement
+    # when it ran, not what it found (two runs of one trial compare equal): time.time() it
+    # started (0: not recorded) and of each measurement
+    started: float = field(default=0.0, compare=False)
+    times: list[float] = field(default_factory=list, compare=False)
 
     @property
     def extended(self) -> bool:
