@@ -97,21 +97,28 @@ def replay(out: Path, rules: dict[str, ShippingRule], settings: PlanSettings) ->
 
 
 def rules_for(out: Path, escape_rates: list[float], margins: list[float],
-              absolute: list[float]) -> dict[str, ShippingRule]:
-    """The seed's own rule (from its plan) and its variants: flat margins, escape rates, and
-    absolute levels (each with the same escape rates)."""
-    own = rule_from_summary(json.loads((out / "plan_summary.json").read_text()),
-                            str(out / "plan_summary.json"))
+              absolute: list[float], drops: list[float]) -> dict[str, ShippingRule]:
+    """The seed's own rule (from its plan) and its variants: flat margins (one check), escape
+    rates (pooled as params pool, and one check), at the seed's own constraint, at other
+    absolute levels and at drops from the baseline on each split (paired)."""
+    summary = json.loads((out / "plan_summary.json").read_text())
+    own = rule_from_summary(summary, str(out / "plan_summary.json"))
+    constraints = {"own": own}
+    constraints.update({f"absolute {level:g}": dataclasses.replace(
+        own, decision_level=level, constraint_level=level, paired=False) for level in absolute})
+    constraints.update({f"drop {d * 100:g}pt": dataclasses.replace(
+        own, decision_level=summary["baseline_val_accuracy"] - d,
+        constraint_level=summary["baseline_test_accuracy"] - d, paired=True) for d in drops})
     rules = {"params": own}
-    rules.update({f"flat {m * 100:+.2f}pt": dataclasses.replace(own, margin=m, escape_rate=0.0)
-                  for m in margins})
-    rules.update({f"drop, escape {e:g}": dataclasses.replace(own, margin=0.0, escape_rate=e)
-                  for e in escape_rates})
-    for level in absolute:
-        base = dataclasses.replace(own, decision_level=level, constraint_level=level, margin=0.0,
-                                   paired=False)
-        rules.update({f"absolute {level:g}, escape {e:g}": dataclasses.replace(
-            base, escape_rate=e) for e in escape_rates})
+    pool = max(own.pool, 2)
+    for name, base in constraints.items():
+        rules.update({f"{name}, flat {m * 100:+.2f}pt, one check": dataclasses.replace(
+            base, margin=m, escape_rate=0.0, pool=1) for m in margins})
+        for e in escape_rates:
+            rules[f"{name}, escape {e:g}, one check"] = dataclasses.replace(
+                base, margin=0.0, escape_rate=e, pool=1)
+            rules[f"{name}, escape {e:g}, pooled over {pool}"] = dataclasses.replace(
+                base, margin=0.0, escape_rate=e, pool=pool)
     return rules
 
 
@@ -125,6 +132,8 @@ def main() -> None:
     parser.add_argument("--margins", type=float, nargs="*", default=[])
     parser.add_argument("--absolute", type=float, nargs="*", default=[],
                         help="absolute constraint levels to replay (decided and judged at it)")
+    parser.add_argument("--drop", type=float, nargs="*", default=[],
+                        help="drops from the baseline to replay (each split against its own)")
     args = parser.parse_args()
     cfg = load_config(REPO / "params.yaml", args.sets)
     todo = [s for s in args.seeds if not (args.out / f"seed{s}" / "curves.csv").is_file()]
@@ -135,8 +144,8 @@ def main() -> None:
     parts = []
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
-        table = replay(out, rules_for(out, args.escape_rates, args.margins, args.absolute),
-                       settings).assign(seed=seed)
+        table = replay(out, rules_for(out, args.escape_rates, args.margins, args.absolute,
+                                      args.drop), settings).assign(seed=seed)
         for r in table.to_dict("records"):
             print(json.dumps(r), flush=True)
         parts.append(table)

@@ -19,6 +19,7 @@ from reduce_ops import binomial
 from reduce_ops.binomial import wilson_interval
 from reduce_ops.config import Config, TrainConfig
 from reduce_ops.data import PreparedData
+from reduce_ops.hardware.mapping import leave_off_array
 from reduce_ops.models import activation_sparsity, build_model
 from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
 from reduce_ops.quant import QuantizedWeights, quantized_accuracy
@@ -132,15 +133,31 @@ class TrainedBaseline:
 def train_baseline(cfg: Config, data: PreparedData, activation_threshold: float,
                    train_cfg: TrainConfig, device: torch.device,
                    on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainedBaseline:
-    """Build and train one baseline, then measure it once, on splits the training never chose
-    by: accuracy (float and int8) on validation and test, activation sparsity (validation) and
-    flatness (a seeded sample of the training split)."""
+    """Build and train one baseline (its hardware.exclude_layers off the array), then measure
+    it once (measure)."""
     t0 = time.perf_counter()
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes,
                         activation_threshold).to(device)
+    leave_off_array(model, cfg.hardware.exclude_layers)
     result = pretrain(model, data, train_cfg, device, on_epoch, cfg.hardware.layer_types)
     seconds = time.perf_counter() - t0
+    metrics = {**measure(cfg, model, data, device),
+               "best_holdout_accuracy": result.best_holdout_accuracy,
+               "n_holdout": result.n_holdout, "best_epoch": result.best_epoch,
+               "epochs_trained": len(result.history), "train_seconds": seconds}
+    arch = {"name": cfg.model.name, "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "activation_threshold": activation_threshold,
+            "exclude_layers": list(cfg.hardware.exclude_layers)}
+    return TrainedBaseline(model, arch, result, metrics)
+
+
+def measure(cfg: Config, model: nn.Module, data: PreparedData,
+            device: torch.device | str) -> dict[str, float]:
+    """What is measured once on every baseline, trained here or given, on splits its training
+    never chose by: accuracy (float and int8) on validation and test, activation sparsity
+    (validation) and flatness (a seeded sample of the training split)."""
+    model.to(device)
     val_acc, val_loss = evaluate(model, data.x["val"], data.y["val"], device=device)
     test_acc, test_loss = evaluate(model, data.x["test"], data.y["test"], device=device)
     n_val, n_test = len(data.y["val"]), len(data.y["test"])
@@ -158,14 +175,9 @@ def train_baseline(cfg: Config, data: PreparedData, activation_threshold: float,
                                                         data.y["test"], cfg.hardware.layer_types),
                "activation_sparsity": activation_sparsity(model_cpu, data.x["val"]),
                **flatness(model_cpu, data.x["train"][sample], data.y["train"][sample],
-                          fl.sigma, fl.draws, fl.seed),
-               "best_holdout_accuracy": result.best_holdout_accuracy,
-               "n_holdout": result.n_holdout, "best_epoch": result.best_epoch,
-               "epochs_trained": len(result.history), "train_seconds": seconds}
+                          fl.sigma, fl.draws, fl.seed)}
     model.to(device)
-    arch = {"name": cfg.model.name, "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes, "activation_threshold": activation_threshold}
-    return TrainedBaseline(model, arch, result, metrics)
+    return metrics
 
 
 def describe(metrics: dict[str, float], n_val: int, n_test: int) -> str:

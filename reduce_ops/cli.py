@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from reduce_ops.config import load_config, split_overrides
 from reduce_ops.errors import ReduceOpsError
-from reduce_ops.stages import STAGES, runner
+from reduce_ops.stages import STAGES, check_tracking, runner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> None:
     cfg = load_config(args.params, [*split_overrides(args.overrides), *args.sets])
+    check_tracking(cfg, args.stage)
     if args.stage == "faultmaps" and args.action == "import":
         from reduce_ops.stages.faultmaps import import_maps
 
@@ -72,17 +75,57 @@ def _dispatch(args: argparse.Namespace) -> None:
         runner(args.stage)(cfg)
 
 
+@contextmanager
+def _stop_on_sigterm() -> Iterator[list[int]]:
+    """While a stage runs, SIGTERM raises KeyboardInterrupt in the main thread (only there can
+    a handler be set); the yielded list gets an entry once it came. The handler before is
+    restored after."""
+    import signal
+    import threading
+
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        came.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one stage; bad input ends with one line on stderr and exit code 2, never a traceback."""
+    """Run one stage; bad input ends with one line on stderr and exit code 2, never a traceback.
+    SIGTERM (a scheduler's stop, `kill`, `timeout`) ends it the way Ctrl-C does: runs end
+    KILLED, temporaries are removed; the exit code is then 143."""
     args = build_parser().parse_args(argv)
+    with _stop_on_sigterm() as terminated:
+        return _main(args, terminated)
+
+
+def _main(args: argparse.Namespace, terminated: list[int]) -> int:
     try:
         _dispatch(args)
     except ReduceOpsError as exc:
         print(f"reduce-ops {args.stage}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"reduce-ops {args.stage}: interrupted", file=sys.stderr)
-        return 130
+        print(f"reduce-ops {args.stage}: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as exc:  # noqa: BLE001 - the store or the disk failing: one line too
+        from reduce_ops.tracking.store import store_failure
+
+        line = store_failure(exc)
+        if line is None or os.environ.get("REDUCE_OPS_TRACEBACK"):
+            raise                                   # a bug: shown in full
+        print(f"reduce-ops {args.stage}: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from reduce_ops.errors import ConfigError
 from reduce_ops.names import safe_name_problem
 
 DEFAULT_PARAMS = "params.yaml"
+MAX_SEED = 2**32 - 1       # every seed goes to numpy, torch and scikit-learn: the range they share
 # keys of earlier params files, and where their value lives now
 MOVED_KEYS = {
     "robustness.stuck_polarity": "stuck-at faults share one setting: hardware.stuck_at.polarity",
@@ -45,26 +47,40 @@ class PathsConfig:
     baseline: str
     variants: str
     results: str
+    code: str | None        # a folder put on sys.path to import model.factory / data.function
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset source and the seeded, stratified split."""
 
-    source: Literal["mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
+    source: Literal["mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "imagefolder",
+                    "npz", "function"]
     download: bool
     val_fraction: float = _check(0.0, 0.5, lo_open=True)
     test_fraction: float = _check(0.0, 0.5, lo_open=True)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     image_size: int = _check(4, 512)      # imagefolder only: images are resized to this square
     grayscale: bool                       # imagefolder only: convert to one channel
+    # a user's own data (every key is still required in params.yaml: the defaults are only for
+    # code that builds a DataConfig by position)
+    path: str | None = None       # npz: the file (x_train, y_train, optional x_val.., x_test..)
+    function: str | None = None   # function: package.module:function returning the splits
+    mean: list[float] | None = None   # per-channel normalisation of [0, 1] pixels that the
+    std: list[float] | None = None    # model was trained with; null = the train split's own
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which architecture build_model constructs."""
+    """The baseline: a zoo architecture that pretrain trains, or a trained network of the
+    user's (an MLflow model URI, or a factory and its state_dict) that pretrain measures."""
 
-    name: Literal["lenet", "mlp", "vgg11", "resnet18"]
+    source: Literal["zoo", "mlflow", "python"]
+    name: Literal["lenet", "mlp", "vgg11", "resnet18"]   # zoo
+    uri: str | None               # mlflow: models:/name@alias | models:/name/N | runs:/id/path
+    factory: str | None           # python: package.module:function returning the nn.Module
+    weights: str | None           # python: its state_dict file, loaded with weights_only=True
+    allow_pickle: bool            # mlflow: unpickle a model saved with pickle (runs its code)
     activation_threshold: float = _check(0.0, 100.0)   # ReLU -> x if x > t else 0 (0 = ReLU)
 
 
@@ -82,7 +98,7 @@ class TrainConfig:
     lr: float = _check(0.0, 10.0, lo_open=True)
     momentum: float = _check(0.0, 1.0, hi_open=True)
     weight_decay: float = _check(0.0, 1.0)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     augment_shift: int = _check(0, 64)
     device: str
     sharpness: Literal["none", "sam", "saq"]     # plain steps | SAM | SAQ (int8 in the loop)
@@ -96,7 +112,7 @@ class FlatnessConfig:
     sigma: float = _check(0.0, 10.0, lo_open=True)   # noise std, relative to each |weight|
     draws: int = _check(1, 10000)
     n_images: int = _check(1)                       # training images the loss is measured on
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,7 @@ class HardwareConfig:
     rows: int = _check(1, 65536)
     cols: int = _check(1, 65536)
     layer_types: list[Literal["conv", "linear"]] = _check(nonempty=True)
+    exclude_layers: list[str]     # module names (a container: all inside) that run elsewhere
     fault_model: Literal["bypass", "stuck_at"]     # weights act as zero | int8 with stuck bits
     stuck_at: StuckAtConfig
 
@@ -148,7 +165,7 @@ class FaultMapsConfig:
     rate_distribution: Literal["uniform", "beta"]
     rate_min: float = _check(0.0, 1.0)
     rate_max: float = _check(0.0, 1.0)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     id_prefix: str
 
 
@@ -161,7 +178,7 @@ class FatConfig:
     momentum: float = _check(0.0, 1.0, hi_open=True)
     weight_decay: float = _check(0.0, 1.0)
     batch_size: int = _check(1, 65536)
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -173,7 +190,7 @@ class ResilienceConfig:
     max_epochs: float = _check(0.0, 1000.0, lo_open=True)
     checkpoint_every: float = _check(0.0, 1000.0, lo_open=True)
     generator: Literal["uniform", "clustered"]
-    seed: int = _check(0)
+    seed: int = _check(0, MAX_SEED)
     accuracy_levels: list[float] = _check(0.0, 1.0)
     confirm_epochs: float = _check(0.0, 1000.0)   # a trial past the grid stops this long after
                                                   # its monotone fit reached the level
@@ -240,7 +257,7 @@ class RobustnessConfig:
     bers: list[float] = _check(0.0, 1.0, nonempty=True)          # bit error rates
     fault_models: list[Literal["bit_flip", "stuck_at"]] = _check(nonempty=True)
     repetitions: int = _check(1, 1000)
-    seed: int = _check(0)                         # fault seed, apart from every other seed
+    seed: int = _check(0, MAX_SEED)                         # fault seed, apart from every other seed
 
 
 @dataclass(frozen=True)
@@ -468,9 +485,93 @@ def _cross_checks(cfg: Config, where: str) -> None:
                               if variant.name == "baseline" else "a name used twice")
             raise ConfigError(f"{where}: variants[{i}].name: {why}")
         seen.add(variant.name)
-    if cfg.train.device not in ("auto", "cpu") and not cfg.train.device.startswith(("cuda", "mps")):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]{1,3})?", cfg.train.device):
         raise ConfigError(f"{where}: train.device: expected auto, cpu, cuda[:N] or mps, "
                           f"got {cfg.train.device!r}")
+    _check_paths(cfg, where)
+
+
+# Output folders that a stage replaces as a whole (an atomic swap), and the record folders under
+# paths.results that are replaced the same way.
+REPLACED_PATHS = ("prepared", "fleet", "variants")
+REPLACED_RECORDS = ("plan", "group", "fat")
+
+
+def _check_paths(cfg: Config, where: str) -> None:
+    """No folder that a stage replaces as a whole may be the project folder, hold it, or hold
+    (or be) another configured path: replacing it would delete what is there."""
+    def place(text: str) -> Path:
+        return (cfg.root / text).resolve()
+
+    named = {f"paths.{k}": place(getattr(cfg.paths, k)) for k in
+             ("raw", "prepared", "fleet", "baseline", "variants", "results")}
+    named["faultmaps.import_dir"] = place(cfg.faultmaps.import_dir)
+    named["the params file"] = place(where) if Path(where).name else cfg.root
+    if named["paths.baseline"].is_dir():
+        raise ConfigError(f"{where}: paths.baseline: {named['paths.baseline']} is a folder; it "
+                          f"names the model file that pretrain writes (e.g. models/baseline.pt)")
+    replaced = {k: named[f"paths.{k}"] for k in REPLACED_PATHS}
+    replaced.update({f"results/{r}": named["paths.results"] / r for r in REPLACED_RECORDS})
+    for name, out in replaced.items():
+        key = (f"paths.{name}" if name in REPLACED_PATHS
+               else f"paths.results' {name.split('/')[1]}/ folder")
+        if out == cfg.root or out in cfg.root.parents:
+            raise ConfigError(f"{where}: {key}: {getattr(cfg.paths, name, name)!r} is the "
+                              f"project folder or holds it; a stage replaces this folder as a "
+                              f"whole: give it a folder of its own (e.g. data/{name})")
+        for other, path in named.items():
+            if other == key or (name.startswith("results/") and other == "paths.results"):
+                continue
+            if path == out or out in path.parents:
+                how = "is" if path == out else "holds"
+                raise ConfigError(f"{where}: {key} ({out}) {how} {other} ({path}); a stage "
+                                  f"replaces {key} as a whole: give it a folder of its own")
+
+
+# Model URIs that name one model (resolved to a pinned version when pretrain reads it).
+MODEL_URI = re.compile(r"models:/[^/@]+@[^/@]+|models:/[^/@]+/[0-9]+|models:/m-[0-9a-f]+"
+                       r"|runs:/[0-9a-f]+/.+")
+IMPORT_SPEC = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+def _source_checks(cfg: Config, where: str) -> None:
+    """Which keys the model and data sources need, and that the others stay null."""
+    m, d = cfg.model, cfg.data
+    needs = {"zoo": (), "mlflow": ("uri",), "python": ("factory", "weights")}
+    for section, source, keys, need in (
+            ("model", m.source, ("uri", "factory", "weights"), needs[m.source]),
+            ("data", d.source, ("path", "function"),
+             {"npz": ("path",), "function": ("function",)}.get(d.source, ()))):
+        obj = m if section == "model" else d
+        for key in keys:
+            given = getattr(obj, key) is not None
+            if key in need and not given:
+                raise ConfigError(f"{where}: {section}.{key}: needed by {section}.source "
+                                  f"{source}")
+            if key not in need and given:
+                raise ConfigError(f"{where}: {section}.{key}: set, but {section}.source is "
+                                  f"{source}; set it to null (or change {section}.source)")
+    if m.uri is not None and not MODEL_URI.fullmatch(m.uri):
+        raise ConfigError(f"{where}: model.uri: expected models:/<name>@<alias>, "
+                          f"models:/<name>/<version> or runs:/<run id>/<path>, got {m.uri!r}")
+    for key, spec in (("model.factory", m.factory), ("data.function", d.function)):
+        if spec is not None and not IMPORT_SPEC.fullmatch(spec):
+            raise ConfigError(f"{where}: {key}: expected package.module:function, got {spec!r}")
+    if m.source != "zoo":
+        if m.activation_threshold > 0:
+            raise ConfigError(f"{where}: model.activation_threshold: thresholds a zoo model "
+                              f"that pretrain trains; with model.source {m.source} set it to 0")
+        if cfg.variants:
+            raise ConfigError(f"{where}: variants: are trained from scratch, for model.source "
+                              f"zoo only; with model.source {m.source} set variants: []")
+    if (d.mean is None) != (d.std is None) or (d.mean is not None and len(d.mean) != len(d.std)):
+        raise ConfigError(f"{where}: data.mean and data.std: both null, or lists of one value "
+                          f"per channel, got {d.mean} and {d.std}")
+    if d.std is not None and not all(v > 0 for v in d.std):
+        raise ConfigError(f"{where}: data.std: every value must be > 0, got {d.std}")
+    if len(set(cfg.hardware.exclude_layers)) != len(cfg.hardware.exclude_layers):
+        raise ConfigError(f"{where}: hardware.exclude_layers: a name listed twice in "
+                          f"{cfg.hardware.exclude_layers}")
 
 
 # --------------------------------------------------------------------------- overrides
@@ -531,16 +632,56 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 # --------------------------------------------------------------------------- loading
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a params file as a mapping, with a one-line error for a missing or broken file."""
+def read_params_text(path: Path) -> str:
+    """The params file's text (UTF-8), or one ConfigError line: missing, unreadable, not
+    text."""
     try:
-        text = path.read_text()
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a params file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the last would win
+    silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue                 # `<<: *base` may be overridden by the keys beside it
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:            # an unhashable key: the base class says so
+                break
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(key, first, again)
+        self.key, self.first, self.again = key, first, again
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a params file as a mapping, with a one-line error for a missing or broken file."""
+    text = read_params_text(path)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)     # a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}: line {dup.again}: key {dup.key!r} given twice (also on "
+                          f"line {dup.first}); keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f" at line {mark.line + 1}" if mark else ""
@@ -555,21 +696,33 @@ def from_dict(raw: dict[str, Any], root: Path = Path("."), where: str = DEFAULT_
     cfg = _build(Config, raw, "", where)
     cfg = dataclasses.replace(cfg, root=Path(root).resolve(), source=where)
     _cross_checks(cfg, where)
+    _source_checks(cfg, where)
     return cfg
 
 
 def set_params(path: Path, values: dict[str, Any]) -> None:
     """Write `values` ({'section.key': value}) into the params file, keeping its comments and
     layout (a round-trip YAML edit, written atomically); the result must still validate."""
+    write_params(path, edited_params(path, values))
+
+
+def write_params(path: Path, text: str) -> None:
+    """Replace the params file by `text` (from edited_params) atomically."""
+    from reduce_ops.atomic import write_file
+
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def edited_params(path: Path, values: dict[str, Any]) -> str:
+    """The params file's text with `values` ({'section.key': value}) set, comments and layout
+    kept (a round-trip YAML edit), checked to still validate; nothing is written."""
     import io
 
     from ruamel.yaml import YAML
 
-    from reduce_ops.atomic import write_file
-
     doc_yaml = YAML()
     doc_yaml.preserve_quotes = True
-    doc = doc_yaml.load(path.read_text())
+    doc = doc_yaml.load(read_params_text(path))
     for key, value in values.items():
         node = doc
         *parents, leaf = key.split(".")
@@ -582,7 +735,7 @@ def set_params(path: Path, values: dict[str, Any]) -> None:
     doc_yaml.dump(doc, buffer)
     text = buffer.getvalue()
     from_dict(yaml.safe_load(text), root=path.resolve().parent, where=str(path))  # still valid
-    write_file(path, lambda tmp: tmp.write_text(text))
+    return text
 
 
 def load_config(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:

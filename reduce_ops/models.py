@@ -1,8 +1,11 @@
-"""Model zoo: build_model(name, input_shape, num_classes) and the baseline checkpoint format."""
+"""Model zoo: build_model(name, input_shape, num_classes); the checkpoint format (state_dict +
+the arch that rebuilds the module: a zoo model, a user's factory or MLflow model); the model as
+it is served (raw images in, normalised inside)."""
 
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,24 @@ def build_model(name: str, input_shape: tuple[int, ...] | list[int], num_classes
     return model
 
 
+def architecture(arch: dict[str, Any], tracking_uri: str | None = None) -> nn.Module:
+    """The untrained module a checkpoint's `arch` describes: a zoo model (build_model's
+    arguments), a user's factory (source python) or MLflow model (source mlflow, fetched from
+    its tracking store, or `tracking_uri` when given), with its off-array layers marked."""
+    from reduce_ops.hardware.mapping import leave_off_array
+
+    source = arch.get("source", "zoo")
+    if source == "zoo":
+        model = build_model(arch["name"], arch["input_shape"], arch["num_classes"],
+                            arch.get("activation_threshold", 0.0))
+    else:
+        from reduce_ops import model_source
+
+        model = model_source.skeleton(arch, tracking_uri)
+    leave_off_array(model, arch.get("exclude_layers", []))
+    return model
+
+
 def save_checkpoint(model: nn.Module, arch: dict[str, Any], info: dict[str, Any],
                     path: Path) -> None:
     """Write {state_dict, arch, info} atomically; loadable with torch.load(weights_only=True)."""
@@ -153,18 +174,92 @@ def save_checkpoint(model: nn.Module, arch: dict[str, Any], info: dict[str, Any]
                                             tmp))
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model stored by save_checkpoint; returns (model in eval mode, checkpoint)."""
+def load_checkpoint(path: Path, device: str | torch.device = "cpu",
+                    exclude_layers: list[str] | None = None,
+                    tracking_uri: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored by save_checkpoint; returns (model in eval mode, checkpoint).
+    `exclude_layers` (hardware.exclude_layers now) must be what the file was saved with."""
     if not path.is_file():
         raise DataError(f"{path}: no baseline model; run `reduce-ops pretrain` first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         arch = ckpt["arch"]
-        model = build_model(arch["name"], arch["input_shape"], arch["num_classes"],
-                            arch.get("activation_threshold", 0.0))
-        model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, OSError, ValueError, TypeError,
             pickle.UnpicklingError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a reduce-ops model checkpoint ({first_line})") from None
+        raise DataError(f"{path}: not a reduce-ops model checkpoint ({_first(exc)})") from None
+    saved = list(arch.get("exclude_layers", []))
+    if exclude_layers is not None and list(exclude_layers) != saved:
+        raise DataError(f"{path} was saved with hardware.exclude_layers {saved}, params say "
+                        f"{list(exclude_layers)}; run `reduce-ops pretrain` again")
+    model = architecture(arch, tracking_uri)     # a user's code or model: its own one line
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: not a reduce-ops model checkpoint ({_first(exc)})") from None
     return model.to(device).eval(), ckpt
+
+
+def _first(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- serving
+
+def serving_requirements() -> list[str]:
+    """What a served (pt2) model needs to load; explicit, so MLflow skips its slow inference."""
+    import numpy as np
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+
+
+class RawInput(nn.Module):
+    """`net` behind its preprocessing: takes the images a user has, uint8 [N, C, H, W] pixel
+    values 0-255 as in the dataset, and scales them to [0, 1] and normalises each channel
+    inside (the same float operations as data.load_prepared, so the logits are the same)."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).div(255.0)                        # [N, C, H, W] in [0, 1]
+        return self.net((x - self.mean) / self.std)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The dataset's preprocessing, which every served model carries inside."""
+
+    mean: list[float]
+    std: list[float]
+    classes: list[str]
+    input_shape: list[int]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Preprocess:
+        return cls(list(meta["mean"]), list(meta["std"]), [str(c) for c in meta["classes"]],
+                   list(meta["input_shape"]))
+
+    def wrap(self, model: nn.Module) -> RawInput:
+        """`model` (which reads normalised images) as served, in eval mode: what ships is what
+        verification measured (BatchNorm on its running statistics)."""
+        return RawInput(model, self.mean, self.std).eval()
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images back to the uint8 pixels they came from (exact: the float error
+        is far below half a grey level)."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x * std + mean).mul(255.0).round().clamp(0, 255).to(torch.uint8)
+
+    def describe(self) -> str:
+        """The served model's contract, for its description."""
+        c, h, w = self.input_shape
+        classes = ", ".join(self.classes[:20]) + (", ..." if len(self.classes) > 20 else "")
+        return (f"Input: raw images as uint8 [N, {c}, {h}, {w}] (pixel values 0-255, channels "
+                f"first); the model divides by 255 and normalises each channel with mean "
+                f"{[round(v, 6) for v in self.mean]} and std {[round(v, 6) for v in self.std]} "
+                f"inside, so a client sends the pixels as they are. Output: logits [N, "
+                f"{len(self.classes)}] for the classes {classes} (argmax = the class).")

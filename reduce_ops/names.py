@@ -32,6 +32,7 @@ def registered_name(prefix: str, chip_id: str) -> str:
 CHAMPION = "champion"                    # alias of the version a chip ships with
 CHIP_MODEL_FILE = "chip_model.pt"        # run artifact: state_dict + arch, trainable
 SHIPPED, REJECTED = "shipped", "rejected"   # a chip's status under the current plan
+RETIRED = "retired"                      # a registered chip the current plan's fleet lacks
 
 # --------------------------------------------------------------------------- run tags
 TAG_PARENT = "mlflow.parentRunId"        # MLflow's own: a child run's parent
@@ -58,7 +59,8 @@ TAG_DRIVER = "reduce_ops.driver"       # host:pid:start of the process that owns
 # --------------------------------------------------------------------------- model version tags
 VTAG_CHIP = "chip_id"                    # also on the registered model itself
 VTAG_FAULT_RATE = "fault_rate"           # also on the registered model itself
-VTAG_PLAN_RUN = "plan_run_id"            # a rerun skips chips registered for this plan
+VTAG_PLAN_RUN = "plan_run_id"            # a rerun skips chips registered for this plan...
+VTAG_MODEL_KEY = "model_key"             # ...under the same key (registration.model_key)
 VTAG_TEST_ACCURACY = "test_accuracy"
 VTAG_VAL_ACCURACY = "val_accuracy"
 VTAG_CONSTRAINT_MET = "constraint_met"

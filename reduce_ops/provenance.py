@@ -50,7 +50,16 @@ def dataset_meta(cfg: Config) -> dict:
     path = cfg.path("prepared") / META_FILE
     if not path.is_file():
         raise DataError(f"{path}: no prepared dataset; run `reduce-ops prepare` first")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        missing = [k for k in ("dataset_hash", "source", "split_sizes", "input_shape",
+                               "num_classes") if k not in meta]
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable ({type(exc).__name__}); run `reduce-ops prepare` "
+                        f"again") from None
+    if missing:
+        raise DataError(f"{path}: lacks {', '.join(missing)}; run `reduce-ops prepare` again")
+    return meta
 
 
 def current_identity(cfg: Config) -> Identity:
@@ -100,12 +109,19 @@ def resilience_run(cfg: Config, identity: Identity) -> RunRecord:
         if not summary.is_file():
             raise DataError(f"{summary}: no resilience results; run `reduce-ops resilience` "
                             f"first (or set plan.resilience_run)")
-        run_id, where = str(json.loads(summary.read_text())["run_id"]), str(summary)
+        try:
+            run_id, where = str(json.loads(summary.read_text())["run_id"]), str(summary)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{summary}: unreadable ({type(exc).__name__}); run `reduce-ops "
+                            f"resilience` again (or set plan.resilience_run)") from None
     try:
         run = get_run(uri, run_id)
     except TrackingError:
         raise TrackingError(f"{where}: resilience run {run_id!r} is not in {uri}; run "
                             f"`reduce-ops resilience` (or set plan.resilience_run)") from None
+    if run.deleted:
+        raise TrackingError(f"{where}: resilience run {run_id} was deleted in MLflow; run "
+                            f"`reduce-ops resilience` again (or restore the run)")
     stage = run.tags.get(names.TAG_STAGE)
     if stage != "resilience":
         what = f"a {stage} run" if stage else "not a reduce-ops run"

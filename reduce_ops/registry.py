@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from reduce_ops import names
-from reduce_ops.errors import TrackingError
+from reduce_ops.errors import ReduceOpsError, TrackingError
 from reduce_ops.names import CHAMPION, CHIP_MODEL_FILE, REJECTED, registered_name
 from reduce_ops.tracking.registry import (
     ModelVersionInfo,
@@ -23,6 +24,7 @@ from reduce_ops.tracking.registry import (
     registered_model_tags_of,
 )
 from reduce_ops.tracking.runs import find_runs
+from reduce_ops.tracking.store import check_store
 
 
 def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
@@ -41,12 +43,18 @@ def _model_name(uri: str, chip_id: str, prefix: str | None) -> str | None:
 def champion(uri: str, chip_id: str, prefix: str | None = None) -> ModelVersionInfo:
     """The chip's champion version, or one TrackingError line saying why there is none (no
     version met the constraint, the plan rejected the chip, or an unknown id: close matches)."""
+    problem = names.safe_name_problem(chip_id)
+    if problem:                      # it goes into registry searches: a safe name or nothing
+        raise TrackingError(f"chip id: {problem}")
     name = _model_name(uri, chip_id, prefix)
     if name is not None:
         found = model_version_by_alias(uri, name, CHAMPION)
         if found is not None:
             return found
         tags = registered_model_tags_of(uri, name)
+        if tags.get(names.MTAG_STATUS) == names.RETIRED:
+            raise TrackingError(f"chip {chip_id!r} has no champion: it is retired "
+                                f"({tags.get(names.MTAG_REASON) or 'not in the fleet'})")
         if tags.get(names.MTAG_STATUS) == REJECTED:
             raise TrackingError(f"chip {chip_id!r} has no champion: the current plan rejected "
                                 f"it ({tags.get(names.MTAG_REASON) or 'no reason recorded'})")
@@ -87,23 +95,43 @@ def load_chip_model(chip_id: str, tracking_uri: str | None = None,
     if not uri:
         raise TrackingError("load_chip_model: give tracking_uri= or set MLFLOW_TRACKING_URI "
                             "(e.g. sqlite:////path/to/project/mlflow.db or http://host:5000)")
+    check_store(uri, from_env=tracking_uri is None, create=False)   # seconds, not minutes
     version = champion(uri, chip_id, prefix)
     with tempfile.TemporaryDirectory() as tmp:
         path = download_run_artifact(uri, version.run_id, CHIP_MODEL_FILE, Path(tmp))
-        model, _ = load_checkpoint(path)
+        model, _ = load_checkpoint(path, tracking_uri=uri)   # a user's MLflow model: here
     return model
 
 
 def download_champion(uri: str, version: ModelVersionInfo, out: Path) -> Path:
-    """The champion's MLflow model folder (out/model) and chip_model.pt (out/) downloaded."""
-    import shutil
+    """The champion's MLflow model folder (out/model) and chip_model.pt (out/) downloaded. What
+    is there already is replaced only when an earlier fetch put it there (out/model carries
+    the marker): a user's own folder or file is never overwritten."""
+    from reduce_ops import atomic
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:   # same disk: the moves are renames
-        model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE,
-                                                          Path(tmp))
-        for src, dst in ((model_dir, out / "model"), (ckpt, out / CHIP_MODEL_FILE)):
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            src.replace(dst)
+    model_dst, ckpt_dst = out / "model", out / CHIP_MODEL_FILE
+    if out.exists() and not out.is_dir():
+        raise ReduceOpsError(f"{out}: exists and is not a folder; give --out a folder")
+    atomic.check_replaceable(model_dst, "fetch")
+    if ((ckpt_dst.exists() or ckpt_dst.is_symlink())
+            and atomic.owner_of(model_dst) != "fetch"):
+        raise ReduceOpsError(f"{ckpt_dst}: exists and was not fetched by reduce-ops; it would "
+                             f"be overwritten: move it away or give --out another folder")
+    if ckpt_dst.is_dir():
+        raise ReduceOpsError(f"{ckpt_dst}: is a folder; move it away or give --out another "
+                             f"folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReduceOpsError(f"{out}: cannot create the folder ({exc.strerror})") from None
+    atomic.sweep(model_dst, ("fetch",))         # downloads of fetches that were killed
+    tmp = atomic.temp_sibling(model_dst, "fetch")  # same disk: the moves below are renames
+    tmp.mkdir()
+    try:
+        model_dir, ckpt = download_model_version(uri, version, CHIP_MODEL_FILE, tmp)
+        atomic.mark(model_dir, "fetch")
+        atomic.replace_dir(model_dir, model_dst)
+        os.replace(ckpt, ckpt_dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

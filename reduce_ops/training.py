@@ -29,10 +29,30 @@ class TwoPassStep(Protocol):
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as given."""
+    """'auto' -> cuda when available, else cpu; anything else as given, checked to be there
+    (one ConfigError line naming train.device, not a CUDA traceback mid-stage)."""
+    from reduce_ops.errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device: {name!r} is not a device (auto, cpu, cuda, cuda:N, "
+                          f"mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device: {name}: no CUDA GPU is usable here; set "
+                              f"train.device to auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device: {name}: this machine has {count} CUDA GPU(s) "
+                              f"(cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                       and torch.backends.mps.is_available()):
+        raise ConfigError("train.device: mps: Apple's Metal backend is not available here; "
+                          "set train.device to auto or cpu")
+    return device
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig | FatConfig) -> torch.optim.Optimizer:

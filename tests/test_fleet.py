@@ -26,7 +26,7 @@ from reduce_ops.data import load_prepared
 from reduce_ops.errors import DataError, TrackingError
 from reduce_ops.fault_aware import fat_curve
 from reduce_ops.hardware import ArrayGeometry, FaultMap, build_masks, uniform_fault_map
-from reduce_ops.models import build_model
+from reduce_ops.models import Preprocess, build_model
 from reduce_ops.records import plan as plan_record
 from reduce_ops.retraining import worker
 from reduce_ops.shipping import ShippingRule
@@ -224,8 +224,11 @@ def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
         assert isinstance(model, torch.nn.Module) and not model.training
         assert all(p.requires_grad for p in model.parameters())  # trainable, not a graph
         exported = mlflow.pytorch.load_model(f"models:/{PREFIX}-{chip_id}@champion")
+        raw = Preprocess.from_meta(data.meta).raw(x)          # what a client has: uint8 pixels
+        assert raw.dtype == torch.uint8
         with torch.no_grad():
-            torch.testing.assert_close(model(x), exported(x))
+            torch.testing.assert_close(model(x), exported(raw))   # normalised inside
+        assert "uint8" in registered.description
         acc, _ = evaluate(model, data.x["test"], data.y["test"])
         (version,) = _versions(in_project, chip_id)
         assert acc == float(version.tags["test_accuracy"])      # the model that was trained

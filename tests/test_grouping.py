@@ -258,6 +258,7 @@ def test_chips_in_the_plans_interpolated_edge_train_alone(grouped: Path, tmp_pat
     from conftest import clone_project
 
     from reduce_ops.cli import main
+    from reduce_ops.records import sets
 
     project = clone_project(grouped, tmp_path / "edge")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -267,6 +268,10 @@ def test_chips_in_the_plans_interpolated_edge_train_alone(grouped: Path, tmp_pat
     above = points["fault_rate"] > 0.2 + 1e-9        # 0.3: 40 % reached, below min_reached
     points.loc[above, ["needed", "reach_fraction", "reach_fitted"]] = [math.inf, 0.4, 0.4]
     points.to_csv(points_csv, index=False)
+    summary_json = project / "results/plan/summary.json"     # the edit, as a plan of its own
+    summary = json.loads(summary_json.read_text())
+    summary["files"]["curve_points.csv"] = sets.sha256(points_csv)
+    summary_json.write_text(json.dumps(summary))
     plan = pd.read_csv(project / "results/plan/plan.csv", dtype={"chip_id": str})
     in_edge = set(plan[plan["feasible"] & (plan["fault_rate"] > 0.2)
                        & (plan["planned_epochs"] > 0)]["chip_id"])

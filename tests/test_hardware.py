@@ -55,13 +55,16 @@ def small_model() -> nn.Module:
     ).eval()
 
 
-def reference_keep_mask(shape: tuple[int, ...], faulty: torch.Tensor) -> torch.Tensor:
-    """Loop-per-weight definition of the mapping, for checking the vectorised one."""
+def reference_keep_mask(shape: tuple[int, ...], faulty: torch.Tensor,
+                        groups: int = 1) -> torch.Tensor:
+    """Loop-per-weight definition of the mapping, for checking the vectorised one: output
+    channel m of group g = m // (M / groups) reads input rows from g * K on."""
     rows, cols = faulty.shape
     m_total, k_total = shape[0], int(np.prod(shape[1:]))
     keep = torch.ones(m_total, k_total, dtype=torch.bool)
     for m, k in itertools.product(range(m_total), range(k_total)):
-        keep[m, k] = not faulty[k % rows, m % cols]
+        g = m // (m_total // groups)
+        keep[m, k] = not faulty[(g * k_total + k) % rows, m % cols]
     return keep.view(shape)
 
 
@@ -110,15 +113,73 @@ def test_conv_mask_by_hand_uses_in_channel_kh_kw_order():
     [
         nn.Linear(9, 7),
         nn.Conv2d(3, 6, 3),
-        nn.Conv2d(4, 6, 3, groups=2),  # weight [6, 2, 3, 3]: still reshape(out, -1)
+        nn.Conv2d(4, 6, 3, groups=2),  # weight [6, 2, 3, 3]: 2 blocks of 3 x 18
+        nn.Conv2d(6, 6, 3, groups=6),  # depthwise: 6 blocks of 1 x 9
+        nn.Conv3d(4, 8, 2, groups=4),
         nn.Conv1d(5, 3, 2),
         nn.Linear(2, 3),  # smaller than the array in both directions
     ],
 )
 def test_vectorised_mask_matches_per_weight_definition(layer):
-    faulty = torch.from_numpy(uniform_fault_map(GEOM4, 0.4, seed=7).faulty.copy())
+    faulty = torch.from_numpy(uniform_fault_map(ArrayGeometry(5, 4), 0.4, seed=7).faulty.copy())
     shape = tuple(layer.weight.shape)
-    assert torch.equal(layer_keep_mask(shape, faulty), reference_keep_mask(shape, faulty))
+    groups = getattr(layer, "groups", 1)
+    assert torch.equal(layer_keep_mask(shape, faulty, groups=groups),
+                       reference_keep_mask(shape, faulty, groups))
+    masks = build_masks(layer, faulty)                     # the layer's own groups
+    assert torch.equal(masks["weight"], reference_keep_mask(shape, faulty, groups))
+
+
+def test_depthwise_mask_by_hand_gives_each_channel_its_own_rows():
+    # Depthwise Conv2d(2, 2, 2, groups=2) on an 8 x 4 array: weight [2, 1, 2, 2], K = 4 per
+    # group. Channel 0 sits on rows 0-3 of column 0, channel 1 on rows 4-7 of column 1 (the
+    # block-diagonal im2col matrix), k_local = kh * 2 + kw.
+    # PE (1, 0): channel 0, k 1 = (kh 0, kw 1). PE (6, 1): channel 1, k 6 - 4 = 2 = (kh 1, kw 0).
+    # PE (3, 1) is in channel 1's column but on channel 0's rows: it holds no weight.
+    faulty = torch.zeros(8, 4, dtype=torch.bool)
+    faulty[1, 0] = faulty[6, 1] = faulty[3, 1] = True
+    layer = nn.Conv2d(2, 2, 2, groups=2)
+    expected = torch.tensor([[[[1, 0], [1, 1]]], [[[1, 1], [0, 1]]]], dtype=torch.bool)
+    assert torch.equal(build_masks(layer, faulty)["weight"], expected)
+    # without groups (the matrix reshaped [M, K_g]) channel 1 would sit on rows 0-3
+    assert not torch.equal(layer_keep_mask(layer.weight.shape, faulty), expected)
+
+
+def test_stuck_bits_of_a_depthwise_conv_sit_where_its_mask_does() -> None:
+    from reduce_ops.hardware.bitfaults import pe_stuck_map
+
+    faulty = uniform_fault_map(ArrayGeometry(8, 4), 0.3, seed=2)
+    stuck = pe_stuck_map(faulty, torch.Generator().manual_seed(0), n_bits=2)
+    layer = nn.Conv2d(6, 6, 3, groups=6)
+    bits = stuck.stuck_bits(layer)["weight"]
+    keep = build_masks(layer, faulty)["weight"]
+    assert torch.equal((bits.and_mask != 255) | (bits.or_mask != 0), ~keep)
+
+
+def test_excluded_layers_are_off_the_array_and_listed_once() -> None:
+    from reduce_ops.errors import ConfigError
+    from reduce_ops.hardware import leave_off_array, unmapped_layers
+
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(1, 4, 3))
+    model.add_module("bn", nn.BatchNorm2d(4))
+    model.add_module("up", nn.ConvTranspose2d(4, 4, 2))
+    model.add_module("head", nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    model.add_module("emb", nn.Embedding(5, 4))
+    assert set(mapped_layers(model)) == {"stem", "head.1"}
+    assert unmapped_layers(model) == {"up": "ConvTranspose2d, cannot be mapped",
+                                      "emb": "Embedding, cannot be mapped"}
+    assert leave_off_array(model, ["head"]) == ["head.1"]         # a container: what is in it
+    assert set(mapped_layers(model)) == {"stem"}
+    assert set(build_masks(model, faulty_4x4((0, 0)))) == {"stem.weight"}
+    assert unmapped_layers(model)["head.1"] == "Linear, hardware.exclude_layers"
+    assert unmapped_layers(model, ("conv",))["head.1"] == "Linear, hardware.exclude_layers"
+    assert set(mapped_layers(__import__("copy").deepcopy(model))) == {"stem"}   # kept by copies
+    with pytest.raises(ConfigError, match=r"hardware.exclude_layers: no layer 'stme' in the "
+                                          r"model \(did you mean 'stem'\?\)"):
+        leave_off_array(model, ["stme"])
+    with pytest.raises(ConfigError, match="'head.0' .* has no weights"):
+        leave_off_array(model, ["head.0"])
 
 
 def test_build_masks_keys_are_mapped_weight_parameter_names():
@@ -299,7 +360,7 @@ def test_write_then_load_fleet_round_trip(tmp_path):
     out = tmp_path / "fleet"
     write_fleet(fleet, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["fleet.csv", *(f"{m.chip_id}.npy" for m in fleet)]
+        [".reduce-ops-output", "fleet.csv", *(f"{m.chip_id}.npy" for m in fleet)]
     )
     header, *lines = (out / "fleet.csv").read_text().splitlines()
     assert header == "chip_id,fault_rate,n_faulty,generator,seed,sha256"

@@ -64,7 +64,7 @@ def test_pipeline_on_ray_against_the_team_server_and_fetch_from_another_process(
     # A second process on the same server loads the champion through a models:/ URI.
     code = ("import mlflow, torch, sys; "
             f"m = mlflow.pytorch.load_model('models:/reduce-ops-{shipped[0]}@champion'); "
-            "out = m(torch.zeros(2, 1, 8, 8)); "
+            "out = m(torch.zeros(2, 1, 8, 8, dtype=torch.uint8)); "   # raw pixels in
             "sys.exit(0 if tuple(out.shape) == (2, 10) else 1)")
     fetched = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                              capture_output=True, text=True)

@@ -325,8 +325,8 @@ SHOTS = os.environ.get("REDUCE_OPS_SCREENSHOTS")   # a folder: the README's scre
 def test_a_browser_shows_every_stage_first_verdicts_and_linked_models(
         project: Path, tmp_path: Path) -> None:
     from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -26,8 +26,10 @@ from reduce_ops.hardware.mapping import (
     apply_masks,
     build_masks,
     layer_keep_mask,
+    leave_off_array,
     mapped_layers,
     pruned_fraction,
+    unmapped_layers,
 )
 
 __all__ = [
@@ -45,12 +47,14 @@ __all__ = [
     "generate_fleet",
     "import_fault_maps",
     "layer_keep_mask",
+    "leave_off_array",
     "load_fleet",
     "mapped_layers",
     "pruned_fraction",
     "read_fault_map_file",
     "sample_fleet_rates",
     "uniform_fault_map",
+    "unmapped_layers",
     "validate_chip_id",
     "wafer_fleet",
     "write_fleet",

@@ -21,6 +21,7 @@ import io
 import math
 import numbers
 import os
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reduce_ops.atomic import write_file
+from reduce_ops.atomic import not_a_file_reason, write_file
 from reduce_ops.errors import ConfigError, FaultMapError
 from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
 from reduce_ops.hardware.fleetio import _csv_lines, _problems_error, _shape_text
@@ -38,6 +39,7 @@ from reduce_ops.hardware.geometry import ArrayGeometry
 from reduce_ops.hardware.mapping import (
     _faulty_array,
     _weight_param_name,
+    array_groups,
     mapped_layers,
     tile_pe_grid,
 )
@@ -392,21 +394,23 @@ class PeStuckMap:
     __hash__ = None
 
     def layer_bits(self, weight_shape: Iterable[int],
-                   device: torch.device | str | None = None) -> StuckBits:
+                   device: torch.device | str | None = None, groups: int = 1) -> StuckBits:
         """The stuck bits of one weight: the PE masks tiled over its [M, K] view, like the
-        keep mask of a fault map (mapping.tile_pe_grid)."""
+        keep mask of a fault map (mapping.tile_pe_grid; `groups` of a grouped conv)."""
         shape = _shape(weight_shape)
         # [cols, rows]: grid_t[c, r] is PE (r, c)
         and_t = self.and_mask.T.contiguous().to(device)
         or_t = self.or_mask.T.contiguous().to(device)
-        return StuckBits(tile_pe_grid(and_t, shape), tile_pe_grid(or_t, shape))
+        return StuckBits(tile_pe_grid(and_t, shape, groups=groups),
+                         tile_pe_grid(or_t, shape, groups=groups))
 
     def stuck_bits(self, model: nn.Module,
                    layer_types: Iterable[str] = ("conv", "linear")) -> dict[str, StuckBits]:
         """Stuck bits per mapped weight, keyed by parameter name ("features.0.weight"), on the
         weight's device. Biases are added outside the array and have no stuck bits."""
         return {
-            _weight_param_name(name): self.layer_bits(module.weight.shape, module.weight.device)
+            _weight_param_name(name): self.layer_bits(module.weight.shape, module.weight.device,
+                                                      array_groups(module))
             for name, module in mapped_layers(model, layer_types).items()
         }
 
@@ -495,11 +499,11 @@ def _stuck_csv(path: Path, geometry: ArrayGeometry) -> tuple[torch.Tensor, torch
             continue
         numbers_: list[int] = []
         for (name, size), text in zip(limits, row):
-            try:
-                value = int(text.strip())
-            except ValueError:
-                problems.append(f"{where}: {name} {text.strip()!r} is not an integer")
+            if not re.fullmatch(r"-?[0-9]+", text.strip()):   # int() takes "1_0", "١"
+                problems.append(f"{where}: {name} {text.strip()!r} is not an integer "
+                                f"(digits 0-9 only)")
                 break
+            value = int(text.strip())
             if not 0 <= value < size:
                 if name == "bit":
                     problems.append(f"{where}: bit position {value} out of range 0..7")
@@ -595,7 +599,7 @@ def read_pe_stuck_file(path: str | os.PathLike, geometry: ArrayGeometry) -> PeSt
         raise FaultMapError(f"{path}: unsupported stuck-at map file type; use .csv or .npz")
     chip_id = validate_chip_id(path.stem, source=str(path))
     if not path.is_file():
-        raise FaultMapError(f"{path}: stuck-at map file not found")
+        raise FaultMapError(f"{path}: {not_a_file_reason(path)}")
     reader = _stuck_csv if suffix == ".csv" else _stuck_npz
     and_mask, or_mask = reader(path, geometry)
     return PeStuckMap(chip_id, and_mask, or_mask)

@@ -6,12 +6,13 @@ import csv
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from reduce_ops.atomic import atomic_dir
+from reduce_ops.atomic import atomic_dir, not_a_file_reason, only_files
 from reduce_ops.errors import FaultMapError
 from reduce_ops.hardware.faultmap import FaultMap, validate_chip_id
 from reduce_ops.hardware.geometry import ArrayGeometry
@@ -20,6 +21,7 @@ MANIFEST = "fleet.csv"
 MANIFEST_COLUMNS = ("chip_id", "fault_rate", "n_faulty", "generator", "seed", "sha256")
 IMPORT_SUFFIXES = (".npy", ".csv")
 CSV_HEADER = ["row", "col"]
+_ASCII_INT = re.compile(r"-?[0-9]+")
 
 
 def _npy_bytes(faulty: np.ndarray) -> bytes:
@@ -66,7 +68,7 @@ def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike,
     if out_dir.exists() and not out_dir.is_dir():
         raise FaultMapError(f"{out_dir}: exists and is not a directory")
 
-    with atomic_dir(out_dir) as tmp_dir:
+    with atomic_dir(out_dir, "faultmaps", _legacy_fleet) as tmp_dir:
         with open(tmp_dir / MANIFEST, "w", newline="", encoding="utf-8") as manifest:
             writer = csv.writer(manifest)
             writer.writerow(MANIFEST_COLUMNS)
@@ -84,6 +86,11 @@ def write_fleet(maps: Iterable[FaultMap], out_dir: str | os.PathLike,
         if also is not None:
             also(tmp_dir)
     return out_dir
+
+
+def _legacy_fleet(folder: Path) -> bool:
+    """A fleet written before output folders were marked: fleet.csv and the maps beside it."""
+    return (folder / MANIFEST).is_file() and only_files(MANIFEST, "*.npy", "*.stuck.npz")(folder)
 
 
 def load_fleet(fleet_dir: str | os.PathLike, geometry: ArrayGeometry) -> list[FaultMap]:
@@ -207,10 +214,10 @@ def _csv_map(path: Path, geometry: ArrayGeometry) -> np.ndarray:
         coords = []
         axes = (("row", cells[0], geometry.rows), ("col", cells[1], geometry.cols))
         for axis, text, size in axes:
-            try:
-                value = int(text.strip())
-            except ValueError:
-                raise FaultMapError(f"{where}: {axis} {text.strip()!r} is not an integer") from None
+            if not _ASCII_INT.fullmatch(text.strip()):   # int() takes "1_0", "+3", "١"
+                raise FaultMapError(f"{where}: {axis} {text.strip()!r} is not an integer "
+                                    f"(digits 0-9 only)")
+            value = int(text.strip())
             if value < 0:
                 raise FaultMapError(f"{where}: {axis} {value} is negative")
             if value >= size:
@@ -237,7 +244,7 @@ def read_fault_map_file(path: str | os.PathLike, geometry: ArrayGeometry) -> Fau
         raise FaultMapError(f"{path}: unsupported fault map file type; use .npy or .csv")
     chip_id = validate_chip_id(path.stem, source=str(path))
     if not path.is_file():
-        raise FaultMapError(f"{path}: fault map file not found")
+        raise FaultMapError(f"{path}: {not_a_file_reason(path)}")
     if suffix == ".npy":
         try:
             data = path.read_bytes()
@@ -258,9 +265,9 @@ def import_fault_maps(src_dir: str | os.PathLike, geometry: ArrayGeometry) -> li
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise FaultMapError(f"{src_dir}: fault map source is not a directory")
-    files = sorted(
-        p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() in IMPORT_SUFFIXES
-    )
+    # every entry named like a map counts, so that a dangling link, a link loop or a folder
+    # named chip.npy gets its own line below instead of a chip silently missing
+    files = sorted(p for p in src_dir.iterdir() if p.suffix.lower() in IMPORT_SUFFIXES)
     if not files:
         raise FaultMapError(f"{src_dir}: no fault maps found (expected .npy or .csv files)")
 

@@ -44,8 +44,8 @@ def import_stuck_maps(src_dir: str | os.PathLike, geometry: ArrayGeometry
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise FaultMapError(f"{src_dir}: stuck-at map source is not a directory")
-    files = sorted(p for p in src_dir.iterdir()
-                   if p.is_file() and p.suffix.lower() in STUCK_SUFFIXES)
+    files = sorted(p for p in src_dir.iterdir()   # a dangling link gets its own line below
+                   if p.suffix.lower() in STUCK_SUFFIXES)
     if not files:
         raise FaultMapError(f"{src_dir}: no stuck-at maps found (expected .csv or .npz files)")
     problems: list[str] = []

@@ -15,6 +15,7 @@ import pandas as pd
 
 from reduce_ops import atomic, names
 from reduce_ops.names import CHAMPION, REJECTED, SHIPPED
+from reduce_ops.records import sets
 
 CHIPS_FILE, SUMMARY_FILE = "chips.csv", "summary.json"
 
@@ -158,6 +159,8 @@ def summarize(outcomes: Sequence[ChipOutcome], plan_run_id: str, decision_level:
 
 
 def write(out_dir: Path, outcomes: Sequence[ChipOutcome], summary: Mapping[str, Any]) -> None:
-    """chips.csv, then summary.json (last: a record whose summary is there is complete)."""
-    atomic.write_csv(table(outcomes), out_dir / CHIPS_FILE)
-    atomic.write_json(out_dir / SUMMARY_FILE, dict(summary))
+    """chips.csv and summary.json (with chips.csv's sha256), replacing the old record at once."""
+    with sets.record_dir(out_dir, "fat", CHIPS_FILE, SUMMARY_FILE) as tmp:
+        atomic.write_csv(table(outcomes), tmp / CHIPS_FILE)
+        atomic.write_json(tmp / SUMMARY_FILE,
+                          {**summary, sets.FILES_KEY: sets.digests(tmp, CHIPS_FILE)})

@@ -18,6 +18,7 @@ from reduce_ops import atomic
 from reduce_ops.errors import DataError
 from reduce_ops.grouping import Group, fuse
 from reduce_ops.hardware import FaultMap
+from reduce_ops.records import sets
 from reduce_ops.records.plan import Plan
 
 GROUP_COLUMNS = ["group_id", "members", "n_members", "fused_fault_rate",
@@ -58,12 +59,14 @@ def table(groups: Sequence[Group], pruned_fraction: Callable[[np.ndarray], float
 
 def write(out_dir: Path, table: pd.DataFrame, summary: dict[str, Any],
           draw: Callable[[Path], Any] | None = None) -> None:
-    """groups.csv (members joined by MEMBER_SEP), the figure, then summary.json (last: a record
-    whose summary is there is complete)."""
-    atomic.write_csv(table[GROUP_COLUMNS], out_dir / GROUPS_FILE)
-    if draw is not None:
-        draw(out_dir / FIGURE_FILE)
-    atomic.write_json(out_dir / SUMMARY_FILE, summary)
+    """groups.csv (members joined by MEMBER_SEP), the figure and summary.json (with the other
+    files' sha256), replacing the old record at once."""
+    with sets.record_dir(out_dir, "group", GROUPS_FILE, SUMMARY_FILE, FIGURE_FILE) as tmp:
+        atomic.write_csv(table[GROUP_COLUMNS], tmp / GROUPS_FILE)
+        if draw is not None:
+            draw(tmp / FIGURE_FILE)
+        atomic.write_json(tmp / SUMMARY_FILE,
+                          {**summary, sets.FILES_KEY: sets.digests(tmp, GROUPS_FILE, FIGURE_FILE)})
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -85,13 +88,18 @@ def read(group_dir: Path, plan: Plan, fleet: Sequence[FaultMap]) -> list[FusedGr
     """Every FAT run of the record, fused maps rebuilt from `fleet`; one line naming the folder
     when the record was made for another plan, does not hold exactly the chips the plan trains,
     or a fused map differs from the one recorded."""
-    table = read_table(group_dir / GROUPS_FILE)
     summary_path = group_dir / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise DataError(f"{summary_path}: no groups; run `reduce-ops group` first")
     try:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{summary_path}: unreadable ({type(exc).__name__}); run "
                         f"`reduce-ops group` again") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{summary_path}: not a groups summary; run `reduce-ops group` again")
+    sets.check(group_dir, summary, SUMMARY_FILE, "group")
+    table = read_table(group_dir / GROUPS_FILE)
     if summary.get("plan_run_id") != plan.run_id:
         raise DataError(f"{group_dir}: the groups were formed for plan "
                         f"{summary.get('plan_run_id')}, not the current plan {plan.run_id}; "
@@ -102,6 +110,10 @@ def read(group_dir: Path, plan: Plan, fleet: Sequence[FaultMap]) -> list[FusedGr
         raise DataError(f"{group_dir / GROUPS_FILE} does not hold exactly the chips the plan "
                         f"trains; run `reduce-ops group` again")
     maps = {m.chip_id: m for m in fleet}
+    strangers = sorted({c for c in grouped if c not in maps})
+    if strangers:
+        raise DataError(f"{group_dir / GROUPS_FILE}: chips not in the fleet "
+                        f"({', '.join(strangers[:3])}); run `reduce-ops group` again")
     out = []
     for row in table.itertuples(index=False):
         members = tuple(maps[c] for c in row.members)

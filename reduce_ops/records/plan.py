@@ -14,15 +14,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reduce_ops import atomic, provenance
+from reduce_ops import atomic, names, provenance
 from reduce_ops.config import Config
-from reduce_ops.errors import DataError, ReduceOpsError
+from reduce_ops.errors import DataError, ReduceOpsError, TrackingError
 from reduce_ops.hardware import FaultMap
+from reduce_ops.records import sets
 from reduce_ops.shipping import ShippingRule
+from reduce_ops.tracking.runs import get_run
+from reduce_ops.tracking.store import tracking_uri
 
 PLAN_COLUMNS = ["chip_id", "fault_rate", "needed", "planned_epochs", "feasible", "reason"]
 PLAN_FILE, POINTS_FILE, SUMMARY_FILE, FIGURE_FILE = ("plan.csv", "curve_points.csv",
                                                      "summary.json", "plan_curve.png")
+_FILES = (PLAN_FILE, POINTS_FILE, SUMMARY_FILE, FIGURE_FILE)
 RATE_TOL = 1e-9             # plan vs fleet fault rates: the same float, up to repr
 # the rule's fields as the summary spells them (the names every earlier summary used)
 _RULE_KEYS = {"decision_level": "decision_level", "constraint_level": "constraint_level",
@@ -80,18 +84,20 @@ class Plan:
 
 def write(out_dir: Path, chips: pd.DataFrame, points: pd.DataFrame, summary: PlanSummary,
           draw: Any = None) -> dict[str, Any]:
-    """plan.csv, curve_points.csv, the figure (`draw(path)`, optional) and summary.json; the
-    summary last, so a plan whose summary is there is complete. Returns the summary as
-    written."""
+    """plan.csv, curve_points.csv, the figure (`draw(path)`, optional) and summary.json (with
+    the other files' sha256), all of them replacing the old plan at once: an interrupted
+    write leaves the old plan whole. Returns the summary as written."""
     missing = [c for c in PLAN_COLUMNS if c not in chips.columns]
     if missing:
         raise ValueError(f"plan rows lack {missing}")
-    atomic.write_csv(chips[PLAN_COLUMNS], out_dir / PLAN_FILE)
-    atomic.write_csv(points, out_dir / POINTS_FILE)
-    if draw is not None:
-        draw(out_dir / FIGURE_FILE)
-    written = summary.to_dict()
-    atomic.write_json(out_dir / SUMMARY_FILE, written)
+    with sets.record_dir(out_dir, "plan", *_FILES) as tmp:
+        atomic.write_csv(chips[PLAN_COLUMNS], tmp / PLAN_FILE)
+        atomic.write_csv(points, tmp / POINTS_FILE)
+        if draw is not None:
+            draw(tmp / FIGURE_FILE)
+        written = {**summary.to_dict(),
+                   sets.FILES_KEY: sets.digests(tmp, PLAN_FILE, POINTS_FILE, FIGURE_FILE)}
+        atomic.write_json(tmp / SUMMARY_FILE, written)
     return written
 
 
@@ -107,6 +113,7 @@ def read(plan_dir: Path) -> Plan:
                             keep_default_na=False, na_values=[""])
         points = pd.read_csv(points_path)
         d = json.loads(summary_path.read_text())
+        sets.check(plan_dir, d, SUMMARY_FILE, "plan")
         summary = PlanSummary(str(d["run_id"]), str(d.get("resilience_run_id", "")),
                               rule_from_summary(d, str(summary_path)),
                               str(d.get("statistic", "")), str(d.get("baseline_hash", "")),
@@ -127,7 +134,7 @@ def read(plan_dir: Path) -> Plan:
 
 
 _SUMMARY_FIELDS = {"run_id", "resilience_run_id", "statistic", "baseline_hash", "dataset_hash",
-                   *_RULE_KEYS.values()}
+                   sets.FILES_KEY, *_RULE_KEYS.values()}
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,22 @@ def epochs_by_chip(plan: Plan) -> dict[str, float]:
             zip(plan.chips["chip_id"], plan.chips["planned_epochs"], plan.chips["feasible"])}
 
 
+def _require_logged(plan: Plan, plan_dir: Path, uri: str) -> None:
+    """The plan's run is in the store this project tracks to now: a plan made while
+    MLFLOW_TRACKING_URI named another store (or whose run was deleted) would have its chips
+    registered under a plan id that store has never seen."""
+    try:
+        run = get_run(uri, plan.run_id)
+    except TrackingError:
+        run = None
+    if run is None or run.deleted or run.tags.get(names.TAG_STAGE) != "plan":
+        why = ("is not in" if run is None else "was deleted in" if run.deleted
+               else "is not a plan run in")
+        raise TrackingError(f"the plan in {plan_dir}: its MLflow run {plan.run_id} {why} "
+                            f"{uri} (made with another MLFLOW_TRACKING_URI?); run "
+                            f"`reduce-ops plan` again")
+
+
 def read_current(cfg: Config, check_rule: bool = True) -> Plan:
     """The plan record in results/plan, checked against the current baseline and dataset and
     (`check_rule`) made for the shipping rule params.yaml states now: verify.margin,
@@ -182,6 +205,7 @@ def read_current(cfg: Config, check_rule: bool = True) -> Plan:
     remedy = "run `reduce-ops resilience` and `reduce-ops plan` again"
     provenance.Identity(plan.summary.baseline_hash, plan.summary.dataset_hash).require_match(
         provenance.current_identity(cfg), f"the plan in {plan_dir}", remedy)
+    _require_logged(plan, plan_dir, tracking_uri(cfg.root))
     if check_rule:
         rule = plan.rule
         for key, planned, now in (("plan.budget_cap", rule.cap, cfg.plan.budget_cap),

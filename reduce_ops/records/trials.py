@@ -41,7 +41,12 @@ class TrialSpec:
 
     @property
     def key(self) -> str:
-        return f"r{self.fault_rate:.4f}-rep{self.repetition}"
+        """r0.1000-rep0; a rate that 4 decimals do not hold exactly is written in full
+        (r0.10004-rep0), so that two rates never share a key."""
+        rate = f"{self.fault_rate:.4f}"
+        if float(rate) != self.fault_rate:
+            rate = repr(float(self.fault_rate))
+        return f"r{rate}-rep{self.repetition}"
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """The logging process's side of `fat`: each FAT run's child run (every check, the test
 accuracy, chip_model.pt, the pt2 model) and one registered model version per chip it serves,
-`champion` only when verified; a chip the plan rejects gets a run that says why."""
+`champion` only when verified, under the key of everything that decided it (model_key); a chip
+the plan rejects gets a run that says why, one the fleet lost is retired; a second `fat` of the
+plan registering the same chip at once is settled in the registry (_settle)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +25,24 @@ from reduce_ops.names import (
     CHAMPION,
     CHIP_MODEL_FILE,
     REJECTED,
+    RETIRED,
     SHIPPED,
     TEST_ACCURACY,
     VAL_ACCURACY,
     registered_name,
 )
+from reduce_ops.models import Preprocess
 from reduce_ops.records.chips import ChipOutcome, from_version, version_tags
 from reduce_ops.retraining import runview
 from reduce_ops.retraining.units import ChipJob, Unit
-from reduce_ops.retraining.worker import Trained, miss_reason
+from reduce_ops.retraining.worker import Trained, TrainSettings, miss_reason
 from reduce_ops.shipping import ShippingRule
 from reduce_ops.tracking.registry import (
     ModelVersionInfo,
+    delete_model_version,
+    find_model_versions,
     model_versions_with_tag,
+    registered_model_tags,
     register_model_version,
     set_alias,
     withdraw_alias,
@@ -57,8 +67,41 @@ class RegistryContext:
     dataset_hash: str
     prefix: str                           # registry.prefix
     arch: dict[str, Any]                  # build_model arguments, saved in chip_model.pt
-    input_example: np.ndarray             # [2, C, H, W] float32 test images (pt2 tracing)
+    input_example: np.ndarray             # [2, C, H, W] uint8 raw test images (pt2 tracing)
+    preprocess: Preprocess                # what the served model does to them inside
     warn: Callable[[str], None] = print
+    settings_key: str = ""                # settings_key(): what decides every chip's model
+    # {registered model name: its versions for the plan when this run started}: any other
+    # version under a chip's key was registered meanwhile, by another `fat` of the plan
+    known: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+
+
+def settings_key(settings: TrainSettings, plan_run_id: str, baseline_hash: str,
+                 dataset_hash: str) -> str:
+    """A digest of everything besides the chip itself that decides a chip's model: the plan,
+    baseline and data, fat.* (optimizer, lr, seed...), the layers on the array and the rule it
+    is verified by. The device is left out (the same model, up to float rounding)."""
+    payload = {"plan": plan_run_id, "baseline": baseline_hash, "dataset": dataset_hash,
+               "fat": dataclasses.asdict(settings.fat),
+               "layer_types": list(settings.layer_types),
+               "rule": dataclasses.asdict(settings.rule)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def model_key(ctx: RegistryContext, unit: Unit) -> str:
+    """The key a chip's version is registered under and skipped by: the settings, and the FAT
+    run that serves it (its map, stuck bits, planned epochs, group and members). A chip whose
+    group missed and that then trained alone keeps its group's key: the same inputs give the
+    same outcome."""
+    h = hashlib.sha256(ctx.settings_key.encode())
+    faulty = np.ascontiguousarray(unit.fault_map.faulty, dtype=bool)
+    h.update(repr((unit.group_id, [j.chip_id for j in unit.members], repr(unit.planned_epochs),
+                   faulty.shape)).encode())
+    h.update(faulty.tobytes())
+    if unit.stuck is not None:
+        h.update(unit.stuck.and_mask.numpy().tobytes())
+        h.update(unit.stuck.or_mask.numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def _pip_requirements() -> list[str]:
@@ -69,6 +112,12 @@ def _pip_requirements() -> list[str]:
 def registered(uri: str, plan_run_id: str) -> dict[str, list[ModelVersionInfo]]:
     """{registered model name: its versions for this plan, newest first}."""
     return model_versions_with_tag(uri, names.VTAG_PLAN_RUN, plan_run_id)
+
+
+def same_key(versions: Sequence[ModelVersionInfo], key: str) -> list[ModelVersionInfo]:
+    """The versions registered under `key` (newest first): only those may be skipped; one of
+    the plan made with other fat.*, layers or groups is retrained."""
+    return [v for v in versions if v.tags.get(names.VTAG_MODEL_KEY) == key]
 
 
 def skipped(versions: Sequence[ModelVersionInfo]) -> ChipOutcome:
@@ -83,6 +132,22 @@ def _withdraw(stage: StageRun, name: str, reason: str) -> None:
     its registered model says why; nothing to do when it was never registered."""
     withdraw_alias(stage, name, CHAMPION, {names.MTAG_STATUS: REJECTED,
                                            names.MTAG_REASON: reason})
+
+
+def retire(stage: StageRun, ctx: RegistryContext, fleet_ids: Sequence[str]) -> list[str]:
+    """Registered chips of this prefix that the plan's fleet no longer has (n_chips lowered,
+    another fleet) lose their champion, and their registered model says why: `fetch` must not
+    serve a model for a chip the project no longer ships. Returns their chip ids."""
+    fleet = set(fleet_ids)
+    with stage.timed():
+        chips = registered_model_tags(stage.uri, names.VTAG_CHIP)
+    gone = sorted((name, chip) for name, chip in chips.items()
+                  if name == registered_name(ctx.prefix, chip) and chip not in fleet)
+    for name, _ in gone:
+        withdraw_alias(stage, name, CHAMPION, {
+            names.MTAG_STATUS: RETIRED,
+            names.MTAG_REASON: f"not in the fleet of plan {ctx.plan_run_id}"})
+    return [chip for _, chip in gone]
 
 
 def reject(stage: StageRun, job: ChipJob, ctx: RegistryContext) -> list[ChipOutcome]:
@@ -155,8 +220,8 @@ def _unit_run(stage: StageRun, unit: Unit, t: Trained, ctx: RegistryContext
                     "run_id": child.run_id}
             save_checkpoint(t.model, ctx.arch, info, path)
             child.log_artifact(path)
-        logged = child.log_pytorch_model(t.model, ctx.input_example, _pip_requirements(),
-                                         name=runview.model_name(unit))
+        logged = child.log_pytorch_model(ctx.preprocess.wrap(t.model), ctx.input_example,
+                                         _pip_requirements(), name=runview.model_name(unit))
         child.log_metrics({"log_model_seconds": logged.seconds})
         child.set_tags({names.TAG_SERIALIZATION: logged.serialization_format,
                         **({names.TAG_PT2_FALLBACK: logged.fallback_reason}
@@ -168,7 +233,7 @@ def _unit_run(stage: StageRun, unit: Unit, t: Trained, ctx: RegistryContext
 
 
 def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str,
-              logged: LoggedModel, ctx: RegistryContext,
+              logged: LoggedModel, ctx: RegistryContext, key: str,
               failed_group: tuple[str, float] = ("", 0.0)) -> ChipOutcome:
     """The unit's model as a new version of the chip's own registered model; champion only if
     verified, and a chip that missed loses an older champion. `failed_group`: the eFAT group
@@ -189,7 +254,7 @@ def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str
         log_model_seconds=logged.seconds / n)
     context = {names.VTAG_DECISION_LEVEL: ctx.rule.decision_level,
                names.VTAG_CONSTRAINT_LEVEL: ctx.rule.constraint_level,
-               names.VTAG_PLAN_RUN: ctx.plan_run_id,
+               names.VTAG_PLAN_RUN: ctx.plan_run_id, names.VTAG_MODEL_KEY: key,
                **({names.VTAG_FUSED_RATE: f"{unit.fault_map.fault_rate:.4f}"}
                   if unit.group_id else {}),
                **({names.VTAG_FAILED_GROUP: failed_group[0]} if failed_group[0] else {})}
@@ -202,7 +267,8 @@ def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str
     outcome.model_version = register_model_version(
         stage, name, logged, run_id, version_tags(outcome, context),
         CHAMPION if t.check.passed else None, model_tags=model_tags,
-        description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): {how}.",
+        description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): {how}. "
+                    f"{ctx.preprocess.describe()}",
         version_description=runview.version_description(
             unit, t, layout.run_link(stage.children_experiment, run_id),
             layout.logged_model_link(stage.children_experiment, logged.model_id)
@@ -210,15 +276,42 @@ def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str
     outcome.champion_version = outcome.model_version if t.check.passed else ""
     if not t.check.passed:
         _withdraw(stage, name, reason)
-    return outcome
+    return _settle(stage, name, key, ctx, outcome)
 
 
-def log_chip(stage: StageRun, unit: Unit, trained: Trained, ctx: RegistryContext,
+def _settle(stage: StageRun, name: str, key: str, ctx: RegistryContext,
+            mine: ChipOutcome) -> ChipOutcome:
+    """Two `fat` runs of one plan at once each register a chip they both found unregistered:
+    the registry then holds two versions under one key. The lowest version wins; the run
+    that registered a later one deletes it, points `champion` at the winner (when verified)
+    and reports the winner's outcome. Versions there before this run started (an earlier
+    `--force`) are not in the contest."""
+    with stage.timed():
+        same = [v for v in find_model_versions(stage.uri, name, {names.VTAG_PLAN_RUN:
+                                                                 ctx.plan_run_id,
+                                                                 names.VTAG_MODEL_KEY: key})
+                if v.version not in ctx.known.get(name, frozenset())]
+    if len(same) <= 1:
+        return mine
+    winner = min(same, key=lambda v: int(v.version))
+    if winner.version == mine.model_version:
+        return mine
+    delete_model_version(stage, name, mine.model_version)
+    verified = winner.tags.get(names.VTAG_VERIFIED) == "true"
+    if verified:
+        set_alias(stage, name, CHAMPION, winner.version)
+    ctx.warn(f"chip {mine.chip_id}: another `fat` of this plan registered it first (version "
+             f"{winner.version}); this run's version {mine.model_version} is withdrawn")
+    return from_version(winner.tags, winner.version, (CHAMPION,) if verified else (),
+                        winner.run_id)
+
+
+def log_chip(stage: StageRun, unit: Unit, trained: Trained, ctx: RegistryContext, key: str,
              failed_group: tuple[str, float] = ("", 0.0)) -> list[ChipOutcome]:
-    """Log a chip's FAT run and register its model."""
+    """Log a chip's FAT run and register its model under `key` (model_key)."""
     with _unit_run(stage, unit, trained, ctx) as (child, logged):
         outcome = _register(stage, unit, unit.members[0], trained, child.run_id, logged, ctx,
-                            failed_group)
+                            key, failed_group)
         child.describe(runview.chip_description(
             unit, trained, outcome.reason, _version_link(ctx, outcome), outcome.model_version,
             _name(ctx, outcome), failed_group[0]))
@@ -234,7 +327,7 @@ def _version_link(ctx: RegistryContext, o: ChipOutcome) -> str:
 
 
 def log_group(stage: StageRun, unit: Unit, todo: Sequence[ChipJob], trained: Trained,
-              ctx: RegistryContext) -> list[ChipOutcome]:
+              ctx: RegistryContext, key: str) -> list[ChipOutcome]:
     """One FAT run on the group's fused map serves every member in `todo`: the group's run
     holds the model, each member gets a version of its own registered model from it and a
     chip run linking to the group's (and showing its model). A group that missed verification
@@ -248,7 +341,7 @@ def log_group(stage: StageRun, unit: Unit, todo: Sequence[ChipJob], trained: Tra
         group_link = layout.run_link(stage.children_experiment, child.run_id)
         members = []
         for job in todo:
-            o = _register(stage, unit, job, trained, child.run_id, logged, ctx)
+            o = _register(stage, unit, job, trained, child.run_id, logged, ctx, key)
             outcomes.append(o)
             member = stage.child_run(
                 runview.member_run_name(job, unit),

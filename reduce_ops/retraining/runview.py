@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from reduce_ops import names
 from reduce_ops.names import MISSED, REJECTED, SHIPPED, registered_name
 from reduce_ops.records.chips import ChipOutcome
+from reduce_ops.reports.common import md_table
 from reduce_ops.retraining.units import ChipJob, Unit
 from reduce_ops.retraining.worker import Trained
-from reduce_ops.reports.common import md_table
 from reduce_ops.tracking import layout
 
 

@@ -1,4 +1,5 @@
-"""`fat`'s runs on the workers: chips registered for the plan already are skipped, the rest
+"""`fat`'s runs on the workers: chips registered for the plan (under the same model key) already
+are skipped, the rest
 train (execution's backend) while the logging process logs and registers the models of the runs
 that finished; an eFAT group that misses at the cap falls back to its members alone."""
 
@@ -32,6 +33,7 @@ class _Work:
 
     unit: Unit
     todo: tuple[ChipJob, ...]
+    key: str                   # registration.model_key of the unit the plan and groups made
 
 
 @dataclass(frozen=True)
@@ -98,18 +100,18 @@ class _Fleet:
         run and queues its chips to train alone, each carrying its share of the group's run."""
         unit, todo = work.unit, work.todo
         if unit.group_id and not t.check.passed:
-            self.queue.submit(registration.log_group, unit, todo, t, self.ctx)
+            self.queue.submit(registration.log_group, unit, todo, t, self.ctx, work.key)
             if self.progress is not None:
                 self.progress.note(f"{unit.run_name}: missed verification at the cap; its "
                                    f"{len(todo)} chips train on their own")
-            self.fallback.extend(_Work(Unit.chip(j), (j,)) for j in todo)
+            self.fallback.extend(_Work(Unit.chip(j), (j,), work.key) for j in todo)
             share = grouping.member_share(self.cap, len(todo))
             self.failed_share.update({j.chip_id: (unit.group_id, share) for j in todo})
             return
         if unit.group_id:
-            future = self.queue.submit(registration.log_group, unit, todo, t, self.ctx)
+            future = self.queue.submit(registration.log_group, unit, todo, t, self.ctx, work.key)
         else:
-            future = self.queue.submit(registration.log_chip, unit, t, self.ctx,
+            future = self.queue.submit(registration.log_chip, unit, t, self.ctx, work.key,
                                        self.failed_share.get(todo[0].chip_id, ("", 0.0)))
         for job in todo:
             self.futures[job.chip_id] = future
@@ -124,8 +126,9 @@ def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
         uri: str, force: bool = False, progress: Progress | None = None,
         exe: ExecutionConfig | None = None,
         queue: BackgroundTracking | None = None) -> list[ChipOutcome]:
-    """Chips the plan rejected get a run that says why; every unit (a chip, or an eFAT group)
-    is skipped for chips registered for this plan already (unless `force`), else trained and
+    """Registered chips the plan's fleet lacks are retired; chips the plan rejected get a run
+    that says why; every unit (a chip, or an eFAT group) is skipped for chips registered for
+    this plan under the unit's model key already (unless `force`), else trained and
     verified (on `exe`'s workers), then logged and registered by `queue`'s process while the
     next units train. Outcomes come in plan order (rejected chips first) whatever order the
     units finish in."""
@@ -135,21 +138,38 @@ def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
     ctx = dataclasses.replace(ctx, warn=_warn_stderr)    # it runs in the logging process
     fleet = _Fleet(queue, ctx, settings.rule.cap, progress)
     try:
+        retired = registration.retire(stage, ctx, [j.chip_id for j in rejected]
+                                      + [j.chip_id for u in units for j in u.members])
+        if retired and progress is not None:
+            progress.note(f"{len(retired)} registered chips are not in this plan's fleet and "
+                          f"lose their champion: {', '.join(retired[:5])}"
+                          + (" ..." if len(retired) > 5 else ""))
         for job in rejected:
             fleet.reject(job)
         with stage.timed():
-            done = {} if force else registration.registered(uri, ctx.plan_run_id)
+            registered = registration.registered(uri, ctx.plan_run_id)
+        ctx = dataclasses.replace(ctx, known={name: frozenset(v.version for v in versions)
+                                              for name, versions in registered.items()})
+        fleet.ctx = ctx
+        done = {} if force else registered
         work = []
+        other_settings = 0
         for unit in units:
             todo = []
+            key = registration.model_key(ctx, unit)
             for job in unit.members:
-                before = done.get(registered_name(ctx.prefix, job.chip_id))
+                versions = done.get(registered_name(ctx.prefix, job.chip_id), [])
+                before = registration.same_key(versions, key)
                 if before:
                     fleet.skip(job, registration.skipped(before))
                 else:
+                    other_settings += bool(versions)
                     todo.append(job)
             if todo:
-                work.append(_Work(unit, tuple(todo)))
+                work.append(_Work(unit, tuple(todo), key))
+        if other_settings and progress is not None:
+            progress.note(f"{other_settings} chips registered for this plan with other settings "
+                          f"(fat.*, hardware.layer_types, groups) train again")
         local = exe.backend == "local"
         shared = _Shared(baseline, data, settings, progress if local else None)
         for batch in (work, fleet.fallback):        # the fallback fills while `work` runs

@@ -12,9 +12,12 @@ from typing import Any
 
 # Every stage, in pipeline order, with the one line `reduce-ops --help` shows for it.
 STAGES: dict[str, str] = {
+    "source": "record what the model and data sources are now (for DVC: a new version re-runs "
+              "what follows)",
     "prepare": "read the dataset, write the seeded stratified split",
     "faultmaps": "generate the fleet's fault maps, or `faultmaps import DIR`",
-    "pretrain": "train the baseline model to convergence",
+    "pretrain": "train the baseline model to convergence (or measure the one model.source "
+                "gives)",
     "resilience": "measure accuracy after k epochs of FAT at each fault rate",
     "plan": "plan each chip's retraining from the logged resilience",
     "group": "eFAT: fuse chips' fault maps where one retraining can serve several",
@@ -29,6 +32,26 @@ STAGES: dict[str, str] = {
 }
 PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "fat", "compare",
             "variants", "robustness")
+
+
+# stages that read or write the tracking store, and whether they may create it
+TRACKED = {"pretrain": True, "resilience": True, "plan": True, "group": True, "fat": True,
+           "compare": True, "variants": True, "robustness": True, "main": True, "ui": True,
+           "fetch": False}
+
+
+def check_tracking(cfg: Any, stage: str) -> None:
+    """Before a stage does any work: one line when its tracking store cannot be used (a server
+    away fails within seconds, not after minutes of retries). A new SQLite store is made on
+    first use, whole (tracking.store.client_for)."""
+    import os
+
+    from reduce_ops.tracking.store import check_store, open_existing, tracking_uri
+
+    if stage in TRACKED:
+        uri = tracking_uri(cfg.root)
+        check_store(uri, bool(os.environ.get("MLFLOW_TRACKING_URI")), create=TRACKED[stage])
+        open_existing(uri)
 
 
 def runner(stage: str) -> Callable[..., Any]:

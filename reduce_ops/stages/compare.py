@@ -36,7 +36,8 @@ POLICY_METRICS = ("n_shipped", "n_meet_on_test", "meet_rate", "n_meet_unchecked"
 
 
 def reference_name(cfg: Config) -> str:
-    """The flat-margin reference policy's name, e.g. reduce-mean-flat0.75pt."""
+    """The reference policy's name, e.g. reduce-mean-flat0.75pt: the earlier decision rule (a
+    flat margin, one check, no band) on the same plan settings and constraint."""
     return f"reduce-{cfg.plan.statistic}-flat{cfg.compare.reference_margin * 100:g}pt"
 
 
@@ -62,7 +63,7 @@ def _reduce_plans(cfg: Config, plan: plan_record.Plan, trials: pd.DataFrame,
     rules = {}
     if cfg.compare.reference_margin is not None:
         reference = dataclasses.replace(plan.rule, margin=cfg.compare.reference_margin,
-                                        escape_rate=0.0)
+                                        escape_rate=0.0, pool=1)
         plans[reference_name(cfg)] = by_chip(reference, cfg.plan.statistic)
         rules[reference_name(cfg)] = reference
     return plans, rules
@@ -94,7 +95,8 @@ def run(cfg: Config) -> dict[str, Any]:
               if cfg.group.enabled else [])
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
-    baseline, _ = load_checkpoint(cfg.path("baseline"), device)
+    baseline, _ = load_checkpoint(cfg.path("baseline"), device,
+                                   cfg.hardware.exclude_layers)
     out_dir = cfg.path("results") / "compare"
     with stage_run(cfg.root, "compare", cfg.tracking.experiment,
                    provenance.dataset_ref(cfg), children="policies") as stage:

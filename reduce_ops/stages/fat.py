@@ -13,13 +13,13 @@ from reduce_ops.config import Config, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.hardware import ArrayGeometry, load_fleet
 from reduce_ops.hardware.stuckfleet import load_stuck
-from reduce_ops.models import load_checkpoint
+from reduce_ops.models import Preprocess, load_checkpoint
 from reduce_ops.progress import Progress
 from reduce_ops.records import chips as chips_record
 from reduce_ops.records import groups as groups_record
 from reduce_ops.records import plan as plan_record
 from reduce_ops.retraining import runview, schedule
-from reduce_ops.retraining.registration import RegistryContext
+from reduce_ops.retraining.registration import RegistryContext, settings_key
 from reduce_ops.retraining.units import chip_jobs, units
 from reduce_ops.retraining.worker import TrainSettings
 from reduce_ops.tracking.logger import BackgroundTracking
@@ -47,7 +47,7 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     rejected = [j for j in jobs if not j.feasible]
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
-    baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
+    baseline, ckpt = load_checkpoint(cfg.path("baseline"), device, cfg.hardware.exclude_layers)
     out_dir = chips_record.directory(cfg.path("results"))
     exe = cfg.execution
     if exe.backend == "local" and exe.torch_threads == 0:
@@ -61,8 +61,12 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
                    provenance.dataset_ref(cfg), children="chips") as stage, \
             Progress(len(jobs), "fat", "chip") as progress:
         settings = TrainSettings(cfg.fat, cfg.hardware.layer_types, device, rule)
+        pre = Preprocess.from_meta(data.meta)        # served models take raw images
         ctx = RegistryContext(plan.run_id, rule, plan.summary.dataset_hash, cfg.registry.prefix,
-                              dict(ckpt["arch"]), data.x["test"][:2].numpy())
+                              dict(ckpt["arch"]), pre.raw(data.x["test"][:2]).numpy(), pre,
+                              settings_key=settings_key(settings, plan.run_id,
+                                                        identity.baseline_hash or "",
+                                                        identity.dataset_hash))
         stage.set_tags({names.TAG_PLAN_RUN: plan.run_id, **provenance.identity_tags(identity)})
         stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("fat", "hardware", "registry",
                                                                    "verify")}))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from reduce_ops.config import Config, set_params
+from reduce_ops.config import Config, edited_params, flatten, read_yaml, write_params
+from reduce_ops.errors import ConfigError
 from reduce_ops.hardware import (
     ArrayGeometry,
     FaultMap,
@@ -68,14 +69,31 @@ def _write(cfg: Config, maps: list[FaultMap], stuck: dict, how: str) -> list[Fau
     return maps
 
 
+# what the imported maps were read for: an override of these on the command line goes into the
+# params file with the import, so that every later stage reads the fleet the same way
+FLEET_KEYS = ("hardware.rows", "hardware.cols", "hardware.fault_model", "hardware.stuck_at.bits",
+              "hardware.stuck_at.n_bits", "hardware.stuck_at.polarity")
+
+
 def import_maps(cfg: Config, params_file: Path, src: Path) -> list[FaultMap]:
     """Import a test floor's maps from `src` and record it in the params file
-    (faultmaps.source: import, faultmaps.import_dir: src), so `dvc repro` keeps this fleet
-    and re-imports it when its files change instead of generating one over it."""
+    (faultmaps.source: import, faultmaps.import_dir: src, and the geometry the maps were read
+    for), so `dvc repro` keeps this fleet and re-imports it when its files change instead of
+    generating one over it. The params file changes only once the fleet is written."""
+    fleet = cfg.path("fleet").resolve()
+    if src.resolve() == fleet or fleet in src.resolve().parents:
+        raise ConfigError(f"faultmaps import {src}: that is paths.fleet ({fleet}), which the "
+                          f"import replaces; keep the test floor's maps in a folder of their own")
     maps, stuck = _import(cfg, src)             # every map is checked before anything is written
     src = src.resolve()
     folder = os.path.relpath(src, cfg.root) if src.is_relative_to(cfg.root) else str(src)
-    set_params(params_file, {"faultmaps.source": "import", "faultmaps.import_dir": folder})
-    print(f"{params_file.name}: faultmaps.source = import, faultmaps.import_dir = {folder} "
-          f"(dvc repro re-imports it)")
-    return _write(cfg, maps, stuck, f"imported from {folder}")
+    now = flatten(cfg.to_dict())
+    in_file = flatten(read_yaml(params_file))
+    values = {"faultmaps.source": "import", "faultmaps.import_dir": folder,
+              **{k: now[k] for k in FLEET_KEYS if in_file.get(k) != now[k]}}
+    text = edited_params(params_file, values)   # checked (paths too) before anything is written
+    written = _write(cfg, maps, stuck, f"imported from {folder}")
+    write_params(params_file, text)
+    print(f"{params_file.name}: " + ", ".join(f"{k} = {v}" for k, v in values.items())
+          + " (dvc repro re-imports it)")
+    return written

@@ -38,7 +38,8 @@ def run(cfg: Config) -> dict[str, Any]:
                          cap=plan.rule.cap)
     groups += [Group(f"alone-{c.chip_id}", (c.chip_id,), c.fault_map.faulty, 0.0, 0.0)
                for c in alone]
-    baseline, _ = load_checkpoint(cfg.path("baseline"))
+    baseline, _ = load_checkpoint(cfg.path("baseline"),
+                                  exclude_layers=cfg.hardware.exclude_layers)
     table = groups_record.table(groups, lambda fused: pruned_fraction(
         build_masks(baseline, fused, cfg.hardware.layer_types)))
     out_dir = groups_record.directory(cfg.path("results"))

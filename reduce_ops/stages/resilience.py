@@ -43,7 +43,8 @@ def run(cfg: Config) -> dict[str, Any]:
     execution.check_address(cfg.execution)
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
-    baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
+    baseline, ckpt = load_checkpoint(cfg.path("baseline"), device,
+                                   cfg.hardware.exclude_layers)
     provenance.Identity(None, ckpt["info"].get("dataset_hash")).require_match(
         provenance.Identity(None, data.dataset_hash), str(cfg.path("baseline")),
         "run `reduce-ops pretrain` again")

@@ -28,7 +28,8 @@ def run(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
-    baseline, ckpt = load_checkpoint(cfg.path("baseline"), device)
+    baseline, ckpt = load_checkpoint(cfg.path("baseline"), device,
+                                   cfg.hardware.exclude_layers)
     if ckpt["info"].get("dataset_hash") != data.dataset_hash:
         raise DataError(f"{cfg.path('baseline')}: trained on another prepared dataset; run "
                         f"`reduce-ops pretrain` again")

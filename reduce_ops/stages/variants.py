@@ -29,6 +29,8 @@ SUMMARY_COLUMNS = ["variant", *SETTINGS, VAL_ACCURACY, TEST_ACCURACY, "int8_test
 def run(cfg: Config) -> dict[str, Any]:
     """Train each variant; returns {variant name: metrics}."""
     t0 = time.perf_counter()
+    own = atomic.only_files(*(f"{v.name}.pt" for v in cfg.variants))   # written before markers
+    atomic.check_replaceable(cfg.path("variants"), "variants", own)   # before any training
     data = load_prepared(cfg.path("prepared"))
     device = resolve_device(cfg.train.device)
     out_dir = cfg.path("results") / "variants"
@@ -37,7 +39,7 @@ def run(cfg: Config) -> dict[str, Any]:
     rows = []
     with stage_run(cfg.root, "variants", cfg.tracking.experiment,
                    provenance.dataset_ref(cfg), children="variants") as stage, \
-            atomic.atomic_dir(cfg.path("variants")) as models_dir:
+            atomic.atomic_dir(cfg.path("variants"), "variants", own) as models_dir:
         stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("model", "train", "flatness")}))
         stage.log_params({"dataset_hash": data.dataset_hash, "device": str(device),
                           "variants": [v.name for v in cfg.variants]})

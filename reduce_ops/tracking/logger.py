@@ -106,9 +106,14 @@ class BackgroundTracking:
     def submit(self, fn: Any, *args: Any, holds_model: bool = True) -> Any:
         """Queue fn(stage, *args); returns a future whose result() is fn's result. Only jobs
         that hold a model count towards `depth` (a job that logs a few numbers never waits)."""
+        from concurrent.futures.process import BrokenProcessPool
+
         self._wait(lambda: sum(not f.done() for f in self._heavy) >= self.depth)
         self.start()
-        future = self._pool.submit(_in_worker, fn, *args)
+        try:
+            future = self._pool.submit(_in_worker, fn, *args)
+        except BrokenProcessPool:
+            raise self._died() from None
         future.add_done_callback(self._count)
         self._pending.append(future)
         if holds_model:
@@ -127,9 +132,28 @@ class BackgroundTracking:
         while busy():
             wait([f for f in self._pending if not f.done()], return_when=FIRST_COMPLETED)
         self.blocked_seconds += time.perf_counter() - t0
+        from concurrent.futures.process import BrokenProcessPool
+
         for f in self._pending:
             if f.done() and not f.cancelled() and f.exception() is not None:
+                if isinstance(f.exception(), BrokenProcessPool):
+                    raise self._died() from None
                 raise f.exception()
+
+    def _died(self) -> Exception:
+        """The error for a logging process that died (killed, out of memory): the child runs
+        it had open end KILLED (not RUNNING forever); what it registered is kept, and a rerun
+        resumes from there."""
+        from reduce_ops.errors import TrackingError
+        from reduce_ops.tracking.runs import end_running_children
+
+        pool, self._pool = self._pool, None      # broken: nothing more runs in it
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        ended = end_running_children(self.stage)
+        return TrackingError(f"the process that logs and registers the models died (killed, "
+                             f"or out of memory); {len(ended)} open run(s) of it ended KILLED, "
+                             f"what it registered is kept: run the stage again to resume")
 
     def drain(self) -> None:
         """Wait for every queued job; raise the first error."""

@@ -11,6 +11,7 @@ from typing import Any
 from reduce_ops.errors import TrackingError
 from reduce_ops.tracking.modelrun import LoggedModel
 from reduce_ops.tracking.runs import StageRun
+from reduce_ops.tracking.store import client_for
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,39 @@ def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_
     return str(mv.version)
 
 
+_MODEL_VERSIONS = "mlflow.modelVersions"      # a logged model's tag: its registered versions
+
+
 def _list_version_on_model(client: Any, model_id: str, name: str, version: str) -> None:
     """Add (name, version) to the logged model's `mlflow.modelVersions` tag, as
     mlflow.register_model does (the registry's own record of a version keeps no model id)."""
     import json
 
-    key = "mlflow.modelVersions"
-    listed = json.loads(client.get_logged_model(model_id).tags.get(key) or "[]")
+    listed = json.loads(client.get_logged_model(model_id).tags.get(_MODEL_VERSIONS) or "[]")
     if {"name": name, "version": version} not in listed:
         listed.append({"name": name, "version": version})
-        client.set_logged_model_tags(model_id, {key: json.dumps(listed)})
+        client.set_logged_model_tags(model_id, {_MODEL_VERSIONS: json.dumps(listed)})
+
+
+def delete_model_version(stage: StageRun, name: str, version: str) -> None:
+    """Delete version `version` of registered model `name` (its run and files stay); its
+    logged model no longer lists it."""
+    import json
+
+    client = stage.client
+    with stage._timed():
+        mv = client.get_model_version(name, version)
+        # the registry may not return the model id it was given: the models:/m-... source has it
+        source = mv.source or ""
+        model_id = getattr(mv, "model_id", None) or (
+            source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+        client.delete_model_version(name, version)
+        if model_id:
+            listed = json.loads(client.get_logged_model(model_id).tags.get(_MODEL_VERSIONS)
+                                or "[]")
+            kept = [v for v in listed if v != {"name": name, "version": str(version)}]
+            if kept != listed:
+                client.set_logged_model_tags(model_id, {_MODEL_VERSIONS: json.dumps(kept)})
 
 
 def set_alias(stage: StageRun, name: str, alias: str, version: str) -> None:
@@ -108,10 +132,9 @@ def withdraw_alias(stage: StageRun, name: str, alias: str,
 def model_version_by_alias(uri: str, name: str, alias: str) -> ModelVersionInfo | None:
     """The version of `name` that carries `alias`; None when the model or the alias is missing."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        return _version_info(MlflowClient(uri, registry_uri=uri)
+        return _version_info(client_for(uri)
                              .get_model_version_by_alias(name, alias))
     except MlflowException:
         return None
@@ -120,9 +143,8 @@ def model_version_by_alias(uri: str, name: str, alias: str) -> ModelVersionInfo 
 def find_model_versions(uri: str, name: str,
                         tags: Mapping[str, str] | None = None) -> list[ModelVersionInfo]:
     """Versions of registered model `name` carrying all `tags`, newest first ([] if unknown)."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri, registry_uri=uri)
+    client = client_for(uri)
     filters = [f"name = '{name}'", *(f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items())]
     found = client.search_model_versions(" and ".join(filters))
     return _with_aliases(client, name, list(map(_version_info, found))) if found else []
@@ -144,9 +166,8 @@ def _with_aliases(client: Any, name: str,
 def model_versions_with_tag(uri: str, key: str, value: str) -> dict[str, list[ModelVersionInfo]]:
     """{registered model name: its versions carrying tag key=value, newest first, each with its
     aliases}, for every model in the registry: one paged search instead of one per model."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri, registry_uri=uri)
+    client = client_for(uri)
     found: dict[str, list[ModelVersionInfo]] = {}
     token = None
     while True:
@@ -163,19 +184,17 @@ def model_versions_with_tag(uri: str, key: str, value: str) -> dict[str, list[Mo
 def registered_model_tags_of(uri: str, name: str) -> dict[str, str]:
     """The tags of registered model `name` ({} when it does not exist)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        return dict(MlflowClient(uri, registry_uri=uri).get_registered_model(name).tags or {})
+        return dict(client_for(uri).get_registered_model(name).tags or {})
     except MlflowException:
         return {}
 
 
 def registered_model_tags(uri: str, key: str) -> dict[str, str]:
     """{registered model name: value of its tag `key`} for every model carrying that tag."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri, registry_uri=uri)
+    client = client_for(uri)
     found: dict[str, str] = {}
     token = None
     while True:
@@ -186,6 +205,13 @@ def registered_model_tags(uri: str, key: str) -> dict[str, str]:
             return found
 
 
+def _quiet_downloads() -> None:
+    """No per-file progress bars on stderr (a user's own setting wins)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def download_model_version(uri: str, version: ModelVersionInfo, artifact: str,
                            dst: Path) -> tuple[Path, Path]:
     """Download a version's model directory (to dst/model) and one artifact of its run (to dst).
@@ -193,24 +219,24 @@ def download_model_version(uri: str, version: ModelVersionInfo, artifact: str,
     Returns (model directory, artifact path).
     """
     import mlflow.artifacts
-    from mlflow.tracking import MlflowClient
 
+    _quiet_downloads()
     dst.mkdir(parents=True, exist_ok=True)
     model_dir = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{version.name}/{version.version}",
         dst_path=str(dst / "model"), tracking_uri=uri, registry_uri=uri))
-    extra = Path(MlflowClient(uri).download_artifacts(version.run_id, artifact, str(dst)))
+    extra = Path(client_for(uri).download_artifacts(version.run_id, artifact, str(dst)))
     return model_dir, extra
 
 
 def download_run_artifact(uri: str, run_id: str, artifact: str, dst: Path) -> Path:
     """One artifact of a run, downloaded into the folder dst."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
+    _quiet_downloads()
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(MlflowClient(uri).download_artifacts(run_id, artifact, str(dst)))
+        return Path(client_for(uri).download_artifacts(run_id, artifact, str(dst)))
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"run {run_id}: cannot download {artifact!r} from {uri} "
                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"

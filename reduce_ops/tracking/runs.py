@@ -19,6 +19,7 @@ from reduce_ops.tracking import layout
 from reduce_ops.tracking.owner import driver_token, owner_gone
 from reduce_ops.tracking.store import (
     all_experiment_ids,
+    client_for,
     ensure_store,
     experiment_id_of,
     mark_model_training,
@@ -193,14 +194,14 @@ def stage_run(root: Path, stage: str, experiment: str, dataset: DatasetRef | Non
     Never calls set_experiment. On Ctrl-C the run is marked KILLED, on an error FAILED.
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(root)
     try:
         ensure_store(uri)
     except Exception as exc:  # noqa: BLE001 - any store failure is one line for the user
-        raise TrackingError(f"MLflow tracking store {uri}: cannot open ({exc})") from None
-    client = MlflowClient(uri)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrackingError(f"MLflow tracking store {uri}: cannot open ({first})") from None
+    client = client_for(uri)
     env_run = os.environ.get("MLFLOW_RUN_ID")
     active = mlflow.active_run()
     if active is not None:
@@ -262,22 +263,25 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    deleted: bool = False          # in MLflow's trash (lifecycle stage "deleted")
 
 
 def _record(run: Any) -> RunRecord:
     return RunRecord(run.info.run_id, run.info.experiment_id, run.info.status,
-                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags),
+                     run.info.lifecycle_stage == "deleted")
 
 
 
 def get_run(uri: str, run_id: str) -> RunRecord:
     """Fetch a run by id, or a one-line TrackingError."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        return _record(MlflowClient(uri).get_run(run_id))
-    except MlflowException:
+        return _record(client_for(uri).get_run(run_id))
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise                   # the store failing is not a missing run (see store_failure)
         raise TrackingError(f"MLflow run {run_id!r} not found in {uri}") from None
 
 
@@ -286,9 +290,8 @@ def find_runs(uri: str, tags: Mapping[str, str], statuses: Sequence[str] | None 
               exclude: str | None = None) -> list[RunRecord]:
     """Runs in any experiment carrying all `tags`, newest first (optionally of given statuses)."""
     from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     filters = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     runs = client.search_runs(all_experiment_ids(client), " and ".join(filters),
                               run_view_type=ViewType.ACTIVE_ONLY,
@@ -303,9 +306,8 @@ def read_children(uri: str, parent_run_id: str, metric_keys: Sequence[str],
     run_id, params, tags, histories {key: [(step, v)]}, times {key: [(step, time.time() it
     was measured)]} and span (start, end time.time())."""
     from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     parent = get_run(uri, parent_run_id)
     where = list(dict.fromkeys([parent.tags.get(names.TAG_CHILDREN_EXPERIMENT) or
                                 parent.experiment_id, parent.experiment_id]))
@@ -328,13 +330,29 @@ def read_children(uri: str, parent_run_id: str, metric_keys: Sequence[str],
 
 
 
+def end_running_children(stage: StageRun, status: str = "KILLED") -> list[str]:
+    """Child runs of `stage` still RUNNING (their process died: the logging process killed,
+    out of memory) end `status`, so that none stays RUNNING forever. Returns their ids."""
+    from mlflow.entities import ViewType
+
+    client = stage.client
+    where = list(dict.fromkeys([stage.children_experiment, stage.experiment_id]))
+    with stage._timed():
+        running = [r.info.run_id for r in client.search_runs(
+            where, layout.parent_filter(stage.run_id),
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
+            if r.info.status == "RUNNING"]
+        for run_id in running:
+            client.set_terminated(run_id, status)
+    return running
+
+
 def reap_abandoned(uri: str, tags: Mapping[str, str]) -> list[str]:
     """Runs with `tags` left RUNNING by a process that died without ending them (SIGKILL, out
     of memory, a power cut) are ended KILLED, with their RUNNING children, so that a rerun
     reuses their finished work like that of an interrupted run. Returns their run ids."""
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     reaped = []
     for run in find_runs(uri, tags, statuses=("RUNNING",)):
         if not owner_gone(run.tags.get(names.TAG_DRIVER, "")):
