@@ -11,7 +11,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt pytest==9.2.0 pytest-randomly==5.1.0
+	$(BIN)/python -m pip install --quiet -r requirements.txt pytest==9.2.0 pytest-randomly==5.1.0 \
+		selenium==4.51.0
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -93,3 +93,9 @@ VAL_LOST = "val_lost"          # validation images the baseline gets right and a
 VAL_GAINED = "val_gained"      # ... wrong and the model right
 # measured once on every baseline and kept in its checkpoint's info (robustness reports them)
 BASELINE_MEASURES = ("activation_sparsity", "flatness_loss_increase", "int8_test_accuracy")
+
+# --------------------------------------------------------------------------- browsing the runs
+TAG_CHILDREN_EXPERIMENT = "reduce_ops.children_experiment"   # a stage run -> its children's
+TAG_VERDICT = "reduce_ops.verdict"       # a chip's or group's run: shipped | rejected | missed
+MISSED = "missed"                        # an eFAT group that missed at the cap (members alone)
+TAG_TRAINED = "reduce_ops.trained"       # false on a chip run that trained nothing

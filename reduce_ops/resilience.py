@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,20 +98,27 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     fmap: FaultMap = GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
                                               f"trial-{spec.key}")
     stuck = trial_stuck_bits(fmap, spec, hardware)
+    started, times = time.time(), []
+
+    def stamp(cp: FatCheckpoint) -> None:      # right after each checkpoint's measurement
+        times.append(time.time())
+        if on_checkpoint is not None:
+            on_checkpoint(cp)
+
     # Batch order differs per repetition too, so repetitions sample both sources of variance.
     fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
-                      fat_cfg, device, on_checkpoint=on_checkpoint, stuck=stuck)
+                      fat_cfg, device, on_checkpoint=stamp, stuck=stuck)
     while (curve.amounts[-1] < target.cap - 1e-9
            and not settled(curve.amounts, target.decided(curve.measured["val"]),
                            target.level, target.confirm)):
         curve.extend([min(round(curve.amounts[-1] + res.checkpoint_every, 9), target.cap)],
-                     on_checkpoint)
+                     stamp)
     val = curve.measured["val"]
     return TrialResult(spec, fmap.n_faulty, curve.session.pruned_fraction, curve.amounts,
                        [m.accuracy for m in val], curve.accuracy[TEST_ACCURACY], curve.seconds,
                        res.max_epochs, val_lost=[m.lost for m in val],
-                       val_gained=[m.gained for m in val])
+                       val_gained=[m.gained for m in val], started=started, times=times)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ same faults to every model variant of one architecture (a paired comparison).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,16 +77,18 @@ def draw_faults(spec: TrialSpec, shapes: Mapping[str, tuple[int, ...]],
 def run_trials(variants: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                specs: Sequence[TrialSpec], layer_types: Sequence[str],
                polarity: int | str = "random", bits: Sequence[int] | None = None,
-               on_trial: Callable[[str, TrialSpec, float, int], None] | None = None,
+               on_trial: Callable[..., None] | None = None,
                progress: Progress | None = None) -> pd.DataFrame:
     """Accuracy of every variant under every trial's faults (one draw per trial, shared by
-    the variants); `on_trial(variant, spec, accuracy, faulty_bits)` as each finishes."""
+    the variants); `on_trial(variant, spec, accuracy, faulty_bits, (start, end))` as each
+    finishes (start and end: time.time() of the variant's draw and evaluation)."""
     rows = []
     for spec in specs:
         if progress is not None:
             progress.start(spec.key)
         shapes = None
         for name, model in variants.items():
+            started = time.time()
             with QuantizedWeights(model, layer_types) as quantized:
                 if quantized.shapes() != shapes:     # another architecture: its own draw
                     shapes = quantized.shapes()
@@ -96,7 +99,7 @@ def run_trials(variants: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tens
             rows.append((name, spec.fault_model, spec.ber, spec.repetition, spec.seed, accuracy,
                          n_bits))
             if on_trial is not None:
-                on_trial(name, spec, accuracy, n_bits)
+                on_trial(name, spec, accuracy, n_bits, (started, time.time()))
         if progress is not None:
             progress.done(spec.key, ", ".join(f"{r[0]} {r[5]:.4f}" for r in rows[-len(variants):]))
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)

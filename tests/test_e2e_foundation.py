@@ -120,9 +120,12 @@ def test_mlflow_run_main_chains_every_step_under_one_parent(tmp_path: Path) -> N
     assert sorted(r.data.tags["reduce_ops.stage"] for r in steps) == sorted(
         s for s in PIPELINE if s not in ("prepare", "faultmaps"))
     assert all(r.info.status == "FINISHED" for r in steps)
-    # Per-chip runs sit beneath the fat step, not beneath (or instead of) the pipeline's run.
+    # Per-chip runs sit beneath the fat step, not beneath (or instead of) the pipeline's run,
+    # in the experiment of chip runs beside the pipeline's (whose first page shows the steps).
     fat = next(r for r in steps if r.data.tags["reduce_ops.stage"] == "fat")
-    chips = client.search_runs([exp.experiment_id],
+    chips_exp = client.get_experiment_by_name("pipeline/chips")
+    assert fat.data.tags["reduce_ops.children_experiment"] == chips_exp.experiment_id
+    chips = client.search_runs([chips_exp.experiment_id],
                                f"tags.`mlflow.parentRunId` = '{fat.info.run_id}'")
     assert len(chips) == 4
     assert (project / "results/compare/metrics.json").is_file()

@@ -180,7 +180,7 @@ def test_every_chip_has_a_child_run_and_feasible_ones_a_registered_model(in_trai
         assert version.run_id == run.run_id
         assert tags["chip_id"] == row.chip_id and tags["plan_run_id"] == plan_id
         assert float(tags["test_accuracy"]) == m["test_accuracy"]
-        assert float(tags["fault_rate"]) == row.fault_rate
+        assert tags["fault_rate"] == f"{row.fault_rate:.4f}"        # what people read
         assert float(tags["planned_epochs"]) == row.planned_epochs
         assert float(tags["actual_epochs"]) == m["actual_epochs"]
         assert float(tags["constraint_level"]) == summary["constraint_level"]
@@ -219,8 +219,8 @@ def test_fetched_model_matches_pt2_export_and_keeps_faulty_weights_zero(
         model = reduce_ops.load_chip_model(chip_id)              # found by its chip_id tag
         registered = MlflowClient(uri).get_registered_model(f"{PREFIX}-{chip_id}")
         assert registered.tags["chip_id"] == chip_id             # shown on the models page
-        assert float(registered.tags["fault_rate"]) == chips.set_index("chip_id").loc[
-            chip_id, "fault_rate"]
+        rate = chips.set_index("chip_id").loc[chip_id, "fault_rate"]
+        assert registered.tags["fault_rate"] == f"{rate:.4f}"     # 4 digits, as people read
         assert isinstance(model, torch.nn.Module) and not model.training
         assert all(p.requires_grad for p in model.parameters())  # trainable, not a graph
         exported = mlflow.pytorch.load_model(f"models:/{PREFIX}-{chip_id}@champion")

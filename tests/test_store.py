@@ -171,7 +171,7 @@ def test_a_store_left_half_made_by_an_older_creator_is_set_aside(
 
 
 def _die_in_an_open_run(stage) -> None:
-    from reduce_ops.tracking.runs import model_child_run
+    from reduce_ops.tracking.modelrun import model_child_run
 
     with model_child_run(stage, "chip x", {"chip_id": "x"}):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -79,6 +79,8 @@ def version_tags(o: ChipOutcome, context: Mapping[str, Any]) -> dict[str, str]:
     its levels, the fused map...) beside them."""
     tags = {tag: _tag_text(getattr(o, f)) for f, tag in _TAGS.items()
             if f not in _ONLY_WHEN_SET or getattr(o, f)}
+    # what people read: 4 digits (the exact rate is the plan's, and the run's param)
+    tags[names.VTAG_FAULT_RATE] = f"{o.fault_rate:.4f}"
     tags[names.VTAG_VERIFIED] = _tag_text(o.status == SHIPPED)
     return {**tags, **{k: _tag_text(v) for k, v in context.items()}}
 

@@ -64,6 +64,10 @@ class TrialResult:
     reused_from: str = ""
     val_lost: list[int] = field(default_factory=list)     # per amount (empty: not recorded)
     val_gained: list[int] = field(default_factory=list)
+    # when it ran, not what it found (two runs of one trial compare equal): time.time() it
+    # started (0: not recorded) and of each measurement
+    started: float = field(default=0.0, compare=False)
+    times: list[float] = field(default_factory=list, compare=False)
 
     @property
     def extended(self) -> bool:
@@ -81,19 +85,35 @@ def table(results: list[TrialResult]) -> pd.DataFrame:
     return df.sort_values(["fault_rate", "repetition", "amount"], ignore_index=True)
 
 
+def run_name(spec: TrialSpec) -> str:
+    """A trial's run name, e.g. 'rate 0.1000 rep 0' (its key is the tag reduce_ops.trial)."""
+    return f"rate {spec.fault_rate:.4f} rep {spec.repetition}"
+
+
+def run_span(r: TrialResult) -> tuple[float, float] | None:
+    """When the trial's work started and ended (None: not recorded)."""
+    return (r.started, r.times[-1]) if r.started and r.times else None
+
+
 def run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
-    """(params, metric histories, tags) of a trial's child run; steps are milli-epochs."""
+    """(params, metric histories, tags) of a trial's child run; steps are milli-epochs, each
+    point with the time it was measured when recorded. `fault_rate` is a metric too, so that
+    the UI's charts can put accuracy against it."""
     params = {"fault_rate": r.spec.fault_rate, "repetition": r.spec.repetition,
               "fault_seed": r.spec.fault_seed, "n_faulty": r.n_faulty,
               "pruned_fraction": r.pruned_fraction, "step_unit": "milli-epochs",
               "grid_epochs": r.grid_epochs, "measured_epochs": r.amounts[-1],
               "extended": r.extended}
     steps = [int(round(a * STEPS_PER_EPOCH_UNIT)) for a in r.amounts]
-    history = {VAL_ACCURACY: list(zip(steps, r.val_accuracy)),
-               TEST_ACCURACY: list(zip(steps, r.test_accuracy)),
-               RETRAINING_EPOCHS: list(zip(steps, r.amounts)),
-               VAL_LOST: list(zip(steps, r.val_lost)), VAL_GAINED: list(zip(steps, r.val_gained)),
-               TRIAL_SECONDS: [(0, r.seconds)]}
+    times = r.times if len(r.times) == len(steps) else None
+
+    def points(values: list) -> list[tuple]:
+        return list(zip(steps, values, times)) if times else list(zip(steps, values))
+
+    history = {VAL_ACCURACY: points(r.val_accuracy), TEST_ACCURACY: points(r.test_accuracy),
+               RETRAINING_EPOCHS: points(r.amounts), VAL_LOST: points(r.val_lost),
+               VAL_GAINED: points(r.val_gained), TRIAL_SECONDS: [(0, r.seconds)],
+               "fault_rate": [(0, r.spec.fault_rate)]}
     tags = {TAG_TRIAL: r.spec.key}
     if r.reused_from:
         tags[TAG_REUSED_FROM] = r.reused_from
@@ -110,11 +130,14 @@ def from_run(child: dict[str, Any]) -> TrialResult:
     amounts = [s / STEPS_PER_EPOCH_UNIT for s, _ in val]
     lost, gained = dict(h.get(VAL_LOST, [])), dict(h.get(VAL_GAINED, []))
     paired = all(s in lost and s in gained for s, _ in val)
+    measured_at = dict(child.get("times", {}).get(VAL_ACCURACY, []))
     return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]), amounts,
                        [v for _, v in val], [test[s] for s, _ in val], float(seconds),
                        float(p.get("grid_epochs", amounts[-1])), reused_from=child["run_id"],
                        val_lost=[int(lost[s]) for s, _ in val] if paired else [],
-                       val_gained=[int(gained[s]) for s, _ in val] if paired else [])
+                       val_gained=[int(gained[s]) for s, _ in val] if paired else [],
+                       started=child.get("span", (0.0, 0.0))[0],
+                       times=[measured_at[s] for s, _ in val] if measured_at else [])
 
 
 TRIAL_METRICS = [VAL_ACCURACY, TEST_ACCURACY, TRIAL_SECONDS, VAL_LOST, VAL_GAINED]   # from_run

@@ -1,8 +1,11 @@
-"""What every figure shares: labels, colours, checking a table, writing a PNG atomically."""
+"""What every figure shares: labels, colours, checking a table, writing a PNG atomically;
+markdown tables (a run's description in the MLflow UI)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -35,3 +38,17 @@ def fmt(x: float) -> str:
     """Short number for labels: 0.25, 1, 4."""
     return f"{x:g}"
 
+
+def md_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], limit: int = 40,
+             more: str = "") -> str:
+    """A markdown table (the run page renders it); past `limit` rows one line says how many
+    more there are and where (`more`)."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"\n{len(rows) - limit} more rows{f' in {more}' if more else ''}.")
+    return "\n".join(lines)

@@ -14,7 +14,15 @@ from matplotlib.lines import Line2D
 
 from reduce_ops.errors import DataError
 from reduce_ops.needs import MAP_COLUMNS
-from reduce_ops.reports.common import EPOCHS_LABEL, RATE_LABEL, TOP, fmt, require, save_figure
+from reduce_ops.reports.common import (
+    EPOCHS_LABEL,
+    RATE_LABEL,
+    TOP,
+    fmt,
+    md_table,
+    require,
+    save_figure,
+)
 
 
 def select_amounts(amounts, max_curves: int = 6) -> list[float]:
@@ -166,3 +174,32 @@ def needed_figure(res_map: pd.DataFrame, max_amount: float, constraint_level=Non
 def plot_retraining_needed(res_map, path, max_amount, constraint_level=None) -> Path:
     """Save Fig. 2b (see `needed_figure`) as a PNG at `path`."""
     return save_figure(needed_figure(res_map, max_amount, constraint_level), path)
+
+
+def markdown_summary(grid: pd.DataFrame, res_map: pd.DataFrame, level: float,
+                     metric: str = "val_accuracy") -> str:
+    """The resilience result as the run page shows it (markdown): accuracy (mean, min-max over
+    the repetitions) per fault rate after each of a few retraining amounts of the grid, and
+    the retraining needed at each fault rate to reach `level` (the nearest level mapped)."""
+    amounts = select_amounts(grid["amount"], 6)
+    acc = accuracy_table(grid, metric, amounts)
+    rates = sorted(acc["fault_rate"].unique())
+    rows = []
+    for rate in rates:
+        at = acc[acc["fault_rate"] == rate].set_index("amount")
+        rows.append([f"{rate:.4f}"] + [
+            f"{at.loc[a, 'mean']:.4f} ({at.loc[a, 'min']:.3f}-{at.loc[a, 'max']:.3f})"
+            if a in at.index else "" for a in amounts])
+    text = (f"**{metric} after k epochs of FAT** (mean, min-max over repetitions):\n\n"
+            + md_table(["fault rate", *(f"{fmt(a)} epochs" for a in amounts)], rows))
+    if len(res_map):
+        levels = res_map["level"].unique()
+        nearest = levels[np.argmin(np.abs(levels - level))]
+        m = res_map[res_map["level"] == nearest].sort_values("fault_rate")
+        need = [[f"{r.fault_rate:.4f}", f"{r.n_reached}/{r.n_reps}",
+                 *(f"{v:.3f}" if math.isfinite(v) else "-" for v in (r.min, r.mean, r.max))]
+                for r in m.itertuples(index=False)]
+        text += (f"\n\n**Retraining needed to reach {metric} {nearest:.4f}** (epochs; "
+                 f"repetitions that reached it):\n\n"
+                 + md_table(["fault rate", "reached", "min", "mean", "max"], need))
+    return text

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from reduce_ops.names import (
 )
 from reduce_ops.models import Preprocess
 from reduce_ops.records.chips import ChipOutcome, from_version, version_tags
+from reduce_ops.retraining import runview
 from reduce_ops.retraining.units import ChipJob, Unit
 from reduce_ops.retraining.worker import Trained, TrainSettings, miss_reason
 from reduce_ops.shipping import ShippingRule
@@ -45,7 +47,14 @@ from reduce_ops.tracking.registry import (
     set_alias,
     withdraw_alias,
 )
-from reduce_ops.tracking.runs import LoggedModel, ModelChildRun, StageRun, model_child_run
+from reduce_ops.tracking import layout
+from reduce_ops.tracking.modelrun import (
+    LoggedModel,
+    ModelChildRun,
+    link_logged_model,
+    model_child_run,
+)
+from reduce_ops.tracking.runs import StageRun
 
 
 @dataclass(frozen=True)
@@ -146,9 +155,13 @@ def reject(stage: StageRun, job: ChipJob, ctx: RegistryContext) -> list[ChipOutc
     reason = job.reason or "infeasible"
     params = {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
               "plan_run_id": ctx.plan_run_id, "reason": reason}
-    run_id = stage.child_run(f"chip {job.chip_id}", params, {},
+    now = time.time()                   # no work: a run that takes no time
+    run_id = stage.child_run(runview.rejected_run_name(job), params, {},
                              {names.TAG_CHIP: job.chip_id, names.TAG_REJECTED: "true",
-                              names.TAG_PLAN_RUN: ctx.plan_run_id})
+                              names.TAG_PLAN_RUN: ctx.plan_run_id,
+                              names.TAG_VERDICT: REJECTED, names.TAG_TRAINED: "false"},
+                             span=(now, now),
+                             description=runview.rejected_description(job, reason))
     _withdraw(stage, registered_name(ctx.prefix, job.chip_id), f"plan: {reason}")
     return [ChipOutcome(job.chip_id, job.fault_rate, job.planned_epochs, REJECTED,
                         f"plan: {reason}", run_id=run_id)]
@@ -170,26 +183,33 @@ def _run_params(unit: Unit, t: Trained, ctx: RegistryContext) -> dict[str, Any]:
 
 @contextmanager
 def _unit_run(stage: StageRun, unit: Unit, t: Trained, ctx: RegistryContext
-              ) -> Iterator[tuple[ModelChildRun, LoggedModel]]:
+              ) -> Iterator[tuple[ModelChildRun, LoggedModel | None]]:
     """The unit's child run, open while its model is registered (an interrupted registration
     leaves the run KILLED, not FINISHED): every check, test accuracy, chip_model.pt and the pt2
-    model."""
+    model, at the times the worker measured them; the run spans the worker's FAT run. A group
+    that missed at the cap logs no model (it ships with no chip): None."""
     from reduce_ops.models import save_checkpoint
 
-    tags = {names.TAG_PLAN_RUN: ctx.plan_run_id,
+    tags = {names.TAG_PLAN_RUN: ctx.plan_run_id, **runview.unit_tags(unit, t),
             **({names.TAG_GROUP: unit.group_id} if unit.group_id
                else {names.TAG_CHIP: unit.members[0].chip_id})}
-    with model_child_run(stage, unit.run_name, _run_params(unit, t, ctx), tags) as child:
-        for amount, measured in t.check.checks:     # the verification, step = milli-epochs
+    with model_child_run(stage, runview.unit_run_name(unit, t), _run_params(unit, t, ctx), tags,
+                         start=t.started or None) as child:
+        child.end = t.ended or None
+        times = t.check_times or (None,) * len(t.check.checks)
+        for (amount, measured), when in zip(t.check.checks, times):   # step = milli-epochs
             child.log_metrics({VAL_ACCURACY: measured.accuracy,
                                "val_lower": ctx.rule.lower(measured)},
-                              step=int(round(amount * 1000)))
+                              step=int(round(amount * 1000)), when=when)
         child.log_metrics({TEST_ACCURACY: t.test_accuracy, "test_ci_low": t.test_ci[0],
                            "test_ci_high": t.test_ci[1], "actual_epochs": t.check.epochs,
                            "n_checks": len(t.check.checks),
                            "plan_error_epochs": t.check.epochs - unit.planned_epochs,
                            "verified": float(t.check.passed), "constraint_met": float(t.meets),
-                           "train_seconds": t.train_seconds})
+                           "train_seconds": t.train_seconds}, when=child.end)
+        if unit.group_id and not t.check.passed:
+            yield child, None
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CHIP_MODEL_FILE
             info = {"chips": [j.chip_id for j in unit.members], "group_id": unit.group_id,
@@ -201,7 +221,7 @@ def _unit_run(stage: StageRun, unit: Unit, t: Trained, ctx: RegistryContext
             save_checkpoint(t.model, ctx.arch, info, path)
             child.log_artifact(path)
         logged = child.log_pytorch_model(ctx.preprocess.wrap(t.model), ctx.input_example,
-                                         _pip_requirements())
+                                         _pip_requirements(), name=runview.model_name(unit))
         child.log_metrics({"log_model_seconds": logged.seconds})
         child.set_tags({names.TAG_SERIALIZATION: logged.serialization_format,
                         **({names.TAG_PT2_FALLBACK: logged.fallback_reason}
@@ -235,9 +255,10 @@ def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str
     context = {names.VTAG_DECISION_LEVEL: ctx.rule.decision_level,
                names.VTAG_CONSTRAINT_LEVEL: ctx.rule.constraint_level,
                names.VTAG_PLAN_RUN: ctx.plan_run_id, names.VTAG_MODEL_KEY: key,
-               **({names.VTAG_FUSED_RATE: unit.fault_map.fault_rate} if unit.group_id else {}),
+               **({names.VTAG_FUSED_RATE: f"{unit.fault_map.fault_rate:.4f}"}
+                  if unit.group_id else {}),
                **({names.VTAG_FAILED_GROUP: failed_group[0]} if failed_group[0] else {})}
-    model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: job.fault_rate,
+    model_tags = {names.VTAG_CHIP: job.chip_id, names.VTAG_FAULT_RATE: f"{job.fault_rate:.4f}",
                   "n_faulty_pes": job.fault_map.n_faulty, names.MTAG_STATUS: status,
                   names.MTAG_REASON: reason}
     how = (f"the model of eFAT group {unit.group_id} (fused fault rate "
@@ -247,7 +268,11 @@ def _register(stage: StageRun, unit: Unit, job: ChipJob, t: Trained, run_id: str
         stage, name, logged, run_id, version_tags(outcome, context),
         CHAMPION if t.check.passed else None, model_tags=model_tags,
         description=f"Model for chip {job.chip_id} (fault rate {job.fault_rate:.4f}): {how}. "
-                    f"{ctx.preprocess.describe()}")
+                    f"{ctx.preprocess.describe()}",
+        version_description=runview.version_description(
+            unit, t, layout.run_link(stage.children_experiment, run_id),
+            layout.logged_model_link(stage.children_experiment, logged.model_id)
+            if logged.model_id else ""))
     outcome.champion_version = outcome.model_version if t.check.passed else ""
     if not t.check.passed:
         _withdraw(stage, name, reason)
@@ -285,32 +310,59 @@ def log_chip(stage: StageRun, unit: Unit, trained: Trained, ctx: RegistryContext
              failed_group: tuple[str, float] = ("", 0.0)) -> list[ChipOutcome]:
     """Log a chip's FAT run and register its model under `key` (model_key)."""
     with _unit_run(stage, unit, trained, ctx) as (child, logged):
-        return [_register(stage, unit, unit.members[0], trained, child.run_id, logged, ctx,
-                          key, failed_group)]
+        outcome = _register(stage, unit, unit.members[0], trained, child.run_id, logged, ctx,
+                            key, failed_group)
+        child.describe(runview.chip_description(
+            unit, trained, outcome.reason, _version_link(ctx, outcome), outcome.model_version,
+            _name(ctx, outcome), failed_group[0]))
+        return [outcome]
+
+
+def _name(ctx: RegistryContext, o: ChipOutcome) -> str:
+    return registered_name(ctx.prefix, o.chip_id)
+
+
+def _version_link(ctx: RegistryContext, o: ChipOutcome) -> str:
+    return layout.model_version_link(_name(ctx, o), o.model_version)
 
 
 def log_group(stage: StageRun, unit: Unit, todo: Sequence[ChipJob], trained: Trained,
               ctx: RegistryContext, key: str) -> list[ChipOutcome]:
     """One FAT run on the group's fused map serves every member in `todo`: the group's run
     holds the model, each member gets a version of its own registered model from it and a
-    chip run linking to the group's. A group that missed verification at the cap gets its run
-    (its members then train on their own) and registers nothing."""
+    chip run linking to the group's (and showing its model). A group that missed verification
+    at the cap gets its run (its members then train on their own) and registers nothing."""
     outcomes = []
     with _unit_run(stage, unit, trained, ctx) as (child, logged):
         if not trained.check.passed:
+            child.describe(runview.group_description(unit, trained,
+                                                     miss_reason(trained, ctx.rule)))
             return []
+        group_link = layout.run_link(stage.children_experiment, child.run_id)
+        members = []
         for job in todo:
-            outcomes.append(_register(stage, unit, job, trained, child.run_id, logged, ctx, key))
-            stage.child_run(f"chip {job.chip_id}",
-                            {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
-                             "own_planned_epochs": job.planned_epochs,
-                             "group_id": unit.group_id, "group_run_id": child.run_id,
-                             "plan_run_id": ctx.plan_run_id},
-                            {VAL_ACCURACY: [(0, trained.val_accuracy)],
-                             TEST_ACCURACY: [(0, trained.test_accuracy)],
-                             "actual_epochs": [(0, trained.check.epochs)]},
-                            {names.TAG_CHIP: job.chip_id, names.TAG_PLAN_RUN: ctx.plan_run_id,
-                             names.TAG_GROUP: unit.group_id, names.TAG_GROUP_RUN: child.run_id})
+            o = _register(stage, unit, job, trained, child.run_id, logged, ctx, key)
+            outcomes.append(o)
+            member = stage.child_run(
+                runview.member_run_name(job, unit),
+                {"chip_id": job.chip_id, "fault_rate": job.fault_rate,
+                 "own_planned_epochs": job.planned_epochs, "group_id": unit.group_id,
+                 "group_run_id": child.run_id, "plan_run_id": ctx.plan_run_id},
+                {VAL_ACCURACY: [(0, trained.val_accuracy)],
+                 TEST_ACCURACY: [(0, trained.test_accuracy)],
+                 "actual_epochs": [(0, trained.check.epochs)]},
+                {names.TAG_CHIP: job.chip_id, names.TAG_PLAN_RUN: ctx.plan_run_id,
+                 names.TAG_GROUP: unit.group_id, names.TAG_GROUP_RUN: child.run_id,
+                 names.TAG_VERDICT: SHIPPED, names.TAG_TRAINED: "false"},
+                span=(trained.started, trained.ended) if trained.started else None,
+                description=runview.member_description(job, unit, group_link,
+                                                       _version_link(ctx, o), o.model_version,
+                                                       _name(ctx, o)))
+            if logged.model_id:
+                link_logged_model(stage, member, logged.model_id)
+            members.append((job.chip_id, layout.run_link(stage.children_experiment, member),
+                            _version_link(ctx, o)))
+        child.describe(runview.group_description(unit, trained, "", members))
     return outcomes
 
 

@@ -90,6 +90,7 @@ class _Fleet:
         self.done(job.chip_id, f"rejected ({job.reason or 'infeasible'})")
 
     def skip(self, job: ChipJob, outcome: ChipOutcome) -> None:
+        outcome.fault_rate = job.fault_rate         # exact (version tags show 4 digits)
         self.futures[job.chip_id] = self.queue.submit(registration.finish, outcome, self.ctx,
                                                       holds_model=False)
         self.done(job.chip_id, _describe(outcome))

@@ -4,6 +4,7 @@ the result goes back to the driver, which hands it to the logging process."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,18 +45,24 @@ class Trained:
     pruned_fraction: float
     train_seconds: float
     model: nn.Module
+    started: float = 0.0                  # time.time() the run started (FAP)...
+    ended: float = 0.0                    # ... and ended (test measured)
+    check_times: tuple[float, ...] = ()   # time.time() of each check's measurement
 
 
 def train(unit: Unit, baseline: nn.Module, data: Any, settings: TrainSettings,
           progress: Progress | None = None) -> Trained:
     """FAT for the planned epochs, then the validation check, training on in steps up to the
     cap while it misses."""
+    started = time.time()
+    measured_at: dict[float, float] = {}
     session = FatSession.from_baseline(baseline, unit.fault_map, settings.layer_types, data,
                                        settings.fat, settings.device, unit.stuck)
 
     def measure(amount: float) -> Measurement:
         session.advance(amount)
         val = session.measure(("val",))["val"]
+        measured_at[amount] = time.time()
         if progress is not None:
             progress.inside(f"{amount:g} epochs, val {val.accuracy:.4f}")
         return val
@@ -66,7 +73,8 @@ def train(unit: Unit, baseline: nn.Module, data: Any, settings: TrainSettings,
     test = session.measure(("test",))["test"].accuracy      # reported, never decided on
     return Trained(check, check.val_accuracy, test, wilson_interval(test, len(data.y["test"])),
                    settings.rule.meets(test), session.pruned_fraction, session.train_seconds,
-                   session.release())          # the float weights (a stuck-at chip quantizes)
+                   session.release(),          # the float weights (a stuck-at chip quantizes)
+                   started, time.time(), tuple(measured_at[a] for a, _ in check.checks))
 
 
 def miss_reason(t: Trained, rule: ShippingRule) -> str:

@@ -99,7 +99,7 @@ def run(cfg: Config) -> dict[str, Any]:
                                    cfg.hardware.exclude_layers)
     out_dir = cfg.path("results") / "compare"
     with stage_run(cfg.root, "compare", cfg.tracking.experiment,
-                   provenance.dataset_ref(cfg)) as stage:
+                   provenance.dataset_ref(cfg), children="policies") as stage:
         stage.set_tags({names.TAG_RESILIENCE_RUN: source.run_id,
                         **provenance.identity_tags(identity)})
         stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("compare", "plan", "verify",
@@ -130,7 +130,7 @@ def run(cfg: Config) -> dict[str, Any]:
             cfg.plan.min_reached))
         records = summary.to_dict("records")
         for row in records:
-            stage.child_run(f"policy {row['policy']}", {"policy": row["policy"]},
+            stage.child_run(row["policy"], {"policy": row["policy"]},
                             {k: [(0, row[k])] for k in POLICY_METRICS if _finite(row[k])},
                             {names.TAG_POLICY: row["policy"]})
         atomic.write_csv(per_chip, out_dir / "per_chip.csv")

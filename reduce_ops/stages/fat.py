@@ -18,7 +18,7 @@ from reduce_ops.progress import Progress
 from reduce_ops.records import chips as chips_record
 from reduce_ops.records import groups as groups_record
 from reduce_ops.records import plan as plan_record
-from reduce_ops.retraining import schedule
+from reduce_ops.retraining import runview, schedule
 from reduce_ops.retraining.registration import RegistryContext, settings_key
 from reduce_ops.retraining.units import chip_jobs, units
 from reduce_ops.retraining.worker import TrainSettings
@@ -58,7 +58,7 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     # registered chips are reused below like those of any earlier run of the plan
     reap_abandoned(uri, {names.TAG_STAGE: "fat", names.TAG_PLAN_RUN: plan.run_id})
     with stage_run(cfg.root, "fat", cfg.tracking.experiment,
-                   provenance.dataset_ref(cfg)) as stage, \
+                   provenance.dataset_ref(cfg), children="chips") as stage, \
             Progress(len(jobs), "fat", "chip") as progress:
         settings = TrainSettings(cfg.fat, cfg.hardware.layer_types, device, rule)
         pre = Preprocess.from_meta(data.meta)        # served models take raw images
@@ -98,6 +98,8 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
                    "tracking_critical_fraction": critical / seconds}
         chips_record.write(out_dir, outcomes, summary)
         stage.log_numbers(summary)
+        stage.describe(runview.fleet_description(outcomes, stage.children_experiment,
+                                                 cfg.registry.prefix))
         stage.log_artifacts(out_dir)
     s = summary
     print(f"fat: shipped {s['n_shipped']}/{s['n_chips']} chips, verified at validation accuracy "

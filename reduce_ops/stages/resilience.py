@@ -14,7 +14,11 @@ from reduce_ops.needs import resilience_map
 from reduce_ops.progress import Progress
 from reduce_ops.records import baseline as baseline_record
 from reduce_ops.records import trials as trials_record
-from reduce_ops.reports.resilience import plot_accuracy_vs_fault_rate, plot_retraining_needed
+from reduce_ops.reports.resilience import (
+    markdown_summary,
+    plot_accuracy_vs_fault_rate,
+    plot_retraining_needed,
+)
 from reduce_ops.shipping import ShippingRule
 from reduce_ops.tracking.runs import find_runs, read_children, reap_abandoned, stage_run
 from reduce_ops.tracking.store import ensure_store, tracking_uri
@@ -66,7 +70,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     out_dir = cfg.path("results") / "resilience"
     with stage_run(cfg.root, "resilience", cfg.tracking.experiment,
-                            provenance.dataset_ref(cfg)) as stage:
+                   provenance.dataset_ref(cfg), children="resilience trials") as stage:
         stage.set_tags({names.TAG_GRID_HASH: ghash, **provenance.identity_tags(identity)})
         stage.log_params(provenance.measured_params(cfg))
         stage.log_params({"baseline_hash": identity.baseline_hash,
@@ -81,7 +85,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
         def log_trial(result: resilience.TrialResult) -> None:
             params, history, tags = trials_record.run_payload(result)
-            stage.child_run(f"trial {result.spec.key}", params, history, tags)
+            stage.child_run(trials_record.run_name(result.spec), params, history, tags,
+                            span=trials_record.run_span(result))
 
         reused = sum(1 for s in specs if s.key in reusable)
         with Progress(len(specs), "resilience", "trial") as progress:
@@ -110,6 +115,7 @@ def run(cfg: Config) -> dict[str, Any]:
                    "tracking_fraction": stage.tracking_seconds / seconds, "run_id": stage.run_id}
         atomic.write_json(out_dir / "summary.json", summary)
         stage.log_numbers(summary)
+        stage.describe(markdown_summary(grid, res_map, level))
         stage.log_artifacts(out_dir)
     print(f"resilience: {len(specs)} trials ({reused} reused from an interrupted run, "
           f"{n_extended} measured past the grid) in {seconds:.0f} s, MLflow logging "

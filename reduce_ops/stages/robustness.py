@@ -48,7 +48,7 @@ def run(cfg: Config) -> dict[str, Any]:
                            float(clean.loc[0, "int8_accuracy"]))
     out_dir = cfg.path("results") / "robustness"
     with stage_run(cfg.root, "robustness", cfg.tracking.experiment,
-                   provenance.dataset_ref(cfg)) as stage:
+                   provenance.dataset_ref(cfg), children="bit-fault trials") as stage:
         stage.log_params(flatten({"robustness": cfg.to_dict()["robustness"]}))
         stage.log_params({"n_trials": len(specs), "layer_types": layer_types,
                           "split": "test", "variants": list(models)})
@@ -58,12 +58,13 @@ def run(cfg: Config) -> dict[str, Any]:
                               for k in ("float_accuracy", "int8_accuracy")}})
 
         def log_trial(variant: str, spec: robustness.TrialSpec, accuracy: float,
-                      faulty_bits: int) -> None:
+                      faulty_bits: int, span: tuple[float, float] | None = None) -> None:
             stage.child_run(f"{variant} {spec.key}",
                             {"variant": variant, "fault_model": spec.fault_model,
                              "ber": spec.ber, "repetition": spec.repetition, "seed": spec.seed},
-                            {"accuracy": [(0, accuracy)], "faulty_bits": [(0, faulty_bits)]},
-                            {"reduce_ops.variant": variant})
+                            {"accuracy": [(0, accuracy)], "faulty_bits": [(0, faulty_bits)],
+                             "ber": [(0, spec.ber)]},
+                            {"reduce_ops.variant": variant}, span=span)
 
         with Progress(len(specs), "robustness", "trial") as progress:
             trials = robustness.run_trials({name: m for name, (m, _) in models.items()}, x, y,

@@ -38,7 +38,7 @@ def run(cfg: Config) -> dict[str, Any]:
     results: dict[str, dict[str, float]] = {}
     rows = []
     with stage_run(cfg.root, "variants", cfg.tracking.experiment,
-                   provenance.dataset_ref(cfg)) as stage, \
+                   provenance.dataset_ref(cfg), children="variants") as stage, \
             atomic.atomic_dir(cfg.path("variants"), "variants", own) as models_dir:
         stage.log_params(flatten({k: cfg.to_dict()[k] for k in ("model", "train", "flatness")}))
         stage.log_params({"dataset_hash": data.dataset_hash, "device": str(device),
@@ -47,12 +47,13 @@ def run(cfg: Config) -> dict[str, Any]:
         with Progress(len(cfg.variants), "variants", "variant") as progress:
             for variant in cfg.variants:
                 progress.start(variant.name)
-                history: dict[str, list[tuple[int, float]]] = {
+                history: dict[str, list[tuple[int, float, float]]] = {
                     "train_loss": [], "holdout_accuracy": [], "holdout_loss": []}
+                started = time.time()
 
                 def on_epoch(rec: EpochRecord) -> None:
-                    for key in history:
-                        history[key].append((rec.epoch, getattr(rec, key)))
+                    for key in history:          # (epoch, value, when it was measured)
+                        history[key].append((rec.epoch, getattr(rec, key), time.time()))
                     progress.inside(f"epoch {rec.epoch}, holdout accuracy "
                                     f"{rec.holdout_accuracy:.4f}")
 
@@ -64,7 +65,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 child = stage.child_run(
                     variant.name, {"variant": variant.name, **settings(variant)},
                     {**history, **{k: [(0, v)] for k, v in metrics.items()}},
-                    {"reduce_ops.variant": variant.name})
+                    {"reduce_ops.variant": variant.name}, span=(started, time.time()))
                 info = {"dataset_hash": data.dataset_hash, "variant": variant.name,
                         **settings(variant), TEST_ACCURACY: metrics[TEST_ACCURACY],
                         "best_epoch": trained.result.best_epoch, "run_id": child,

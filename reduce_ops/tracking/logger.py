@@ -31,7 +31,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int) -> None:
+def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int,
+                 children_experiment_id: str = "") -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
@@ -45,7 +46,8 @@ def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int) -> None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     global _WORKER_STAGE
-    _WORKER_STAGE = StageRun(run_id, experiment_id, uri, MlflowClient(uri, registry_uri=uri))
+    _WORKER_STAGE = StageRun(run_id, experiment_id, uri, MlflowClient(uri, registry_uri=uri),
+                             children_experiment_id=children_experiment_id)
 
 
 def _in_worker(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -96,7 +98,8 @@ class BackgroundTracking:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                initargs=(self.stage.uri, self.stage.run_id, self.stage.experiment_id, os.getpid()))
+                initargs=(self.stage.uri, self.stage.run_id, self.stage.experiment_id, os.getpid(),
+                          getattr(self.stage, "children_experiment_id", "")))
             self._pool.submit(int)                  # the pool spawns its process on a submit
         return self
 

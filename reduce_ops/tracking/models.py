@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from reduce_ops.errors import ConfigError
-from reduce_ops.tracking.runs import LoggedModel, ModelChildRun, StageRun
+from reduce_ops.tracking.modelrun import LoggedModel, ModelChildRun
+from reduce_ops.tracking.runs import StageRun
 
 ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"    # MLflow's own switch
 _LOADED: dict[tuple[str, str], Any] = {}    # (tracking URI, pinned URI) -> module, per process
@@ -159,5 +160,5 @@ def log_stage_model(stage: StageRun, model: Any, input_example: Any,
     active run while the stage runs, with `note` as the run's description."""
     logged = ModelChildRun(stage.run_id, stage).log_pytorch_model(model, input_example,
                                                                   pip_requirements)
-    stage.set_tags({"mlflow.note.content": note})
+    stage.describe(note)
     return logged

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from reduce_ops.errors import TrackingError
-from reduce_ops.tracking.runs import LoggedModel, StageRun
+from reduce_ops.tracking.modelrun import LoggedModel
+from reduce_ops.tracking.runs import StageRun
 from reduce_ops.tracking.store import client_for
 
 
@@ -34,10 +35,16 @@ def _version_info(mv: Any) -> ModelVersionInfo:
 def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_id: str,
                            tags: Mapping[str, Any], alias: str | None = None,
                            model_tags: Mapping[str, Any] | None = None,
-                           description: str = "") -> str:
+                           description: str = "", version_description: str = "") -> str:
     """Register a logged model as a new version of `name` (created if new, with `model_tags` and
     `description` on the registered model itself, which the UI's models page shows), version
-    tags set in the same call; `alias` (e.g. champion) then moves to it. Returns the version."""
+    tags and `version_description` (markdown on the version's page) set in the same call; the
+    logged model lists the version (the UI's Models tab); `alias` (e.g. champion) then moves
+    to it. Returns the version.
+
+    No run_link: the version page shows a run_link as raw text in place of the source run's
+    name (over the Source Model link); the version links its run by run id and its logged
+    model by its models:/ source."""
     from mlflow.exceptions import MlflowException
 
     client = stage.client
@@ -52,16 +59,48 @@ def register_model_version(stage: StageRun, name: str, logged: LoggedModel, run_
                 client.set_registered_model_tag(name, key, value)
         mv = client.create_model_version(name, logged.model_uri, run_id=run_id,
                                          tags={k: str(v) for k, v in tags.items()},
+                                         description=version_description or None,
                                          model_id=logged.model_id)
+        if logged.model_id:
+            _list_version_on_model(client, logged.model_id, name, str(mv.version))
         if alias:
             client.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)
 
 
+_MODEL_VERSIONS = "mlflow.modelVersions"      # a logged model's tag: its registered versions
+
+
+def _list_version_on_model(client: Any, model_id: str, name: str, version: str) -> None:
+    """Add (name, version) to the logged model's `mlflow.modelVersions` tag, as
+    mlflow.register_model does (the registry's own record of a version keeps no model id)."""
+    import json
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(_MODEL_VERSIONS) or "[]")
+    if {"name": name, "version": version} not in listed:
+        listed.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {_MODEL_VERSIONS: json.dumps(listed)})
+
+
 def delete_model_version(stage: StageRun, name: str, version: str) -> None:
-    """Delete version `version` of registered model `name` (its run and files stay)."""
+    """Delete version `version` of registered model `name` (its run and files stay); its
+    logged model no longer lists it."""
+    import json
+
+    client = stage.client
     with stage._timed():
-        stage.client.delete_model_version(name, version)
+        mv = client.get_model_version(name, version)
+        # the registry may not return the model id it was given: the models:/m-... source has it
+        source = mv.source or ""
+        model_id = getattr(mv, "model_id", None) or (
+            source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+        client.delete_model_version(name, version)
+        if model_id:
+            listed = json.loads(client.get_logged_model(model_id).tags.get(_MODEL_VERSIONS)
+                                or "[]")
+            kept = [v for v in listed if v != {"name": name, "version": str(version)}]
+            if kept != listed:
+                client.set_logged_model_tags(model_id, {_MODEL_VERSIONS: json.dumps(kept)})
 
 
 def set_alias(stage: StageRun, name: str, alias: str, version: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from reduce_ops import names
 from reduce_ops.errors import TrackingError
+from reduce_ops.tracking import layout
 from reduce_ops.tracking.owner import driver_token, owner_gone
 from reduce_ops.tracking.store import (
     all_experiment_ids,
@@ -57,11 +58,13 @@ class _RunLog:
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0,
+                    when: float | None = None) -> None:
+        """`when`: the time (time.time()) the values were measured, when not now."""
         from mlflow.entities import Metric
 
         with self._timed():
-            ts = int(time.time() * 1000)
+            ts = millis(when)
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step)
                                                         for k, v in metrics.items()])
 
@@ -93,8 +96,18 @@ class _RunLog:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        """The files of a folder, but hidden ones (DVC's .gitignore, tools' markers)."""
         with self._timed():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            for file in sorted(Path(path).rglob("*")):
+                rel = file.relative_to(path)
+                if file.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    folder = "/".join(p for p in (artifact_path, rel.parent.as_posix())
+                                      if p and p != ".")
+                    self.client.log_artifact(self.run_id, str(file), folder or None)
+
+    def describe(self, text: str) -> None:
+        """The run's description (markdown, on its page in the UI)."""
+        self.set_tags({layout.TAG_DESCRIPTION: layout.clip(text)})
 
 
 @dataclass
@@ -106,6 +119,22 @@ class StageRun(_RunLog):
     uri: str
     client: Any
     tracking_seconds: float = 0.0
+    children_experiment_id: str = ""     # where its child runs go ("" = its own experiment)
+    head: str = ""                       # its description's first line: where its children are
+
+    def describe(self, text: str) -> None:
+        """The stage run's description (markdown, on its page): the line that links to its
+        child runs, then `text`."""
+        self.set_tags({layout.TAG_DESCRIPTION: layout.clip(
+            "\n\n".join(part for part in (self.head, text) if part))})
+
+    @property
+    def children_experiment(self) -> str:
+        return self.children_experiment_id or self.experiment_id
+
+    def children_link(self) -> str:
+        """The UI address of this run's child runs."""
+        return layout.experiment_link(self.children_experiment, layout.parent_filter(self.run_id))
 
     def timed(self) -> Any:
         """A block whose seconds count as this stage's tracking time (MLflow work done
@@ -121,33 +150,46 @@ class StageRun(_RunLog):
             self.tracking_seconds += time.perf_counter() - t0
 
     def child_run(self, name: str, params: Mapping[str, Any],
-                  metric_history: Mapping[str, Sequence[tuple[int, float]]],
-                  tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> str:
-        """One finished child run in one batch: params, metric histories (step, value), tags."""
+                  metric_history: Mapping[str, Sequence[tuple]],
+                  tags: Mapping[str, Any] | None = None, status: str = "FINISHED",
+                  span: tuple[float, float] | None = None, description: str = "") -> str:
+        """One finished child run in one batch: params, metric histories, tags. `span`: when
+        the run's work started and ended (time.time()), when not now; a history's points are
+        (step, value), measured at the span's end, or (step, value, time.time() measured)."""
         from mlflow.entities import Metric, Param
 
+        start, end = span or (None, None)
         with self._timed():
             all_tags = {names.TAG_PARENT: self.run_id, names.TAG_RUN_NAME: name,
-                        **{k: str(v) for k, v in (tags or {}).items()}}
-            run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+                        **{k: str(v) for k, v in (tags or {}).items()},
+                        **({layout.TAG_DESCRIPTION: layout.clip(description)}
+                           if description else {})}
+            run = self.client.create_run(self.children_experiment, start_time=millis(start),
+                                         tags=all_tags, run_name=name)
             child_id = run.info.run_id
-            ts = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), ts, int(step))
-                       for k, hist in metric_history.items() for step, v in hist]
+            metrics = [Metric(k, float(point[1]),
+                              millis(point[2] if len(point) > 2 else end), int(point[0]))
+                       for k, hist in metric_history.items() for point in hist]
             params_l = [Param(k, param_text(v)) for k, v in params.items()]
             for i in range(0, max(len(metrics), len(params_l), 1), 100):
                 self.client.log_batch(child_id, metrics=metrics[i:i + 100],
                                       params=params_l[i:i + 100])
-            self.client.set_terminated(child_id, status)
+            self.client.set_terminated(child_id, status, end_time=millis(end))
         return child_id
 
 
+def millis(when: float | None) -> int:
+    """time.time() seconds (None: now) as MLflow's milliseconds."""
+    return int((time.time() if when is None else when) * 1000)
+
 
 @contextmanager
-def stage_run(root: Path, stage: str, experiment: str,
-              dataset: DatasetRef | None = None) -> Iterator[StageRun]:
+def stage_run(root: Path, stage: str, experiment: str, dataset: DatasetRef | None = None,
+              children: str = "") -> Iterator[StageRun]:
     """The stage's MLflow run: a child of an active run (`reduce-ops main`), the one
     `mlflow run` made (MLFLOW_RUN_ID), or a new one; `dataset` is logged as its input.
+    `children` names the kind of its child runs (trials, chips...): they go to experiment
+    `<its experiment>/<children>` (see layout), which its description links to.
 
     Never calls set_experiment. On Ctrl-C the run is marked KILLED, on an error FAILED.
     """
@@ -180,6 +222,15 @@ def stage_run(root: Path, stage: str, experiment: str,
         with handle._timed():
             mark_model_training(client, run.info.experiment_id)
         handle.set_tags({names.TAG_STAGE: stage, names.TAG_DRIVER: driver_token()})
+        if children:
+            with handle._timed():
+                handle.children_experiment_id = layout.children_experiment(
+                    client, uri, handle.experiment_id, children)
+            handle.set_tags({names.TAG_CHILDREN_EXPERIMENT: handle.children_experiment_id})
+            name = client.get_experiment(handle.children_experiment_id).name
+            handle.head = (f"This run's {children} are runs of experiment **{name}**: "
+                           f"[open them]({handle.children_link()}).")
+            handle.describe("")
         if dataset is not None:
             handle.log_dataset(dataset)
         yield handle
@@ -251,100 +302,32 @@ def find_runs(uri: str, tags: Mapping[str, str], statuses: Sequence[str] | None 
 
 def read_children(uri: str, parent_run_id: str, metric_keys: Sequence[str],
                   statuses: Sequence[str] = ("FINISHED",)) -> list[dict[str, Any]]:
-    """Child runs of a parent as plain dicts: run_id, params, tags, histories {key: [(step, v)]}."""
+    """Child runs of a parent (in its children's experiment, or its own) as plain dicts:
+    run_id, params, tags, histories {key: [(step, v)]}, times {key: [(step, time.time() it
+    was measured)]} and span (start, end time.time())."""
     from mlflow.entities import ViewType
 
     client = client_for(uri)
     parent = get_run(uri, parent_run_id)
-    children = client.search_runs([parent.experiment_id],
-                                  f"tags.`{names.TAG_PARENT}` = '{parent_run_id}'",
+    where = list(dict.fromkeys([parent.tags.get(names.TAG_CHILDREN_EXPERIMENT) or
+                                parent.experiment_id, parent.experiment_id]))
+    children = client.search_runs(where, layout.parent_filter(parent_run_id),
                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
     out = []
     for run in children:
         if run.info.status not in statuses:
             continue
-        histories = {k: sorted((m.step, m.value) for m in
-                               client.get_metric_history(run.info.run_id, k))
-                     for k in metric_keys if k in run.data.metrics}
+        points = {k: sorted((m.step, m.value, m.timestamp / 1000) for m in
+                            client.get_metric_history(run.info.run_id, k))
+                  for k in metric_keys if k in run.data.metrics}
         out.append({"run_id": run.info.run_id, "params": dict(run.data.params),
-                    "tags": dict(run.data.tags), "histories": histories})
+                    "tags": dict(run.data.tags),
+                    "histories": {k: [(s, v) for s, v, _ in p] for k, p in points.items()},
+                    "times": {k: [(s, t) for s, _, t in p] for k, p in points.items()},
+                    "span": (run.info.start_time / 1000,
+                             (run.info.end_time or run.info.start_time) / 1000)})
     return out
 
-
-
-@dataclass(frozen=True)
-class LoggedModel:
-    """A model logged in a run: its URI, MLflow's model id and the format it was saved in."""
-
-    model_uri: str
-    model_id: str | None
-    serialization_format: str      # "pt2" (torch.export) or "pickle" (the fallback)
-    fallback_reason: str = ""      # why pt2 export failed, when it did
-    seconds: float = 0.0
-
-
-
-@dataclass
-class ModelChildRun(_RunLog):
-    """A child run kept open (as MLflow's active run) while its metrics and model are logged;
-    its tracking time counts towards the stage's."""
-
-    run_id: str
-    stage: StageRun
-
-    @property
-    def client(self) -> Any:
-        return self.stage.client
-
-    def _timed(self) -> Any:
-        return self.stage._timed()
-
-    def log_pytorch_model(self, model: Any, input_example: Any, pip_requirements: Sequence[str],
-                          name: str = "model") -> LoggedModel:
-        """mlflow.pytorch.log_model in the pt2 (torch.export) format; pickle if export fails.
-
-        pt2 needs `input_example` (it traces forward on it); explicit `pip_requirements` skip
-        MLflow's slow requirement inference. A pt2 model loads back as a GraphModule.
-        """
-        import mlflow.pytorch
-
-        t0 = time.perf_counter()
-        fallback = ""
-        with self.stage._timed():
-            try:
-                info = mlflow.pytorch.log_model(model, name=name, input_example=input_example,
-                                                pip_requirements=list(pip_requirements),
-                                                serialization_format="pt2")
-                fmt = "pt2"
-            except Exception as exc:  # noqa: BLE001 - any export failure: fall back, say why
-                fallback = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                info = mlflow.pytorch.log_model(model, name=name, input_example=input_example,
-                                                pip_requirements=list(pip_requirements),
-                                                serialization_format="pickle")
-                fmt = "pickle"
-        return LoggedModel(info.model_uri, getattr(info, "model_id", None), fmt, fallback,
-                           time.perf_counter() - t0)
-
-
-@contextmanager
-def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
-                    tags: Mapping[str, Any] | None = None) -> Iterator[ModelChildRun]:
-    """A child run of `stage` that stays open (nested active run) while a model is logged.
-
-    Ends FINISHED, or KILLED on Ctrl-C / FAILED on an error, before the exception reaches
-    stage_run, so that stage_run's end_run marks the parent and not this child.
-    """
-    import mlflow
-
-    with stage._timed():
-        run = mlflow.start_run(experiment_id=stage.experiment_id, run_name=name, nested=True,
-                               tags={names.TAG_PARENT: stage.run_id,
-                                     **{k: str(v) for k, v in (tags or {}).items()}})
-    child = ModelChildRun(run.info.run_id, stage)
-    with _ended_by_outcome():
-        if params:
-            child.log_params(params)
-        yield child
 
 
 def end_running_children(stage: StageRun, status: str = "KILLED") -> list[str]:
@@ -353,9 +336,10 @@ def end_running_children(stage: StageRun, status: str = "KILLED") -> list[str]:
     from mlflow.entities import ViewType
 
     client = stage.client
+    where = list(dict.fromkeys([stage.children_experiment, stage.experiment_id]))
     with stage._timed():
         running = [r.info.run_id for r in client.search_runs(
-            [stage.experiment_id], f"tags.`{names.TAG_PARENT}` = '{stage.run_id}'",
+            where, layout.parent_filter(stage.run_id),
             run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
             if r.info.status == "RUNNING"]
         for run_id in running:

@@ -1,0 +1,114 @@
+"""A child run that logs a model: open while its metrics, files and model are logged (by the
+logging process of `fat`), spanning the time its work took; a logged model shown on another
+run's page (an eFAT group's, on its members' runs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from reduce_ops import names
+from reduce_ops.tracking import layout
+from reduce_ops.tracking.runs import StageRun, _RunLog, millis
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """A model logged in a run: its URI, MLflow's model id and the format it was saved in."""
+
+    model_uri: str
+    model_id: str | None
+    serialization_format: str      # "pt2" (torch.export) or "pickle" (the fallback)
+    fallback_reason: str = ""      # why pt2 export failed, when it did
+    seconds: float = 0.0
+
+
+
+@dataclass
+class ModelChildRun(_RunLog):
+    """A child run kept open while its metrics and model are logged; it ends at `end` (when
+    its work ended) once they are. Its tracking time counts towards the stage's."""
+
+    run_id: str
+    stage: StageRun
+    end: float | None = None       # time.time() its work ended; None: when it is closed
+
+    @property
+    def client(self) -> Any:
+        return self.stage.client
+
+    def _timed(self) -> Any:
+        return self.stage._timed()
+
+    def log_pytorch_model(self, model: Any, input_example: Any, pip_requirements: Sequence[str],
+                          name: str = "model") -> LoggedModel:
+        """mlflow.pytorch.log_model in the pt2 (torch.export) format; pickle if export fails.
+        `name` is the logged model's name on the experiment's Models page.
+
+        pt2 needs `input_example` (it traces forward on it); explicit `pip_requirements` skip
+        MLflow's slow requirement inference. A pt2 model loads back as a GraphModule.
+        """
+        import mlflow.pytorch
+
+        t0 = time.perf_counter()
+        fallback = ""
+
+        def log(fmt: str) -> Any:
+            # the logged model is made here, in the run's experiment (MLflow would put it in
+            # the active experiment of this process, which is none: Default)
+            made = self.client.create_logged_model(
+                self.stage.children_experiment, name=name, source_run_id=self.run_id,
+                params=self.client.get_run(self.run_id).data.params)
+            return mlflow.pytorch.log_model(model, name=name, input_example=input_example,
+                                            run_id=self.run_id, model_id=made.model_id,
+                                            pip_requirements=list(pip_requirements),
+                                            serialization_format=fmt)
+
+        with self.stage._timed():
+            try:
+                info, fmt = log("pt2"), "pt2"
+            except Exception as exc:  # noqa: BLE001 - any export failure: fall back, say why
+                fallback = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                info, fmt = log("pickle"), "pickle"
+        return LoggedModel(info.model_uri, getattr(info, "model_id", None), fmt, fallback,
+                           time.perf_counter() - t0)
+
+
+def link_logged_model(stage: StageRun, run_id: str, model_id: str) -> None:
+    """Show a model logged by another run (an eFAT group's) among run `run_id`'s models."""
+    from mlflow.entities import LoggedModelOutput
+
+    with stage._timed():
+        stage.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+
+
+@contextmanager
+def model_child_run(stage: StageRun, name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, Any] | None = None, start: float | None = None,
+                    description: str = "") -> Iterator[ModelChildRun]:
+    """A child run of `stage` (in its children's experiment) that stays open while a model is
+    logged; it started at `start` (time.time() its work started; None: now).
+
+    Ends FINISHED at the child's `end`, or KILLED on Ctrl-C / FAILED on an error (now).
+    """
+    with stage._timed():
+        run = stage.client.create_run(
+            stage.children_experiment, start_time=millis(start), run_name=name,
+            tags={names.TAG_PARENT: stage.run_id, **{k: str(v) for k, v in (tags or {}).items()},
+                  **({layout.TAG_DESCRIPTION: layout.clip(description)} if description else {})})
+    child = ModelChildRun(run.info.run_id, stage)
+    try:
+        if params:
+            child.log_params(params)
+        yield child
+    except KeyboardInterrupt:
+        stage.client.set_terminated(child.run_id, "KILLED")
+        raise
+    except BaseException:
+        stage.client.set_terminated(child.run_id, "FAILED")
+        raise
+    with stage._timed():
+        stage.client.set_terminated(child.run_id, "FINISHED", end_time=millis(child.end))
