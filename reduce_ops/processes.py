@@ -67,7 +67,10 @@ def _stop(supervisor: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def _signals_exit() -> Iterator[None]:
     """SIGTERM and SIGHUP raise SystemExit(128 + signal) for the block, so `finally` runs (by
-    default they would end Python at once). Only the main thread may set handlers."""
+    default they would end Python at once), and Ctrl-C raises KeyboardInterrupt even where this
+    process was started with SIGINT ignored or the stop signals blocked (both are inherited from
+    whatever started it, and Python installs no Ctrl-C handler over an ignored SIGINT). Only
+    the main thread may set handlers."""
     if sys.platform == "win32" or not _in_main_thread():
         yield
         return
@@ -76,11 +79,14 @@ def _signals_exit() -> Iterator[None]:
         raise SystemExit(128 + signum)
 
     before = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    before[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for sig, handler in before.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _in_main_thread() -> bool:
@@ -193,6 +199,7 @@ def supervise(parent: int, cmd: Sequence[str]) -> int:
 
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)     # a blocked mask is inherited
     server = None
     try:
         server = subprocess.Popen(list(cmd), start_new_session=True)   # its group: see _end_tree

@@ -80,6 +80,24 @@ def test_a_stopped_serve_leaves_no_process_of_its_tree(sig: signal.Signals) -> N
         assert code == (143 if sig == signal.SIGTERM else -signal.SIGINT)   # KeyboardInterrupt
 
 
+def _ignore_and_block_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # as a shell starts a background job
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stops_on_a_signal_its_starter_ignored_or_blocked(sig: signal.Signals) -> None:
+    """Python installs no Ctrl-C handler over an inherited SIG_IGN, and a blocked mask is
+    inherited through exec: serve and its supervisor take the stop signals back."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, *TREE], cwd=REPO,
+                            stderr=subprocess.DEVNULL, preexec_fn=_ignore_and_block_stop_signals)
+    tree = _tree_of(proc, sleeps=2)
+    os.kill(proc.pid, sig)
+    code = proc.wait(timeout=60)
+    assert _running(tree) == []
+    assert code in ((143,) if sig == signal.SIGTERM else (-signal.SIGINT, 130))
+
+
 @pytest.mark.parametrize("code", [0, 3])
 def test_a_server_that_exits_by_itself_is_an_error_and_leaves_nothing(code: int,
                                                                        tmp_path: Path) -> None:
