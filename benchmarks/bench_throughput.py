@@ -1,0 +1,157 @@
+"""How much of the machine the default pipeline's training and evaluation use; prints JSON.
+
+    .venv/bin/python benchmarks/bench_throughput.py            # one torch thread
+    .venv/bin/python benchmarks/bench_throughput.py --threads 2
+
+On the default model and the prepared split (digits when none is prepared), at `--threads`:
+- the matmul roofline: fp32 GFLOP/s of a large square matmul (median of repeats);
+- FAT training: images per second over one epoch of `fault_aware_train` at a uniform fault
+  map of `--rate`, and GFLOP/s from the model's counted multiply-adds (forward + backward =
+  3 x forward), as a share of the roofline;
+- evaluation: images per second of the per-image evaluation every check uses;
+- a resilience trial's evaluation share: each checkpoint trains `checkpoint_every` epochs and
+  evaluates validation and test, so share = eval / (eval + train) at the measured rates;
+- images trained and evaluated per stage for params.yaml (resilience, fat, compare), from the
+  grid, the fleet size and the cap (fat's from results/fat/summary.json when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_fat_overhead import load_data
+from common import REPO
+from torch import nn
+
+from reduce_ops.config import load_config
+from reduce_ops.fault_aware import fault_aware_train
+from reduce_ops.hardware import ArrayGeometry, build_masks, uniform_fault_map
+from reduce_ops.models import build_model
+from reduce_ops.training import evaluate_images
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """2 x the multiply-adds of every Conv and Linear layer for one image."""
+    total = 0.0
+
+    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += 2.0 * module.in_features * module.out_features
+        else:                                  # a convolution: per output element
+            k = module.weight[0].numel()       # in_channels / groups x kernel
+            total += 2.0 * k * out[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    with torch.no_grad():
+        model.eval()
+        model(torch.zeros(1, *input_shape))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def stage_images(cfg, n: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Images trained and evaluated per stage for these params (the grid, fleet and cap)."""
+    r = cfg.resilience
+    trials = len(r.fault_rates) * r.repetitions
+    checks = round(r.max_epochs / r.checkpoint_every) + 1
+    out = {"resilience": {"trained": trials * r.max_epochs * n["train"],
+                          "evaluated": trials * checks * (n["val"] + n["test"]),
+                          "note": "the grid only (trials that go on past it add more)"}}
+    summary = REPO / cfg.paths.results / "fat" / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        out["fat"] = {"trained": s["trained_epochs"] * n["train"],
+                      "evaluated": None, "note": "from results/fat/summary.json"}
+    chips = cfg.faultmaps.n_chips
+    cap = cfg.plan.budget_cap
+    points = round(cap / r.checkpoint_every) + 1
+    out["compare"] = {"trained": chips * cap * n["train"],
+                      "evaluated": chips * points * (n["val"] + n["test"]),
+                      "note": "every chip once to the cap, both splits every checkpoint"}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    cfg = load_config(REPO / "params.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        data, source = load_data("auto", Path(tmp))
+    n = {s: len(data.y[s]) for s in ("train", "val", "test")}
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+    flops = forward_flops(model, tuple(data.input_shape))
+    masks = build_masks(model, uniform_fault_map(ArrayGeometry(cfg.hardware.rows,
+                                                               cfg.hardware.cols),
+                                                 args.rate, 0))
+    roofline = statistics.median(matmul_gflops() for _ in range(3))
+
+    train_s = []
+    for _ in range(args.repeats):
+        m = build_model(cfg.model.name, data.input_shape, data.num_classes)
+        m.load_state_dict(model.state_dict())
+        t = time.perf_counter()
+        fault_aware_train(m, masks, data, 1.0, cfg.fat)
+        train_s.append(time.perf_counter() - t)
+    eval_s = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for s in ("val", "test"):
+            evaluate_images(model, data.x[s], data.y[s])
+        eval_s.append(time.perf_counter() - t)
+    train_ips = n["train"] / statistics.median(train_s)
+    eval_ips = (n["val"] + n["test"]) / statistics.median(eval_s)
+    train_gflops = train_ips * 3 * flops / 1e9
+    step = cfg.resilience.checkpoint_every
+    per_check_train = step * n["train"] / train_ips
+    per_check_eval = (n["val"] + n["test"]) / eval_ips
+    return {
+        "source": source, "model": cfg.model.name, "threads": args.threads,
+        "cores": os.cpu_count(),
+        "matmul_roofline_gflops": round(roofline, 1),
+        "forward_mflop_per_image": round(flops / 1e6, 3),
+        "fat_train_images_per_s": round(train_ips),
+        "fat_train_images_per_s_per_thread": round(train_ips / args.threads),
+        "fat_train_gflops": round(train_gflops, 1),
+        "fat_train_share_of_roofline": round(train_gflops / roofline, 3),
+        "eval_images_per_s": round(eval_ips),
+        "eval_gflops": round(eval_ips * flops / 1e9, 1),
+        "resilience_trial_eval_share": round(per_check_eval / (per_check_eval
+                                                               + per_check_train), 3),
+        "resilience_trial_eval_share_test_split": round(
+            per_check_eval / 2 / (per_check_eval + per_check_train), 3),
+        "images_per_stage": stage_images(cfg, n),
+        "repeats": args.repeats,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=0.3, help="fault rate of the FAT map")
+    parser.add_argument("--repeats", type=int, default=3)
+    print(json.dumps(run(parser.parse_args()), indent=1))
+
+
+if __name__ == "__main__":
+    main()
