@@ -197,6 +197,56 @@ def run_killed_after(root: Path, argv: list[str], module: str, function: str,
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(project: Path, port: int, log: Path) -> subprocess.Popen:
+    """`reduce-ops ui` on `port` in `project`, on the project's own mlflow.db; its stderr goes
+    to `log` (a file: a full pipe would stall the server), its stdout is a pipe (the address)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with log.open("w") as stderr:
+        return subprocess.Popen([str(Path(sys.executable).parent / "reduce-ops"), "ui",
+                                 "--port", str(port)], cwd=project, env=env,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def wait_until_healthy(ui: subprocess.Popen, port: int, log: Path, timeout: float = 180) -> None:
+    """Until the UI on `port` answers /health; fails with its log if it exits or is late."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert ui.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.read() == b"OK":
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+
+
+def make_every_check_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every verification check of `fat` misses (a 0.9 margin on the rule), in this process."""
+    from reduce_ops.retraining import worker
+
+    real = worker.train
+
+    def never_passes(unit, baseline, data, settings, *args):  # noqa: ANN001, ANN002
+        rule = dataclasses.replace(settings.rule, margin=0.9)
+        return real(unit, baseline, data, dataclasses.replace(settings, rule=rule), *args)
+
+    monkeypatch.setattr(worker, "train", never_passes)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch intra-op thread for a module's tests, restored afterwards."""

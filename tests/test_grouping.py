@@ -345,23 +345,15 @@ def test_a_group_that_misses_counts_its_epochs_in_a_resumed_fat(
     """Every check misses (a guard band no model reaches): each group runs to the cap, then its
     members alone; a rerun that finds every chip registered for the plan reports the same
     epochs, the failed groups' included (each member's share is a tag of its model version)."""
-    import dataclasses
 
-    from conftest import clone_project
+    from conftest import clone_project, make_every_check_miss
 
     from reduce_ops.cli import main
-    from reduce_ops.retraining import worker
 
     project = clone_project(grouped, tmp_path / "miss")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(project)
-    real = worker.train
-
-    def never_passes(unit, baseline, data, settings, *args):  # noqa: ANN001, ANN002
-        rule = dataclasses.replace(settings.rule, margin=0.9)
-        return real(unit, baseline, data, dataclasses.replace(settings, rule=rule), *args)
-
-    monkeypatch.setattr(worker, "train", never_passes)
+    make_every_check_miss(monkeypatch)
     args = ["fat", "--params", str(project / "params.yaml")]
     assert main([*args, "--force"]) == 0
     first = json.loads((project / "results/fat/summary.json").read_text())

@@ -12,15 +12,21 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY_BER, WAFER_FLEET, clone_project
+from conftest import (
+    TINY_BER,
+    WAFER_FLEET,
+    clone_project,
+    free_port,
+    make_every_check_miss,
+    start_ui,
+    wait_until_healthy,
+)
 
 from reduce_ops import names
 from reduce_ops.records import trials as trials_record
@@ -34,7 +40,6 @@ EXPERIMENT, PREFIX = "reduce-ops", "reduce-ops"      # params.yaml's tracking / 
 LOGGED_STAGES = [s for s in PIPELINE if s not in ("prepare", "faultmaps")]   # DVC keeps those
 KINDS = {"resilience": "resilience trials", "fat": "chips", "compare": "policies",
          "variants": "variants", "robustness": "bit-fault trials"}
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -179,21 +184,13 @@ def test_a_group_that_missed_at_the_cap_says_so_and_logs_no_model(
     """Every check misses (a guard band no model reaches): the group's run says it missed and
     logged no model (none ships); its chips, trained alone, say they were rejected at the cap
     and which group they left."""
-    import dataclasses
 
     from reduce_ops.cli import main
-    from reduce_ops.retraining import worker
 
     clone = clone_project(project, tmp_path / "miss")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(clone)
-    real = worker.train
-
-    def never_passes(unit, baseline, data, settings, *args):  # noqa: ANN001, ANN002
-        rule = dataclasses.replace(settings.rule, margin=0.9)
-        return real(unit, baseline, data, dataclasses.replace(settings, rule=rule), *args)
-
-    monkeypatch.setattr(worker, "train", never_passes)
+    make_every_check_miss(monkeypatch)
     assert main(["fat", "--force", "--params", str(clone / "params.yaml")]) == 0
     runs = _chip_runs(_client(clone))
     (group,) = [r for r in runs if names.TAG_GROUP in r.data.tags
@@ -312,12 +309,6 @@ def _browser() -> tuple[str, str]:
     return chromium, driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SHOTS = os.environ.get("REDUCE_OPS_SCREENSHOTS")   # a folder: the README's screenshots too
 
 
@@ -339,29 +330,14 @@ def test_a_browser_shows_every_stage_first_verdicts_and_linked_models(
     chip = chips[shipped].data.tags[names.TAG_CHIP]
     (version,) = client.search_model_versions(f"name = '{PREFIX}-{chip}'")
 
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "ui.stderr"
-    with log.open("w") as stderr:
-        ui = subprocess.Popen([str(BIN / "reduce-ops"), "ui", "--port", str(port)],
-                              cwd=project, env=env, stdout=subprocess.PIPE, stderr=stderr,
-                              text=True)
+    ui = start_ui(project, port, log)
     browser = None
     try:
         address = re.search(r"http://\S+workflowType=machine_learning",
                             ui.stdout.readline()).group(0)
-
-        def healthy() -> bool:
-            assert ui.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    return r.read() == b"OK"
-            except OSError:
-                return False
-        deadline = time.monotonic() + 180
-        while not healthy():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(1)
+        wait_until_healthy(ui, port, log)
 
         options = webdriver.ChromeOptions()
         options.binary_location = chromium

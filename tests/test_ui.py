@@ -10,29 +10,27 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import (
+    REPO,
+    free_port,
+    make_project,
+    start_ui,
+    tiny_params,
+    wait_until_healthy,
+)
 
-from conftest import REPO, make_project, tiny_params
 from reduce_ops import processes
 from reduce_ops.cli import main
 from reduce_ops.errors import ServerExitError
 from reduce_ops.processes import descendants, is_running, serve
 
-BIN = Path(sys.executable).parent
-
 # A server stand-in: a shell with two background children (a tree three levels deep).
 TREE = ["sh", "-c", "sleep 600 & sleep 600 & wait"]
 SERVE = "import sys; from reduce_ops.processes import serve; serve(sys.argv[1:], what='sh')"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _running(tree: dict[int, str]) -> list[int]:
@@ -142,7 +140,7 @@ def test_ui_says_so_when_the_mlflow_server_exits_with_an_error(
     crash = [sys.executable, "-c", "import sys; sys.exit(3)"]      # instead of `mlflow ui`
     real_serve = processes.serve
     monkeypatch.setattr(processes, "serve", lambda cmd, cwd, what: real_serve(crash, cwd, what))
-    assert main(["ui", "--params", str(_params(tmp_path)), "--port", str(_free_port())]) == 1
+    assert main(["ui", "--params", str(_params(tmp_path)), "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
     assert err == "reduce-ops ui: error: the MLflow UI exited by itself with code 3 (its " \
                   "messages are above)\n"
@@ -154,24 +152,12 @@ def test_ui_stopped_by_a_signal_leaves_no_process_of_its_mlflow_server(
         sig: signal.Signals, tmp_path: Path) -> None:
     project = tmp_path / "project"
     make_project(project)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}   # own mlflow.db
-    port = _free_port()
-    log = tmp_path / "ui.stderr"            # a file: a full pipe would stall the server
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([str(BIN / "reduce-ops"), "ui", "--port", str(port)],
-                                cwd=project, env=env, stdout=subprocess.PIPE, stderr=stderr,
-                                text=True)
+    port = free_port()
+    log = tmp_path / "ui.stderr"
+    proc = start_ui(project, port, log)
     try:
         assert f"http://127.0.0.1:{port}/#/experiments" in proc.stdout.readline()
-
-        def healthy() -> bool:
-            assert proc.poll() is None, log.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    return r.read() == b"OK"
-            except OSError:
-                return False
-        assert _wait_until(healthy, 180)
+        wait_until_healthy(proc, port, log)
         tree: dict[int, str] = {}
         for _ in range(10):                 # MLflow's job runner starts its workers meanwhile
             tree.update(descendants(proc.pid))
