@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from bench_fat_overhead import load_data
-from common import REPO
+from common import REPO, median_ms
 from torch import nn
 
 from reduce_ops.config import load_config
@@ -37,15 +37,9 @@ from reduce_ops.models import build_model
 from reduce_ops.training import evaluate_images
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
+def matmul_gflops(n: int = 1024, repeats: int = 21) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n ** 3 / (median_ms(lambda: a @ b, repeats) / 1e3) / 1e9
 
 
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
@@ -104,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
     masks = build_masks(model, uniform_fault_map(ArrayGeometry(cfg.hardware.rows,
                                                                cfg.hardware.cols),
                                                  args.rate, 0))
-    roofline = statistics.median(matmul_gflops() for _ in range(3))
+    roofline = matmul_gflops()
 
     train_s = []
     for _ in range(args.repeats):
@@ -113,14 +107,10 @@ def run(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         fault_aware_train(m, masks, data, 1.0, cfg.fat)
         train_s.append(time.perf_counter() - t)
-    eval_s = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        for s in ("val", "test"):
-            evaluate_images(model, data.x[s], data.y[s])
-        eval_s.append(time.perf_counter() - t)
+    eval_s = median_ms(lambda: [evaluate_images(model, data.x[s], data.y[s])
+                                for s in ("val", "test")], args.repeats) / 1e3
     train_ips = n["train"] / statistics.median(train_s)
-    eval_ips = (n["val"] + n["test"]) / statistics.median(eval_s)
+    eval_ips = (n["val"] + n["test"]) / eval_s
     train_gflops = train_ips * 3 * flops / 1e9
     step = cfg.resilience.checkpoint_every
     per_check_train = step * n["train"] / train_ips
