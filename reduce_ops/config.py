@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -276,12 +277,13 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """Where the independent units of work (resilience trials) run: in this process, or as Ray
+    """Where the independent units of work (resilience trials, chips, groups) run: on this
+    machine (in this process with one worker, else a pool of `workers` processes), or as Ray
     tasks on `workers` CPUs of a local Ray instance or of a cluster."""
 
     backend: Literal["local", "ray"]
     address: str | None            # Ray: null = start a local instance; auto | ray://host:port
-    workers: int = _check(1, 100000)
+    workers: int = _check(1, 100000)   # params may say `auto`: this machine's cores
     torch_threads: int = _check(0, 1024)   # per process (0 = torch's default)
 
 
@@ -691,9 +693,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count):
+    what `execution.workers: auto` resolves to."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _auto_workers(raw: Any) -> Any:
+    """`execution.workers: auto` as the number of cores this process may use."""
+    exe = raw.get("execution") if isinstance(raw, dict) else None
+    if not isinstance(exe, dict) or exe.get("workers") != "auto":
+        return raw
+    return {**raw, "execution": {**exe, "workers": cores()}}
+
+
 def from_dict(raw: dict[str, Any], root: Path = Path("."), where: str = DEFAULT_PARAMS) -> Config:
     """Build and validate a Config from a nested dict."""
-    cfg = _build(Config, raw, "", where)
+    cfg = _build(Config, _auto_workers(raw), "", where)
     cfg = dataclasses.replace(cfg, root=Path(root).resolve(), source=where)
     _cross_checks(cfg, where)
     _source_checks(cfg, where)

@@ -1,9 +1,11 @@
-"""Where independent units of work run: one after another in this process (`local`), or as Ray
-tasks (`ray`) on a local Ray instance or a cluster.
+"""Where independent units of work run: on this machine (`local`: one after another in this
+process with one worker, else a pool of `workers` processes at one torch thread each), or as
+Ray tasks (`ray`) on a local Ray instance or a cluster.
 
 Workers only compute: they get their inputs, return plain results, and never touch MLflow; the
 driver logs each result as it arrives (explicit run ids, the same parent/child structure as
-`local`). A task whose worker dies (killed, out of memory, a lost node) is retried by Ray.
+one worker). A unit whose worker dies (killed, out of memory, a lost node) runs again, in a
+fresh pool or by Ray, at most RETRIES times; then the stage ends in one line.
 """
 
 from __future__ import annotations
@@ -15,10 +17,28 @@ from contextlib import contextmanager
 from typing import Any
 
 from reduce_ops.config import ExecutionConfig
-from reduce_ops.errors import ConfigError
+from reduce_ops.errors import ConfigError, ReduceOpsError
 
 LOCAL = ExecutionConfig("local", None, 1, 0)   # in this process, torch's default threads
 RETRIES = 3                       # a task whose worker died runs again, at most this often
+
+
+class WorkerDiedError(ReduceOpsError):
+    """A pool worker died (killed, out of memory) more often than RETRIES allows."""
+
+    exit_code = 1
+
+
+def pooled(exe: ExecutionConfig) -> bool:
+    """Units run in worker processes (Ray, or a local pool of more than one worker), not in
+    this one: they get one torch thread each unless execution.torch_threads says otherwise,
+    and report nothing from inside a unit."""
+    return exe.backend == "ray" or exe.workers > 1
+
+
+def worker_threads(exe: ExecutionConfig) -> int:
+    """torch threads of each worker process (0 = torch's default, in this process only)."""
+    return exe.torch_threads if exe.torch_threads or not pooled(exe) else 1
 OBJECT_STORE_BYTES = 200 * 2**20  # local instance: Ray's default is 30% of the machine's memory
 
 
@@ -96,17 +116,95 @@ def _call(fn: Callable[..., Any], threads: int, shared: Any, item: Any) -> Any:
     return fn(shared, item)
 
 
+_POOL_TASK: tuple[Callable[[Any, Any], Any], Any] | None = None   # in a pool worker
+
+
+def _pool_init(fn: Callable[[Any, Any], Any], shared: Any, threads: int, parent: int) -> None:
+    import signal
+
+    from reduce_ops.processes import die_with_parent
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
+    die_with_parent(parent)
+    set_torch_threads(threads)
+    global _POOL_TASK
+    _POOL_TASK = (fn, shared)
+
+
+def _pool_call(item: Any) -> Any:
+    fn, shared = _POOL_TASK
+    return fn(shared, item)
+
+
+def _pool_map(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any],
+              exe: ExecutionConfig, on_result: Callable[[int, Any], None]) -> None:
+    """map_unordered on a pool of execution.workers processes of this machine (spawned: a
+    clean interpreter each, `shared` sent once to each). A worker that dies breaks the pool:
+    the units not yet returned run again in a fresh one, at most RETRIES times."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    todo = dict(enumerate(items))
+    deaths = 0
+    while todo:
+        # workers must not inherit the driver's MLflow run: they never log
+        saved = os.environ.pop("MLFLOW_RUN_ID", None)
+        try:
+            pool = ProcessPoolExecutor(
+                min(exe.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=_pool_init, initargs=(fn, shared, worker_threads(exe), os.getpid()))
+            pending = {pool.submit(_pool_call, item): i for i, item in todo.items()}
+        finally:
+            if saved is not None:
+                os.environ["MLFLOW_RUN_ID"] = saved
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = pending.pop(future)
+                    result = future.result()          # a unit's own error ends the stage here
+                    del todo[i]
+                    on_result(i, result)
+        except BrokenProcessPool:
+            deaths += 1
+            if deaths > RETRIES:
+                raise WorkerDiedError(
+                    f"execution.workers: a worker process died {deaths} times (killed, or out "
+                    f"of memory) with {len(todo)} of {len(items)} units left; the finished "
+                    f"ones are recorded (fewer workers need less memory)") from None
+        finally:
+            _stop_pool(pool)
+
+
+def _stop_pool(pool: Any) -> None:
+    """Shut a pool down now: queued units are dropped, running ones killed (an error or
+    Ctrl-C in the driver must not wait for them)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+    for proc in processes:
+        proc.join()
+
+
 def map_unordered(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any],
                   exe: ExecutionConfig, on_result: Callable[[int, Any], None]) -> None:
     """`fn(shared, item)` for every item; `on_result(index, result)` on the driver as each one
-    finishes (in order with `local`, in finishing order with `ray`). `shared` (model, data)
-    goes to the object store once. At most execution.workers tasks are in flight; a task whose
-    worker died is retried (RETRIES times)."""
+    finishes (in order with one local worker, in finishing order in a pool or on Ray).
+    `shared` (model, data) goes to each worker (or Ray's object store) once. At most
+    execution.workers tasks are in flight; a task whose worker died is retried (RETRIES
+    times). Each worker process runs worker_threads(exe) torch threads: a pool gives what one
+    worker at that many threads gives, to the bit."""
+    if exe.backend == "local" and exe.workers > 1 and len(items) > 1:
+        _pool_map(fn, shared, items, exe, on_result)
+        return
     if exe.backend == "local":
         import torch
 
         before = torch.get_num_threads()
-        set_torch_threads(exe.torch_threads)
+        set_torch_threads(worker_threads(exe))
         try:
             for i, item in enumerate(items):
                 on_result(i, fn(shared, item))
@@ -125,7 +223,7 @@ def map_unordered(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[An
             while todo or pending:
                 while todo and len(pending) < exe.workers:
                     i, item = todo.pop()
-                    pending[task.remote(fn, exe.torch_threads, shared_ref, item)] = i
+                    pending[task.remote(fn, worker_threads(exe), shared_ref, item)] = i
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     on_result(pending.pop(ref), ray.get(ref))

@@ -145,6 +145,17 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
+def die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when the process that started it (pid `parent`) dies,
+    so a helper process (a logger, a pool worker) never outlives a driver that was SIGKILLed
+    (it would race the rerun's registrations, or wait on its queue forever). A driver that
+    died before this ran (while the process was starting) is no longer its parent: then it
+    ends at once."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _end_tree(grace: float, group: int | None) -> None:
     """SIGTERM every descendant, SIGKILL those left after `grace` s; reap; return when none is
     left. New descendants started meanwhile get the same treatment. Without /proc: the server's

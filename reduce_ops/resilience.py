@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from reduce_ops import execution
 from reduce_ops.config import ExecutionConfig, FatConfig, HardwareConfig, ResilienceConfig
 from reduce_ops.fault_aware import FatCheckpoint, fat_curve
 from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap
-from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.names import VAL_ACCURACY
 from reduce_ops.needs import settled
 from reduce_ops.progress import Progress
 from reduce_ops.records.trials import TrialResult, TrialSpec
@@ -107,16 +108,22 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
 
     # Batch order differs per repetition too, so repetitions sample both sources of variance.
     fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
+    # Every decision reads validation, at every checkpoint; the test split only reports, so
+    # it is measured once, on the trial's final model (half the evaluation of both at each).
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
-                      fat_cfg, device, on_checkpoint=stamp, stuck=stuck)
+                      fat_cfg, device, splits=("val",), on_checkpoint=stamp, stuck=stuck)
     while (curve.amounts[-1] < target.cap - 1e-9
            and not settled(curve.amounts, target.decided(curve.measured["val"]),
                            target.level, target.confirm)):
         curve.extend([min(round(curve.amounts[-1] + res.checkpoint_every, 9), target.cap)],
                      stamp)
+    t0 = time.perf_counter()
+    final_test = curve.session.measure(("test",))["test"].accuracy
+    curve.seconds += time.perf_counter() - t0
     val = curve.measured["val"]
+    test = [math.nan] * (len(val) - 1) + [final_test]
     return TrialResult(spec, fmap.n_faulty, curve.session.pruned_fraction, curve.amounts,
-                       [m.accuracy for m in val], curve.accuracy[TEST_ACCURACY], curve.seconds,
+                       [m.accuracy for m in val], test, curve.seconds,
                        res.max_epochs, val_lost=[m.lost for m in val],
                        val_gained=[m.gained for m in val], started=started, times=times)
 
@@ -132,7 +139,7 @@ class TrialInputs:
     hardware: HardwareConfig
     target: TrialTarget
     device: torch.device | str
-    on_checkpoint: Callable[[FatCheckpoint], None] | None = None   # local backend only
+    on_checkpoint: Callable[[FatCheckpoint], None] | None = None   # one local worker only
 
 
 def _trial_task(inputs: TrialInputs, spec: TrialSpec) -> TrialResult:
@@ -149,7 +156,7 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
     run on `exe`'s backend (default: here, one after another).
 
     `on_trial(result)` is called on this process as each trial finishes (to log it); `progress`
-    hears of every trial, and with the local backend of every checkpoint inside one.
+    hears of every trial, and with one local worker of every checkpoint inside one.
     Returns the results in the order of `specs`.
     """
     exe = exe or execution.LOCAL
@@ -177,7 +184,7 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
         progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
                         f"val {cp.metrics[VAL_ACCURACY]:.4f}")
 
-    on_cp = inside if progress is not None and exe.backend == "local" else None
+    on_cp = inside if progress is not None and not execution.pooled(exe) else None
 
     def next_starts(i: int) -> None:
         if progress is not None and i + 1 < len(todo):

@@ -40,6 +40,7 @@ TINY = [
     "verify.margin=0.0075",
     "verify.escape_rate=null",
     "verify.pool=1",          # tests that need variants name their own
+    "execution.workers=1",    # in the test process; tests/test_pool.py runs the default pool
 ]
 
 # --- Named setups: overrides that more than one test module builds its project from ----------

@@ -3,11 +3,11 @@ unreachable cluster is one line before any training."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import (
     THROUGH_GROUP,
@@ -61,8 +61,8 @@ def _trials(prepared_digits, exe: ExecutionConfig) -> list[trials_record.TrialRe
 def test_ray_gives_the_trials_local_gives(prepared_digits, ray_instance) -> None:
     local = _trials(prepared_digits, ExecutionConfig("local", None, 1, 1))
     remote = _trials(prepared_digits, ExecutionConfig("ray", None, 2, 1))
-    for a, b in zip(local, remote):
-        assert dataclasses.replace(a, seconds=0.0) == dataclasses.replace(b, seconds=0.0)
+    # every checkpoint's validation, the final model's test (NaN elsewhere): equal to the bit
+    pd.testing.assert_frame_equal(trials_record.table(local), trials_record.table(remote))
 
 
 def _die_once(marker: str, item: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import TINY_BER, make_project, run_stages
+from conftest import TINY_BER, clone_project, make_project, run_stages
 
 from reduce_ops.cli import main
 from reduce_ops.models import ThresholdReLU, load_checkpoint
@@ -93,3 +93,20 @@ def test_a_missing_variant_model_is_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "reduce-ops variants" in err
     assert not (tmp_path / "results/robustness").exists()
+
+
+def test_variants_in_the_pool_are_those_of_one_worker(project: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two worker processes train the variants (logged in the driver, in params order): the
+    same models, to the bit, as one worker at one torch thread."""
+    out = {}
+    for name, sets in (("one", ["execution.workers=1", "execution.torch_threads=1"]),
+                       ("pool", ["execution.workers=2", "execution.torch_threads=0"])):
+        root = clone_project(project, tmp_path / name, sets)
+        monkeypatch.chdir(root)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(["variants", "--params", str(root / "params.yaml")]) == 0
+        out[name] = pd.read_csv(root / "results/variants/summary.csv").drop(
+            columns=["train_seconds"])
+    assert list(out["pool"]["variant"]) == ["sparse-plain", "dense-saq"]
+    pd.testing.assert_frame_equal(out["one"], out["pool"])

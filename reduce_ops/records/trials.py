@@ -4,6 +4,7 @@ the accuracy curves as metric histories), which is what a plan reads back."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,8 @@ def run_payload(r: TrialResult) -> tuple[dict, dict, dict]:
     def points(values: list) -> list[tuple]:
         return list(zip(steps, values, times)) if times else list(zip(steps, values))
 
-    history = {VAL_ACCURACY: points(r.val_accuracy), TEST_ACCURACY: points(r.test_accuracy),
+    history = {VAL_ACCURACY: points(r.val_accuracy),
+               TEST_ACCURACY: [p for p in points(r.test_accuracy) if not math.isnan(p[1])],
                RETRAINING_EPOCHS: points(r.amounts), VAL_LOST: points(r.val_lost),
                VAL_GAINED: points(r.val_gained), TRIAL_SECONDS: [(0, r.seconds)],
                "fault_rate": [(0, r.spec.fault_rate)]}
@@ -132,7 +134,7 @@ def from_run(child: dict[str, Any]) -> TrialResult:
     paired = all(s in lost and s in gained for s, _ in val)
     measured_at = dict(child.get("times", {}).get(VAL_ACCURACY, []))
     return TrialResult(spec, int(p["n_faulty"]), float(p["pruned_fraction"]), amounts,
-                       [v for _, v in val], [test[s] for s, _ in val], float(seconds),
+                       [v for _, v in val], [test.get(s, math.nan) for s, _ in val], float(seconds),
                        float(p.get("grid_epochs", amounts[-1])), reused_from=child["run_id"],
                        val_lost=[int(lost[s]) for s, _ in val] if paired else [],
                        val_gained=[int(gained[s]) for s, _ in val] if paired else [],

@@ -39,7 +39,7 @@ class _Work:
 @dataclass(frozen=True)
 class _Shared:
     """What every worker gets once: the baseline, the data, how to train; the progress bar
-    only on the driver's own backend (`local`)."""
+    only when the units run in the driver (one local worker)."""
 
     baseline: nn.Module
     data: Any
@@ -170,7 +170,7 @@ def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
         if other_settings and progress is not None:
             progress.note(f"{other_settings} chips registered for this plan with other settings "
                           f"(fat.*, hardware.layer_types, groups) train again")
-        local = exe.backend == "local"
+        local = not execution.pooled(exe)
         shared = _Shared(baseline, data, settings, progress if local else None)
         for batch in (work, fleet.fallback):        # the fallback fills while `work` runs
             items = list(batch)

@@ -50,7 +50,7 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
     baseline, ckpt = load_checkpoint(cfg.path("baseline"), device, cfg.hardware.exclude_layers)
     out_dir = chips_record.directory(cfg.path("results"))
     exe = cfg.execution
-    if exe.backend == "local" and exe.torch_threads == 0:
+    if not execution.pooled(exe) and exe.torch_threads == 0:
         # one core goes to the process that logs and registers the models meanwhile
         exe = dataclasses.replace(exe, torch_threads=max(1, (os.cpu_count() or 1) - 1))
     uri = tracking_uri(cfg.root)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from reduce_ops import atomic, provenance
-from reduce_ops.baseline import EpochRecord, describe, train_baseline
-from reduce_ops.config import Config, flatten
+from reduce_ops import atomic, execution, provenance
+from reduce_ops.baseline import EpochRecord, TrainedBaseline, describe, train_baseline
+from reduce_ops.config import Config, VariantConfig, flatten
 from reduce_ops.data import load_prepared
 from reduce_ops.models import save_checkpoint
 from reduce_ops.names import BASELINE_MEASURES, TEST_ACCURACY, VAL_ACCURACY
@@ -26,6 +27,45 @@ SUMMARY_COLUMNS = ["variant", *SETTINGS, VAL_ACCURACY, TEST_ACCURACY, "int8_test
                    "best_epoch", "epochs_trained", "train_seconds"]
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every variant's worker gets once; the progress bar only with one local worker."""
+
+    cfg: Config
+    data: Any
+    device: Any
+    progress: Progress | None
+
+
+@dataclass(frozen=True)
+class _Trained:
+    trained: TrainedBaseline
+    history: dict[str, list[tuple[int, float, float]]]   # (epoch, value, when measured)
+    span: tuple[float, float]
+
+
+def _variant_task(shared: _Inputs, variant: VariantConfig) -> _Trained:
+    """Train one variant like the baseline (no MLflow: the driver logs it)."""
+    progress = shared.progress
+    if progress is not None:
+        progress.start(variant.name)
+    history: dict[str, list[tuple[int, float, float]]] = {
+        "train_loss": [], "holdout_accuracy": [], "holdout_loss": []}
+    started = time.time()
+
+    def on_epoch(rec: EpochRecord) -> None:
+        for key in history:
+            history[key].append((rec.epoch, getattr(rec, key), time.time()))
+        if progress is not None:
+            progress.inside(f"epoch {rec.epoch}, holdout accuracy {rec.holdout_accuracy:.4f}")
+
+    train_cfg = dataclasses.replace(shared.cfg.train, sharpness=variant.sharpness,
+                                    rho=variant.rho)
+    trained = train_baseline(shared.cfg, shared.data, variant.activation_threshold, train_cfg,
+                             shared.device, on_epoch)
+    return _Trained(trained, history, (started, time.time()))
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Train each variant; returns {variant name: metrics}."""
     t0 = time.perf_counter()
@@ -36,7 +76,6 @@ def run(cfg: Config) -> dict[str, Any]:
     out_dir = cfg.path("results") / "variants"
     n_val, n_test = len(data.y["val"]), len(data.y["test"])
     results: dict[str, dict[str, float]] = {}
-    rows = []
     with stage_run(cfg.root, "variants", cfg.tracking.experiment,
                    provenance.dataset_ref(cfg), children="variants") as stage, \
             atomic.atomic_dir(cfg.path("variants"), "variants", own) as models_dir:
@@ -44,28 +83,14 @@ def run(cfg: Config) -> dict[str, Any]:
         stage.log_params({"dataset_hash": data.dataset_hash, "device": str(device),
                           "variants": [v.name for v in cfg.variants]})
         stage.set_tags(provenance.identity_tags(provenance.Identity(None, data.dataset_hash)))
+        trained_rows: dict[int, dict[str, Any]] = {}
         with Progress(len(cfg.variants), "variants", "variant") as progress:
-            for variant in cfg.variants:
-                progress.start(variant.name)
-                history: dict[str, list[tuple[int, float, float]]] = {
-                    "train_loss": [], "holdout_accuracy": [], "holdout_loss": []}
-                started = time.time()
-
-                def on_epoch(rec: EpochRecord) -> None:
-                    for key in history:          # (epoch, value, when it was measured)
-                        history[key].append((rec.epoch, getattr(rec, key), time.time()))
-                    progress.inside(f"epoch {rec.epoch}, holdout accuracy "
-                                    f"{rec.holdout_accuracy:.4f}")
-
-                train_cfg = dataclasses.replace(cfg.train, sharpness=variant.sharpness,
-                                                rho=variant.rho)
-                trained = train_baseline(cfg, data, variant.activation_threshold, train_cfg,
-                                         device, on_epoch)
-                metrics = trained.metrics
+            def finished(i: int, out: _Trained) -> None:
+                variant, trained, metrics = cfg.variants[i], out.trained, out.trained.metrics
                 child = stage.child_run(
                     variant.name, {"variant": variant.name, **settings(variant)},
-                    {**history, **{k: [(0, v)] for k, v in metrics.items()}},
-                    {"reduce_ops.variant": variant.name}, span=(started, time.time()))
+                    {**out.history, **{k: [(0, v)] for k, v in metrics.items()}},
+                    {"reduce_ops.variant": variant.name}, span=out.span)
                 info = {"dataset_hash": data.dataset_hash, "variant": variant.name,
                         **settings(variant), TEST_ACCURACY: metrics[TEST_ACCURACY],
                         "best_epoch": trained.result.best_epoch, "run_id": child,
@@ -73,9 +98,17 @@ def run(cfg: Config) -> dict[str, Any]:
                 save_checkpoint(trained.model, trained.arch, info,
                                 models_dir / f"{variant.name}.pt")
                 results[variant.name] = metrics
-                rows.append({"variant": variant.name, **settings(variant),
-                             **{k: metrics[k] for k in SUMMARY_COLUMNS[4:]}})
+                trained_rows[i] = {"variant": variant.name, **settings(variant),
+                                   **{k: metrics[k] for k in SUMMARY_COLUMNS[4:]}}
                 progress.done(variant.name, describe(metrics, n_val, n_test))
+
+            exe = cfg.execution
+            shared = _Inputs(cfg, data, device, None if execution.pooled(exe) else progress)
+            if execution.pooled(exe) and cfg.variants:
+                progress.start(f"{min(exe.workers, len(cfg.variants))} at once")
+            execution.map_unordered(_variant_task, shared, list(cfg.variants), exe, finished)
+        rows = [trained_rows[i] for i in range(len(cfg.variants))]
+        results = {name: results[name] for name in (v.name for v in cfg.variants)}
         table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
         atomic.write_csv(table, out_dir / "summary.csv")
         atomic.write_json(out_dir / "metrics.json",

@@ -9,26 +9,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from reduce_ops.processes import die_with_parent
 from reduce_ops.tracking.runs import StageRun
 
 _WORKER_STAGE: StageRun | None = None      # in a BackgroundTracking process: its stage run
 _WORKER_FAILED = False
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: this process gets SIGKILL when the process that started it (pid `parent`) dies,
-    so a logger never outlives a driver that was SIGKILLed (it would race the rerun's
-    registrations, or wait on its queue forever). A driver that died before this ran (while
-    the process was starting) is no longer its parent: then it ends at once."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int,
@@ -36,7 +21,7 @@ def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int,
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    _die_with_parent(parent)                         # before the slow imports below
+    die_with_parent(parent)                          # before the slow imports below
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient

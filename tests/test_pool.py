@@ -1,0 +1,122 @@
+"""The local process pool (`execution.workers` > 1, the default `auto`): the same trials, chips
+and groups as one worker at one torch thread, to the bit; a unit whose worker dies runs again;
+a worker that keeps dying ends the stage in one line; `auto` is the core count."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import THROUGH_GROUP, WAFER_FLEET, clone_project, tiny_params
+
+from reduce_ops import execution, resilience
+from reduce_ops.cli import main
+from reduce_ops.config import ExecutionConfig, cores, from_dict
+from reduce_ops.models import build_model
+from reduce_ops.records import trials as trials_record
+
+ONE = ExecutionConfig("local", None, 1, 1)       # in this process, one torch thread
+POOL = ExecutionConfig("local", None, 2, 0)      # two worker processes, one thread each
+
+
+def test_auto_workers_are_the_cores_this_process_may_use() -> None:
+    cfg = from_dict(tiny_params(["execution.workers=auto"]))
+    assert cfg.execution.workers == cores() == len(os.sched_getaffinity(0))
+    assert execution.worker_threads(dataclasses.replace(cfg.execution, workers=2)) == 1
+    assert execution.worker_threads(dataclasses.replace(cfg.execution, workers=1)) == 0
+    with pytest.raises(Exception, match="execution.workers: expected an integer"):
+        from_dict(tiny_params(["execution.workers=many"]))
+
+
+def _trials(prepared_digits, exe: ExecutionConfig) -> list:
+    import torch
+
+    cfg = from_dict(tiny_params(["resilience.fault_rates=[0.1, 0.3]", "resilience.repetitions=2",
+                                 "resilience.max_epochs=0.5",
+                                 "resilience.checkpoint_every=0.25"]))
+    torch.manual_seed(0)
+    baseline = build_model("lenet", prepared_digits.x["train"].shape[1:], 10)
+    specs = resilience.trial_grid(cfg.resilience)
+    seen: list[str] = []
+    results = resilience.run_trials(baseline, prepared_digits, specs, cfg.resilience, cfg.fat,
+                                    cfg.hardware, resilience.TrialTarget(0.0, 1.0, 0.0), "cpu",
+                                    {}, lambda r: seen.append(r.spec.key), exe=exe)
+    assert sorted(seen) == sorted(s.key for s in specs)       # every trial reached the driver
+    assert [r.spec for r in results] == specs                 # returned in grid order
+    return results
+
+
+def test_the_pool_gives_the_trials_one_worker_gives(prepared_digits, one_torch_thread) -> None:
+    one = _trials(prepared_digits, ONE)
+    pool = _trials(prepared_digits, POOL)
+    assert len(one) == 4
+    for r in one:            # decisions read validation everywhere; test is the final model's
+        assert all(0 < v <= 1 for v in r.val_accuracy) and 0 < r.test_accuracy[-1] <= 1
+        assert all(v != v for v in r.test_accuracy[:-1]) and len(r.test_accuracy) > 1
+    # every checkpoint's validation, the final model's test (NaN elsewhere): equal to the bit
+    pd.testing.assert_frame_equal(trials_record.table(one), trials_record.table(pool))
+
+
+def _die_once(marker: str, item: int) -> tuple[int, int]:
+    """SIGKILLs its own worker process the first time it runs item 1."""
+    if item == 1 and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item, os.getpid()
+
+
+def _always_die(_shared: None, item: int) -> int:
+    if item == 2:
+        os._exit(3)
+    return item
+
+
+def test_a_unit_whose_worker_dies_runs_again(tmp_path: Path) -> None:
+    marker = str(tmp_path / "died")
+    got: dict[int, tuple[int, int]] = {}
+    execution.map_unordered(_die_once, marker, [0, 1, 2, 3, 4], POOL,
+                            lambda i, r: got.__setitem__(i, r))
+    assert Path(marker).exists()                              # a worker did die once
+    assert sorted(got) == [0, 1, 2, 3, 4] and all(got[i][0] == i for i in got)
+    assert os.getpid() not in {pid for _, pid in got.values()}   # all ran in workers
+
+
+def test_a_worker_that_keeps_dying_ends_in_one_line() -> None:
+    got: dict[int, int] = {}
+    with pytest.raises(execution.WorkerDiedError) as err:
+        execution.map_unordered(_always_die, None, [0, 1, 2, 3], POOL,
+                                lambda i, r: got.__setitem__(i, r))
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith("execution.workers: a worker process died 4 times")
+    assert 2 not in got                                       # the dying unit never returned
+
+
+def test_fat_and_compare_in_the_pool_give_what_one_worker_gives(
+        tmp_path: Path, tiny_pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-chip and per-group FAT with verification and compare's per-chip runs in a pool of two
+    processes: the same chips, epochs and accuracies as one worker at one thread."""
+    base = tiny_pipeline("wafer", WAFER_FLEET, THROUGH_GROUP)      # test_grouping's too
+    out = {}
+    for name, workers in (("one", 1), ("pool", 2)):
+        root = clone_project(base, tmp_path / name, ["execution.torch_threads=1"]
+                             if workers == 1 else ["execution.torch_threads=0"])
+        monkeypatch.chdir(root)
+        for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow sets them
+            monkeypatch.delenv(leaked, raising=False)            # each project its own store
+        for stage in ("fat", "compare"):
+            assert main([stage, "--params", str(root / "params.yaml"), "--set",
+                         f"execution.workers={workers}"]) == 0
+        out[name] = root
+    chips = {n: pd.read_csv(r / "results/fat/chips.csv").drop(
+        columns=["model_version", "champion_version", "run_id", "train_seconds",
+                 "log_model_seconds"]) for n, r in out.items()}
+    assert (chips["one"]["group_size"] > 1).any()             # groups were trained too
+    pd.testing.assert_frame_equal(chips["one"], chips["pool"])
+    for name in ("per_chip.csv", "curves.csv"):
+        assert ((out["one"] / "results/compare" / name).read_bytes()
+                == (out["pool"] / "results/compare" / name).read_bytes())
