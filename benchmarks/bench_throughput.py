@@ -9,8 +9,10 @@ On the default model and the prepared split (digits when none is prepared), at `
   map of `--rate`, and GFLOP/s from the model's counted multiply-adds (forward + backward =
   3 x forward), as a share of the roofline;
 - evaluation: images per second of the per-image evaluation every check uses;
-- a resilience trial's evaluation share: each checkpoint trains `checkpoint_every` epochs and
-  evaluates validation and test, so share = eval / (eval + train) at the measured rates;
+- a resilience trial's evaluation share: a trial trains `max_epochs`, evaluates validation at
+  every checkpoint (what its decisions read) and test once (its final model), so share =
+  eval / (eval + train) at the measured rates (and what it was when test was evaluated at every
+  checkpoint too);
 - images trained and evaluated per stage for params.yaml (resilience, fat, compare), from the
   grid, the fleet size and the cap (fat's from results/fat/summary.json when present).
 """
@@ -70,7 +72,7 @@ def stage_images(cfg, n: dict[str, int]) -> dict[str, dict[str, float]]:
     trials = len(r.fault_rates) * r.repetitions
     checks = round(r.max_epochs / r.checkpoint_every) + 1
     out = {"resilience": {"trained": trials * r.max_epochs * n["train"],
-                          "evaluated": trials * checks * (n["val"] + n["test"]),
+                          "evaluated": trials * (checks * n["val"] + n["test"]),
                           "note": "the grid only (trials that go on past it add more)"}}
     summary = REPO / cfg.paths.results / "fat" / "summary.json"
     if summary.is_file():
@@ -112,9 +114,10 @@ def run(args: argparse.Namespace) -> dict:
     train_ips = n["train"] / statistics.median(train_s)
     eval_ips = (n["val"] + n["test"]) / eval_s
     train_gflops = train_ips * 3 * flops / 1e9
-    step = cfg.resilience.checkpoint_every
-    per_check_train = step * n["train"] / train_ips
-    per_check_eval = (n["val"] + n["test"]) / eval_ips
+    checks = round(cfg.resilience.max_epochs / cfg.resilience.checkpoint_every) + 1
+    trial_train = cfg.resilience.max_epochs * n["train"] / train_ips
+    trial_eval = (checks * n["val"] + n["test"]) / eval_ips           # what a trial does now
+    trial_eval_both = checks * (n["val"] + n["test"]) / eval_ips      # both splits every check
     return {
         "source": source, "model": cfg.model.name, "threads": args.threads,
         "cores": os.cpu_count(),
@@ -126,10 +129,9 @@ def run(args: argparse.Namespace) -> dict:
         "fat_train_share_of_roofline": round(train_gflops / roofline, 3),
         "eval_images_per_s": round(eval_ips),
         "eval_gflops": round(eval_ips * flops / 1e9, 1),
-        "resilience_trial_eval_share": round(per_check_eval / (per_check_eval
-                                                               + per_check_train), 3),
-        "resilience_trial_eval_share_test_split": round(
-            per_check_eval / 2 / (per_check_eval + per_check_train), 3),
+        "resilience_trial_eval_share": round(trial_eval / (trial_eval + trial_train), 3),
+        "resilience_trial_eval_share_both_splits_every_check": round(
+            trial_eval_both / (trial_eval_both + trial_train), 3),
         "images_per_stage": stage_images(cfg, n),
         "repeats": args.repeats,
     }

@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -120,3 +123,50 @@ def test_fat_and_compare_in_the_pool_give_what_one_worker_gives(
     for name in ("per_chip.csv", "curves.csv"):
         assert ((out["one"] / "results/compare" / name).read_bytes()
                 == (out["pool"] / "results/compare" / name).read_bytes())
+
+
+def _note_pid_and_sleep(folder: str, item: int) -> int:
+    Path(folder, f"{os.getpid()}").touch()
+    time.sleep(120)
+    return item
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_stopping_the_driver_stops_its_workers(tmp_path: Path, how: str) -> None:
+    """Ctrl-C (SIGINT to the foreground group) ends the driver at once, its workers killed;
+    a SIGKILLed driver's workers end with it: nothing keeps running."""
+    script = ("import sys\n"
+              f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from reduce_ops import execution\n"
+              "from reduce_ops.config import ExecutionConfig\n"
+              "import test_pool\n"
+              "execution.map_unordered(test_pool._note_pid_and_sleep, sys.argv[1], [0, 1, 2, 3],"
+              " ExecutionConfig('local', None, 2, 0), lambda i, r: None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(p.name) for p in tmp_path.iterdir()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers)
+        assert proc.returncode == -(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
