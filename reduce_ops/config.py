@@ -283,7 +283,7 @@ class ExecutionConfig:
 
     backend: Literal["local", "ray"]
     address: str | None            # Ray: null = start a local instance; auto | ray://host:port
-    workers: int = _check(1, 100000)   # params may say `auto`: this machine's cores
+    workers: int = _check(1, 100000)   # params may say `auto`: auto_workers()
     torch_threads: int = _check(0, 1024)   # per process (0 = torch's default)
 
 
@@ -693,21 +693,34 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+WORKER_BYTES = 2**30       # a pool worker: ~0.5 GB private (torch's import alone ~0.3 GB) and room
+
+
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity, else the machine's count):
-    what `execution.workers: auto` resolves to."""
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
 
 
+def auto_workers() -> int:
+    """What `execution.workers: auto` resolves to: the cores, at most one worker per GiB of
+    the memory available now (Linux' MemAvailable; the cores where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return cores()
+    return max(1, min(cores(), kib * 1024 // WORKER_BYTES))
+
+
 def _auto_workers(raw: Any) -> Any:
-    """`execution.workers: auto` as the number of cores this process may use."""
+    """`execution.workers: auto` as a number (auto_workers)."""
     exe = raw.get("execution") if isinstance(raw, dict) else None
     if not isinstance(exe, dict) or exe.get("workers") != "auto":
         return raw
-    return {**raw, "execution": {**exe, "workers": cores()}}
+    return {**raw, "execution": {**exe, "workers": auto_workers()}}
 
 
 def from_dict(raw: dict[str, Any], root: Path = Path("."), where: str = DEFAULT_PARAMS) -> Config:

@@ -5,6 +5,7 @@ a worker that keeps dying ends the stage in one line; `auto` is the core count."
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 from conftest import THROUGH_GROUP, WAFER_FLEET, clone_project, tiny_params
 
-from reduce_ops import execution, resilience
+from reduce_ops import config, execution, resilience
 from reduce_ops.cli import main
 from reduce_ops.config import ExecutionConfig, cores, from_dict
 from reduce_ops.models import build_model
@@ -26,9 +27,22 @@ ONE = ExecutionConfig("local", None, 1, 1)       # in this process, one torch th
 POOL = ExecutionConfig("local", None, 2, 0)      # two worker processes, one thread each
 
 
-def test_auto_workers_are_the_cores_this_process_may_use() -> None:
+def test_auto_workers_are_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = from_dict(tiny_params(["execution.workers=auto"]))
-    assert cfg.execution.workers == cores() == len(os.sched_getaffinity(0))
+    assert cores() == len(os.sched_getaffinity(0))
+    assert cfg.execution.workers == cores()            # this machine has memory to spare
+    # at most one worker per GiB available
+    monkeypatch.setattr(config, "cores", lambda: 64)
+    real_open = open
+
+    def meminfo(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if str(path) == "/proc/meminfo":
+            return io.StringIO("MemTotal: 99999999 kB\nMemAvailable: 5767168 kB\n")  # 5.5 GiB
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", meminfo)
+    assert config.auto_workers() == 5
+    monkeypatch.setattr("builtins.open", real_open)
     assert execution.worker_threads(dataclasses.replace(cfg.execution, workers=2)) == 1
     assert execution.worker_threads(dataclasses.replace(cfg.execution, workers=1)) == 0
     with pytest.raises(Exception, match="execution.workers: expected an integer"):
