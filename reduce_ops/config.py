@@ -716,11 +716,17 @@ def auto_workers() -> int:
 
 
 def _auto_workers(raw: Any) -> Any:
-    """`execution.workers: auto` as a number (auto_workers)."""
+    """`execution.workers: auto` as a number (auto_workers). Each unit then runs at one torch
+    thread however many workers that makes (torch_threads 0 -> 1 where it is one), so that
+    `auto` gives the same results on a machine whatever its cores or free memory."""
     exe = raw.get("execution") if isinstance(raw, dict) else None
     if not isinstance(exe, dict) or exe.get("workers") != "auto":
         return raw
-    return {**raw, "execution": {**exe, "workers": auto_workers()}}
+    workers = auto_workers()
+    threads = exe.get("torch_threads")
+    if workers == 1 and threads == 0:
+        threads = 1
+    return {**raw, "execution": {**exe, "workers": workers, "torch_threads": threads}}
 
 
 def from_dict(raw: dict[str, Any], root: Path = Path("."), where: str = DEFAULT_PARAMS) -> Config:

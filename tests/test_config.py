@@ -11,6 +11,7 @@ from conftest import REPO, tiny_params
 from reduce_ops.cli import main
 from reduce_ops.config import (
     apply_overrides,
+    auto_workers,
     flatten,
     from_dict,
     load_config,
@@ -25,8 +26,14 @@ def test_repository_params_load_and_resolve_paths() -> None:
     assert cfg.root == REPO
     assert cfg.path("baseline") == REPO / cfg.paths.baseline
     assert cfg.hardware.rows == 256 and cfg.hardware.cols == 256
-    # Every leaf of the file is a config field and comes back unchanged.
-    assert flatten(cfg.to_dict()) == flatten(read_yaml(REPO / "params.yaml"))
+    # Every leaf of the file is a config field and comes back unchanged (workers: auto as
+    # the number it resolves to here).
+    raw = flatten(read_yaml(REPO / "params.yaml"))
+    assert raw["execution.workers"] == "auto"
+    raw["execution.workers"] = auto_workers()
+    if raw["execution.workers"] == 1:
+        raw["execution.torch_threads"] = 1
+    assert flatten(cfg.to_dict()) == raw
 
 
 @pytest.mark.parametrize("override, message", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -331,4 +332,6 @@ def test_a_trial_past_the_grid_is_the_same_run_going_on(tiny_cfg: Config, prepar
     fat = dataclasses.replace(tiny_cfg.fat, seed=tiny_cfg.fat.seed + spec.repetition)
     one = fat_curve(baseline, fmap, hw.layer_types, prepared_digits, long.amounts, fat)
     assert one.accuracy["val_accuracy"] == long.val_accuracy
-    assert one.accuracy["test_accuracy"] == long.test_accuracy
+    # the test split only reports: measured once, on the trial's final model
+    assert one.accuracy["test_accuracy"][-1] == long.test_accuracy[-1]
+    assert all(math.isnan(v) for v in long.test_accuracy[:-1])

@@ -43,6 +43,10 @@ def test_auto_workers_are_the_cores_this_process_may_use(monkeypatch: pytest.Mon
     monkeypatch.setattr("builtins.open", meminfo)
     assert config.auto_workers() == 5
     monkeypatch.setattr("builtins.open", real_open)
+    # one worker from auto still runs each unit at one thread: the same results as a pool's
+    monkeypatch.setattr(config, "auto_workers", lambda: 1)
+    one = from_dict(tiny_params(["execution.workers=auto"])).execution
+    assert (one.workers, one.torch_threads, execution.worker_threads(one)) == (1, 1, 1)
     assert execution.worker_threads(dataclasses.replace(cfg.execution, workers=2)) == 1
     assert execution.worker_threads(dataclasses.replace(cfg.execution, workers=1)) == 0
     with pytest.raises(Exception, match="execution.workers: expected an integer"):
