@@ -12,6 +12,7 @@ the constraint.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -196,6 +197,7 @@ class ChipCurve:
     amounts: list[float] = field(default_factory=list)
     val: list[Measurement] = field(default_factory=list)
     test: list[Measurement] = field(default_factory=list)
+    seconds: float = field(default=0.0, compare=False)   # FAP + FAT + evaluation wall time
 
     def rows(self) -> list[tuple]:
         return [(self.chip_id, self.fault_rate, a, v.accuracy, v.lost, v.gained, t.accuracy,
@@ -269,9 +271,11 @@ class _ChipInputs:
 
 def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[ChipRow], ChipCurve]:
     """One chip's curve (one FAT session measured at every amount) and every policy's row."""
+    t0 = time.perf_counter()
     session = FatSession.from_baseline(shared.baseline, fmap, shared.layer_types, shared.data,
                                        shared.fat, shared.device, shared.stuck.get(fmap.chip_id))
     curve = record(session, fmap, shared.amounts)
+    curve.seconds = time.perf_counter() - t0
     return run_policies(Recorded(curve), shared.policy_list, fmap, shared.rule), curve
 
 
@@ -293,7 +297,7 @@ def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
         rows[i], curves[i] = result
         if progress is not None:
             progress.done(f"chip {fleet[i].chip_id}", f"fault rate {fleet[i].fault_rate:.3f}, "
-                          f"trained to {curves[i].amounts[-1]:.2f} epochs")
+                          f"trained to {curves[i].amounts[-1]:.2f} epochs", curves[i].seconds)
 
     execution.map_unordered(_chip_task, shared, list(fleet), exe or execution.LOCAL, finished)
     return (pd.DataFrame([r for i in range(len(fleet)) for r in rows[i]],

@@ -59,13 +59,15 @@ class Progress:
             self._line(f"{getattr(self, '_label', '')} {text} "
                        f"({now - self._unit_t0:.0f} s)".strip())
 
-    def done(self, label: str, text: str = "") -> None:
-        """A unit finished: advance the bar, or print one line."""
+    def done(self, label: str, text: str = "", seconds: float | None = None) -> None:
+        """A unit finished: advance the bar, or print one line with its time: `seconds` where
+        the caller knows the unit's own (units in worker processes run side by side), else the
+        time since the last unit started or finished here."""
         self.count += 1
         if self._bar is not None:
             self._bar.update(1)
             return
-        took = time.perf_counter() - self._unit_t0
+        took = seconds if seconds is not None else time.perf_counter() - self._unit_t0
         self._line(f"{self.count}/{self.total} {label}" + (f": {text}" if text else "")
                    + f" ({took:.1f} s)")
         self._unit_t0 = time.perf_counter()

@@ -171,7 +171,7 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
                    f" (past the grid, to {result.amounts[-1]:g} epochs)" if result.extended else "")
             progress.done(f"trial {result.spec.key}{how}",
                           f"val {result.val_accuracy[0]:.4f} -> {result.val_accuracy[-1]:.4f} "
-                          f"after {result.amounts[-1]:g} epochs")
+                          f"after {result.amounts[-1]:g} epochs", result.seconds)
 
     todo = []
     for spec in specs:

@@ -24,6 +24,17 @@ def test_off_a_terminal_every_unit_is_one_line() -> None:
     assert all(line.endswith(" s)") for line in lines[:3])        # each unit's duration
 
 
+def test_units_run_side_by_side_show_their_own_time() -> None:
+    """In a pool, units finish close together: each line shows the unit's own time."""
+    out = io.StringIO()
+    with Progress(2, "compare", "chip", stream=out) as progress:
+        progress.done("chip chip-000", "trained to 5.00 epochs", 3.64)
+        progress.done("chip chip-001", "trained to 5.00 epochs", 3.58)
+    assert out.getvalue().splitlines() == [
+        "compare: 1/2 chip chip-000: trained to 5.00 epochs (3.6 s)",
+        "compare: 2/2 chip chip-001: trained to 5.00 epochs (3.6 s)"]
+
+
 def test_a_long_unit_reports_from_inside_it() -> None:
     out = io.StringIO()
     progress = Progress(1, "resilience", "trial", stream=out, heartbeat=0.0)

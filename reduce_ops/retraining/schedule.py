@@ -80,9 +80,9 @@ class _Fleet:
         self.fallback: list[_Work] = []
         self.failed_share: dict[str, tuple[str, float]] = {}   # chip -> failed group, share
 
-    def done(self, chip_id: str, line: str) -> None:
+    def done(self, chip_id: str, line: str, seconds: float | None = None) -> None:
         if self.progress is not None:
-            self.progress.done(f"chip {chip_id}", line)
+            self.progress.done(f"chip {chip_id}", line, seconds)
 
     def reject(self, job: ChipJob) -> None:
         self.futures[job.chip_id] = self.queue.submit(registration.reject, job, self.ctx,
@@ -115,7 +115,8 @@ class _Fleet:
                                        self.failed_share.get(todo[0].chip_id, ("", 0.0)))
         for job in todo:
             self.futures[job.chip_id] = future
-            self.done(job.chip_id, describe(t, unit))
+            self.done(job.chip_id, describe(t, unit),
+                      t.ended - t.started if t.started else None)
 
     def outcome(self, chip_id: str) -> ChipOutcome:
         return next(o for o in self.futures[chip_id].result() if o.chip_id == chip_id)

@@ -100,7 +100,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 results[variant.name] = metrics
                 trained_rows[i] = {"variant": variant.name, **settings(variant),
                                    **{k: metrics[k] for k in SUMMARY_COLUMNS[4:]}}
-                progress.done(variant.name, describe(metrics, n_val, n_test))
+                progress.done(variant.name, describe(metrics, n_val, n_test),
+                              out.span[1] - out.span[0])
 
             exe = cfg.execution
             shared = _Inputs(cfg, data, device, None if execution.pooled(exe) else progress)
