@@ -28,7 +28,15 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from common import PIPELINE_FILES, REPO, run_checked, set_options, sqlite_store, stage_env
+from common import (
+    PIPELINE_FILES,
+    REPO,
+    copy_project,
+    run_checked,
+    set_options,
+    sqlite_store,
+    stage_env,
+)
 
 # What each run leaves for --same; columns that only say when, how long, or which run.
 COMPARED = ["resilience/trials.csv", "plan/plan.csv", "fat/chips.csv", "compare/per_chip.csv",
@@ -46,12 +54,7 @@ def stages(root: Path) -> list[str]:
 def export(rev: str, dest: Path) -> None:
     """The pipeline's files of `rev` (`.`: the working tree) into dest."""
     if rev == ".":
-        for name in PIPELINE_FILES:
-            src = REPO / name
-            if src.is_dir():
-                shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, dest / name)
+        copy_project(dest)
         return
     tar = subprocess.run(["git", "archive", rev, *PIPELINE_FILES], cwd=REPO, check=True,
                          capture_output=True).stdout

@@ -21,6 +21,7 @@ from reduce_ops.errors import ConfigError, ReduceOpsError
 
 LOCAL = ExecutionConfig("local", None, 1, 0)   # in this process, torch's default threads
 RETRIES = 3                       # a task whose worker died runs again, at most this often
+OBJECT_STORE_BYTES = 200 * 2**20  # local instance: Ray's default is 30% of the machine's memory
 
 
 class WorkerDiedError(ReduceOpsError):
@@ -39,7 +40,18 @@ def pooled(exe: ExecutionConfig) -> bool:
 def worker_threads(exe: ExecutionConfig) -> int:
     """torch threads of each worker process (0 = torch's default, in this process only)."""
     return exe.torch_threads if exe.torch_threads or not pooled(exe) else 1
-OBJECT_STORE_BYTES = 200 * 2**20  # local instance: Ray's default is 30% of the machine's memory
+
+
+@contextmanager
+def _without_run_id() -> Iterator[None]:
+    """Worker processes started in the block do not inherit the driver's MLflow run (they
+    never log); the driver's environment is as before afterwards."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
 
 
 def set_torch_threads(threads: int) -> None:
@@ -94,17 +106,12 @@ def ray_session(exe: ExecutionConfig) -> Iterator[None]:
         yield
         return
     check_address(exe)
-    # Workers must not inherit the driver's MLflow run: they never log.
-    saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
+    with _without_run_id():
         if exe.address is None:
             ray.init(num_cpus=exe.workers, include_dashboard=False, log_to_driver=False,
                      object_store_memory=OBJECT_STORE_BYTES, configure_logging=False)
         else:
             ray.init(address=exe.address, log_to_driver=False, configure_logging=False)
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_RUN_ID"] = saved
     try:
         yield
     finally:
@@ -148,17 +155,12 @@ def _pool_map(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any],
     todo = dict(enumerate(items))
     deaths = 0
     while todo:
-        # workers must not inherit the driver's MLflow run: they never log
-        saved = os.environ.pop("MLFLOW_RUN_ID", None)
+        pool = ProcessPoolExecutor(
+            min(exe.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+            initializer=_pool_init, initargs=(fn, shared, worker_threads(exe), os.getpid()))
         try:
-            pool = ProcessPoolExecutor(
-                min(exe.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                initializer=_pool_init, initargs=(fn, shared, worker_threads(exe), os.getpid()))
-            pending = {pool.submit(_pool_call, item): i for i, item in todo.items()}
-        finally:
-            if saved is not None:
-                os.environ["MLFLOW_RUN_ID"] = saved
-        try:
+            with _without_run_id():              # the workers start on the first submits
+                pending = {pool.submit(_pool_call, item): i for i, item in todo.items()}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:

@@ -166,6 +166,51 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory
     return build
 
 
+def grid_trials(prepared_digits, exe, grid: list[str]) -> list:
+    """The resilience trials of `grid` (overrides of the tiny params) on an untrained LeNet
+    run on `exe`; every trial reached the driver, and they come back in grid order."""
+    import torch
+
+    from reduce_ops import resilience
+    from reduce_ops.models import build_model
+
+    cfg = from_dict(tiny_params(grid))
+    torch.manual_seed(0)
+    baseline = build_model("lenet", prepared_digits.x["train"].shape[1:], 10)
+    specs = resilience.trial_grid(cfg.resilience)
+    seen: list[str] = []
+    results = resilience.run_trials(baseline, prepared_digits, specs, cfg.resilience, cfg.fat,
+                                    cfg.hardware, resilience.TrialTarget(0.0, 1.0, 0.0), "cpu",
+                                    {}, lambda r: seen.append(r.spec.key), exe=exe)
+    assert sorted(seen) == sorted(s.key for s in specs)       # every trial reached the driver
+    assert [r.spec for r in results] == specs                 # returned in grid order
+    return results
+
+
+def fat_and_compare(base: Path, dest: Path, sets: list[str],
+                    monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`fat` then `compare` in a copy of project `base` (clone_project) with `sets` in its
+    params, against the copy's own MLflow store; returns the copy."""
+    from reduce_ops.cli import main
+
+    root = clone_project(base, dest, sets)
+    monkeypatch.chdir(root)
+    for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow sets them
+        monkeypatch.delenv(leaked, raising=False)            # each project its own store
+    for stage in ("fat", "compare"):
+        assert main([stage, "--params", str(root / "params.yaml")]) == 0
+    return root
+
+
+def trained_chips(root: Path):
+    """results/fat/chips.csv without what only says which run or version, or how long."""
+    import pandas as pd
+
+    return pd.read_csv(root / "results/fat/chips.csv").drop(
+        columns=["model_version", "champion_version", "run_id", "train_seconds",
+                 "log_model_seconds"])
+
+
 _KILL_AFTER = """
 import functools, importlib, os, signal, sys
 module = importlib.import_module(sys.argv[1])

@@ -12,15 +12,15 @@ import pytest
 from conftest import (
     THROUGH_GROUP,
     WAFER_FLEET,
-    clone_project,
+    fat_and_compare,
+    grid_trials,
     make_project,
-    tiny_params,
+    trained_chips,
 )
 
-from reduce_ops import execution, resilience
+from reduce_ops import execution
 from reduce_ops.cli import main
-from reduce_ops.config import ExecutionConfig, from_dict
-from reduce_ops.models import build_model
+from reduce_ops.config import ExecutionConfig
 from reduce_ops.records import trials as trials_record
 
 ray = pytest.importorskip("ray", reason="Ray is installed by `make install` (requirements.txt)")
@@ -39,28 +39,13 @@ def ray_instance():
     ray.shutdown()
 
 
-def _trials(prepared_digits, exe: ExecutionConfig) -> list[trials_record.TrialResult]:
-    cfg = from_dict(tiny_params(["resilience.fault_rates=[0.3]", "resilience.repetitions=3",
-                                 "resilience.max_epochs=0.25",
-                                 "resilience.checkpoint_every=0.25"]))
-    import torch
-
-    torch.manual_seed(0)
-    baseline = build_model("lenet", prepared_digits.x["train"].shape[1:], 10)
-    target = resilience.TrialTarget(0.0, 1.0, 0.0)
-    specs = resilience.trial_grid(cfg.resilience)
-    seen: list[str] = []
-    results = resilience.run_trials(baseline, prepared_digits, specs, cfg.resilience, cfg.fat,
-                                    cfg.hardware, target, "cpu", {},
-                                    lambda r: seen.append(r.spec.key), exe=exe)
-    assert sorted(seen) == sorted(s.key for s in specs)       # every trial reached the driver
-    assert [r.spec for r in results] == specs                 # returned in grid order
-    return results
+GRID = ["resilience.fault_rates=[0.3]", "resilience.repetitions=3", "resilience.max_epochs=0.25",
+        "resilience.checkpoint_every=0.25"]
 
 
 def test_ray_gives_the_trials_local_gives(prepared_digits, ray_instance) -> None:
-    local = _trials(prepared_digits, ExecutionConfig("local", None, 1, 1))
-    remote = _trials(prepared_digits, ExecutionConfig("ray", None, 2, 1))
+    local = grid_trials(prepared_digits, ExecutionConfig("local", None, 1, 1), GRID)
+    remote = grid_trials(prepared_digits, ExecutionConfig("ray", None, 2, 1), GRID)
     # every checkpoint's validation, the final model's test (NaN elsewhere): equal to the bit
     pd.testing.assert_frame_equal(trials_record.table(local), trials_record.table(remote))
 
@@ -111,22 +96,12 @@ def test_fat_and_compare_on_ray_give_what_local_gives(tmp_path: Path, ray_instan
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-chip and per-group FAT with verification, and compare's per-chip runs, as Ray tasks:
     the same chips, epochs and accuracies as one after another in the driver."""
-    import pandas as pd
-
     base = tiny_pipeline("wafer", WAFER_FLEET, THROUGH_GROUP)      # test_grouping's too
-    out = {}
-    for backend in ("local", "ray"):
-        root = clone_project(base, tmp_path / backend, ["execution.torch_threads=1"])
-        monkeypatch.chdir(root)
-        for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow sets them
-            monkeypatch.delenv(leaked, raising=False)            # each project its own store
-        for stage in ("fat", "compare"):
-            assert main([stage, "--params", str(root / "params.yaml"), "--set",
-                         f"execution.backend={backend}", "--set", "execution.workers=2"]) == 0
-        out[backend] = root
-    chips = {b: pd.read_csv(r / "results/fat/chips.csv").drop(
-        columns=["model_version", "champion_version", "run_id", "train_seconds",
-                 "log_model_seconds"]) for b, r in out.items()}
+    out = {backend: fat_and_compare(base, tmp_path / backend, [
+        "execution.torch_threads=1", f"execution.backend={backend}",
+        f"execution.workers={2 if backend == 'ray' else 1}"], monkeypatch)
+        for backend in ("local", "ray")}
+    chips = {b: trained_chips(r) for b, r in out.items()}
     assert (chips["local"]["group_size"] > 1).any()           # groups were trained too
     pd.testing.assert_frame_equal(chips["local"], chips["ray"])
     assert ((out["local"] / "results/compare/per_chip.csv").read_bytes()

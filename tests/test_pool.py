@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import THROUGH_GROUP, WAFER_FLEET, clone_project, tiny_params
+from conftest import (
+    THROUGH_GROUP,
+    WAFER_FLEET,
+    fat_and_compare,
+    grid_trials,
+    tiny_params,
+    trained_chips,
+)
 
-from reduce_ops import config, execution, resilience
-from reduce_ops.cli import main
+from reduce_ops import config, execution
 from reduce_ops.config import ExecutionConfig, cores, from_dict
-from reduce_ops.models import build_model
 from reduce_ops.records import trials as trials_record
 
 ONE = ExecutionConfig("local", None, 1, 1)       # in this process, one torch thread
@@ -53,27 +58,13 @@ def test_auto_workers_are_the_cores_this_process_may_use(monkeypatch: pytest.Mon
         from_dict(tiny_params(["execution.workers=many"]))
 
 
-def _trials(prepared_digits, exe: ExecutionConfig) -> list:
-    import torch
-
-    cfg = from_dict(tiny_params(["resilience.fault_rates=[0.1, 0.3]", "resilience.repetitions=2",
-                                 "resilience.max_epochs=0.5",
-                                 "resilience.checkpoint_every=0.25"]))
-    torch.manual_seed(0)
-    baseline = build_model("lenet", prepared_digits.x["train"].shape[1:], 10)
-    specs = resilience.trial_grid(cfg.resilience)
-    seen: list[str] = []
-    results = resilience.run_trials(baseline, prepared_digits, specs, cfg.resilience, cfg.fat,
-                                    cfg.hardware, resilience.TrialTarget(0.0, 1.0, 0.0), "cpu",
-                                    {}, lambda r: seen.append(r.spec.key), exe=exe)
-    assert sorted(seen) == sorted(s.key for s in specs)       # every trial reached the driver
-    assert [r.spec for r in results] == specs                 # returned in grid order
-    return results
+GRID = ["resilience.fault_rates=[0.1, 0.3]", "resilience.repetitions=2",
+        "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25"]
 
 
 def test_the_pool_gives_the_trials_one_worker_gives(prepared_digits, one_torch_thread) -> None:
-    one = _trials(prepared_digits, ONE)
-    pool = _trials(prepared_digits, POOL)
+    one = grid_trials(prepared_digits, ONE, GRID)
+    pool = grid_trials(prepared_digits, POOL, GRID)
     assert len(one) == 4
     for r in one:            # decisions read validation everywhere; test is the final model's
         assert all(0 < v <= 1 for v in r.val_accuracy) and 0 < r.test_accuracy[-1] <= 1
@@ -122,20 +113,10 @@ def test_fat_and_compare_in_the_pool_give_what_one_worker_gives(
     """Per-chip and per-group FAT with verification and compare's per-chip runs in a pool of two
     processes: the same chips, epochs and accuracies as one worker at one thread."""
     base = tiny_pipeline("wafer", WAFER_FLEET, THROUGH_GROUP)      # test_grouping's too
-    out = {}
-    for name, workers in (("one", 1), ("pool", 2)):
-        root = clone_project(base, tmp_path / name, ["execution.torch_threads=1"]
-                             if workers == 1 else ["execution.torch_threads=0"])
-        monkeypatch.chdir(root)
-        for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow sets them
-            monkeypatch.delenv(leaked, raising=False)            # each project its own store
-        for stage in ("fat", "compare"):
-            assert main([stage, "--params", str(root / "params.yaml"), "--set",
-                         f"execution.workers={workers}"]) == 0
-        out[name] = root
-    chips = {n: pd.read_csv(r / "results/fat/chips.csv").drop(
-        columns=["model_version", "champion_version", "run_id", "train_seconds",
-                 "log_model_seconds"]) for n, r in out.items()}
+    out = {name: fat_and_compare(base, tmp_path / name, sets, monkeypatch) for name, sets in (
+        ("one", ["execution.workers=1", "execution.torch_threads=1"]),
+        ("pool", ["execution.workers=2", "execution.torch_threads=0"]))}
+    chips = {n: trained_chips(r) for n, r in out.items()}
     assert (chips["one"]["group_size"] > 1).any()             # groups were trained too
     pd.testing.assert_frame_equal(chips["one"], chips["pool"])
     for name in ("per_chip.csv", "curves.csv"):
