@@ -120,6 +120,8 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
     t0 = time.perf_counter()
     final_test = curve.session.measure(("test",))["test"].accuracy
     curve.seconds += time.perf_counter() - t0
+    if times:               # the last checkpoint's measurement now includes the test split
+        times[-1] = time.time()
     val = curve.measured["val"]
     test = [math.nan] * (len(val) - 1) + [final_test]
     return TrialResult(spec, fmap.n_faulty, curve.session.pruned_fraction, curve.amounts,
