@@ -140,7 +140,7 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(lambda s: measure(s, args.sets, args.out / f"seed{s}"), todo))
     settings = PlanSettings(cfg.plan.statistic, cfg.resilience.checkpoint_every,
-                            cfg.plan.safety_margin, cfg.plan.min_reached)
+                            cfg.plan.safety_margin, cfg.plan.min_reached, cfg.plan.fleet_budget)
     parts = []
     for seed in args.seeds:
         out = args.out / f"seed{seed}"

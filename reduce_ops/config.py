@@ -214,6 +214,8 @@ class PlanConfig:
                                                           # reach for a fault rate to be planned
     safety_margin: float = _check(1.0, 100.0)
     budget_cap: float = _check(0.0, 1000.0, lo_open=True)   # most epochs of FAT for one chip
+    fleet_budget: float | None = _check(0.0, 1000.0)   # epochs per chip on average the plan
+    # may give: chips beyond the edge are trained to the cap while it lasts; null = none
     resilience_run: str | None        # MLflow run id; null = the run the resilience stage wrote
 
 

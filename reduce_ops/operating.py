@@ -32,13 +32,15 @@ class PlanSettings:
     granularity: float
     safety_margin: float
     min_reached: float
+    fleet_budget: float | None = None
 
 
 def run_rule(rule: ShippingRule, trials: pd.DataFrame, fleet: Sequence[FaultMap],
              curves: Sequence[ChipCurve], settings: PlanSettings) -> pd.DataFrame:
     """Reduce with `rule` on recorded curves: plan, verify; the per-chip rows (compare's)."""
     plan = plan_for_rule(trials, fleet, rule, settings.statistic, settings.granularity,
-                         settings.safety_margin, settings.min_reached).plan
+                         settings.safety_margin, settings.min_reached,
+                         settings.fleet_budget).plan
     policy = Policy("rule", REDUCE, dict(zip(plan["chip_id"],
                                              plan["planned_epochs"].astype(float))), rule)
     rows = [row for fmap, curve in zip(fleet, curves)

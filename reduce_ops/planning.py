@@ -270,7 +270,8 @@ class PlanResult:
 
 def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic,
               granularity: float, safety_margin: float, cap: float,
-              min_reached: float = 1.0, metric: str = DECISION_METRIC) -> PlanResult:
+              min_reached: float = 1.0, metric: str = DECISION_METRIC,
+              fleet_budget: float | None = None) -> PlanResult:
     """Trials (from MLflow or the CSV) + fleet -> the per-chip plan for `metric` (validation
     accuracy, or what a guard band leaves of it) at `level` (what verification checks) within
     the budget cap (epochs per chip)."""
@@ -280,22 +281,64 @@ def make_plan(trials: pd.DataFrame, chips: pd.DataFrame, level: float, statistic
     spread = needs.groupby("fault_rate")["needed"].agg(["min", "max"]).reset_index()
     points = points.merge(spread, on="fault_rate", how="left")
     curve = fit_plan_curve(points, cap, min_reached)
-    plan = plan_fleet(curve, chips, granularity, safety_margin)
+    plan = spend_spare_budget(plan_fleet(curve, chips, granularity, safety_margin), points,
+                              cap, fleet_budget)
     return PlanResult(float(level), points, curve, plan)
+
+
+def spend_spare_budget(plan: pd.DataFrame, points: pd.DataFrame, cap: float,
+                       fleet_budget: float | None) -> pd.DataFrame:
+    """Chips beyond the plan's edge, trained to the cap on what the plan leaves of
+    `fleet_budget` (epochs per chip, on average over the fleet): lowest fault rate first, while
+    the plan's total stays within the budget, and only where some repetition reached the level
+    within the cap (below the first measured rate above the last such rate where none did, the
+    reach fraction being linear between measured rates). Verification then decides each of them
+    like any chip. The plan of every chip within the edge is kept as it is (None: no budget,
+    every chip beyond the edge is rejected untrained)."""
+    if fleet_budget is None or plan.empty:
+        return plan
+    if fleet_budget < 0:
+        raise ConfigError(f"plan.fleet_budget: expected epochs per chip >= 0 or null, got "
+                          f"{fleet_budget!r}")
+    rates = points["fault_rate"].to_numpy(dtype=float)
+    reached = rates[points["reach_fraction"].to_numpy(dtype=float) > 0]
+    if reached.size == 0:
+        return plan
+    above = rates[rates > reached.max()]      # the reach fraction, linear between the measured
+    # rates, is above zero up to (not at) the next rate where none reached
+    tried = (plan["fault_rate"] < above.min()) if above.size else (
+        plan["fault_rate"] <= reached.max() + 1e-12)
+    plan = plan.copy()
+    spare = fleet_budget * len(plan) - float(plan.loc[plan["feasible"], "planned_epochs"].sum())
+    beyond = plan[~plan["feasible"] & tried]
+    for i in beyond.sort_values(["fault_rate", "chip_id"]).index:
+        if cap > spare + 1e-9:
+            break
+        spare -= cap
+        plan.loc[i, ["planned_epochs", "feasible", "reason"]] = [
+            cap, True, f"{BEYOND_EDGE}: fault rate {plan.at[i, 'fault_rate']:.4g} above the "
+                       f"plan's edge, trained to the budget cap on the fleet's spare budget "
+                       f"({fleet_budget:g} epochs per chip)"]
+    return plan
+
+
+BEYOND_EDGE = "beyond the edge"     # how a plan's reason starts for a chip spend_spare_budget took
 
 
 def plan_for_rule(trials: pd.DataFrame, fleet: Sequence[FaultMap], rule: ShippingRule,
                   statistic, granularity: float, safety_margin: float,
-                  min_reached: float) -> PlanResult:
+                  min_reached: float, fleet_budget: float | None = None) -> PlanResult:
     """The plan that gives each chip of `fleet` what it needs to pass `rule` (validation
-    accuracy at least its ship level) within its cap."""
+    accuracy at least its ship level) within its cap, and chips beyond the edge the cap while
+    `fleet_budget` allows (see spend_spare_budget)."""
     chips = pd.DataFrame({"chip_id": [m.chip_id for m in fleet],
                           "fault_rate": [m.fault_rate for m in fleet]})
     if not rule.escape_rate and rule.pool <= 1:
         return make_plan(trials, chips, rule.ship_level, statistic, granularity, safety_margin,
-                         rule.cap, min_reached)
+                         rule.cap, min_reached, fleet_budget=fleet_budget)
     return make_plan(with_decision_column(trials, rule), chips, rule.ship_level, statistic,
-                     granularity, safety_margin, rule.cap, min_reached, metric=DECIDED_METRIC)
+                     granularity, safety_margin, rule.cap, min_reached, metric=DECIDED_METRIC,
+                     fleet_budget=fleet_budget)
 
 
 DECIDED_METRIC = "val_decided"     # what the shipping rule reads at each trial checkpoint

@@ -41,6 +41,7 @@ TINY = [
     "verify.escape_rate=null",
     "verify.pool=1",          # tests that need variants name their own
     "execution.workers=1",    # in the test process; tests/test_pool.py runs the default pool
+    "plan.fleet_budget=null",  # chips beyond the edge rejected (test_spare_budget sets one)
 ]
 
 # --- Named setups: overrides that more than one test module builds its project from ----------

@@ -47,6 +47,7 @@ def test_repository_params_load_and_resolve_paths() -> None:
     ("hardware.layer_types=[]", "hardware.layer_types: must not be empty"),
     ("hardware.rows=0", "hardware.rows: must be >= 1, got 0"),
     ("faultmaps.rate_max=1.5", "faultmaps.rate_max: must be <= 1.0, got 1.5"),
+    ("plan.fleet_budget=-1", "plan.fleet_budget: must be >= 0.0, got -1"),
     ("train.device=tpu", "train.device: expected auto, cpu, cuda[:N] or mps"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 from reduce_ops.errors import ConfigError, DataError
 from reduce_ops.needs import MAP_COLUMNS, resilience_map, retraining_needed, trial_needs
 from reduce_ops.planning import (
+    BEYOND_EDGE,
     NEED_COLUMNS,
     MonotoneCurve,
     aggregate_needs,
@@ -437,3 +438,64 @@ def test_needs_beyond_the_budget_cap_are_infeasible(trials):
     narrow = make_plan(trials, chips(0.1, 0.2), 0.90, "max", 0.25, 1.0, cap=2.5).plan
     assert wide["feasible"].tolist() == [True, True]         # 0.2 needs 2.714 <= 3
     assert narrow["feasible"].tolist() == [True, False]      # ... > 2.5
+
+
+# ---- the fleet's spare budget: chips beyond the edge trained to the cap -----------------------
+
+def spare_budget_trials():
+    """Five repetitions per rate: all reach at 0.2, two of five at 0.3, none at 0.4."""
+    reach, miss = [0.80, 0.90, 0.95, 0.96], [0.80, 0.85, 0.88, 0.90]
+    curves = {(0.2, k): reach for k in range(5)}
+    curves.update({(0.3, k): reach if k < 2 else miss for k in range(5)})
+    curves.update({(0.4, k): miss for k in range(5)})
+    return make_trials(curves)
+
+
+def test_spare_budget_trains_chips_beyond_the_edge_lowest_rate_first():
+    """At min_reached 1.0 the edge is 0.2: chips at 0.1 and 0.2 are planned 2 epochs each. A
+    budget of 2.5 epochs per chip over five chips is 12.5: 4 planned, room for two chips at the
+    cap of 3 (0.25 and 0.28, not 0.29); the chip at 0.4 is where no repetition reached (none
+    above 0.3 reach) and is never tried. The chips within the edge keep their plan."""
+    fleet = chips(0.1, 0.2, 0.29, 0.25, 0.28, 0.4)
+    without = make_plan(spare_budget_trials(), fleet, 0.95, "max", 0.25, 1.0, 3.0, 1.0).plan
+    assert without["feasible"].tolist() == [True, True, False, False, False, False]
+    plan = make_plan(spare_budget_trials(), fleet, 0.95, "max", 0.25, 1.0, 3.0, 1.0,
+                     fleet_budget=12.5 / 6).plan
+    assert plan["feasible"].tolist() == [True, True, False, True, True, False]
+    assert plan["planned_epochs"].tolist()[:2] == without["planned_epochs"].tolist()[:2]
+    assert plan["planned_epochs"].iloc[[3, 4]].tolist() == [3.0, 3.0]
+    assert plan["reason"].iloc[3].startswith(BEYOND_EDGE)
+    assert plan.loc[plan["feasible"], "planned_epochs"].sum() <= 12.5
+
+
+def test_no_chip_is_tried_where_no_repetition_reached():
+    """Between 0.3 (two of five reached) and 0.4 (none) chips are tried; at and above 0.4, and
+    above the grid, never, whatever the budget."""
+    fleet = chips(0.1, 0.39, 0.4, 0.45)
+    plan = make_plan(spare_budget_trials(), fleet, 0.95, "max", 0.25, 1.0, 3.0, 1.0,
+                     fleet_budget=100.0).plan
+    assert plan["feasible"].tolist() == [True, True, False, False]
+
+
+def test_no_spare_budget_left_when_the_edge_plan_spends_it():
+    """A budget below what the chips within the edge need takes nothing from them."""
+    fleet = chips(0.1, 0.2, 0.25)
+    plan = make_plan(spare_budget_trials(), fleet, 0.95, "max", 0.25, 1.0, 3.0, 1.0,
+                     fleet_budget=1.0).plan
+    assert plan["feasible"].tolist() == [True, True, False]
+    assert plan["planned_epochs"].tolist()[:2] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("budget, trained", [(0.0, 0), (1.5, 0), (2.0, 1), (2.7, 2), (10.0, 2)])
+def test_a_larger_spare_budget_never_trains_fewer_chips(budget, trained):
+    """The chip at 0.1 is planned 2 epochs; each chip beyond the edge takes the cap of 3."""
+    fleet = chips(0.1, 0.25, 0.28)
+    plan = make_plan(spare_budget_trials(), fleet, 0.95, "max", 0.25, 1.0, 3.0, 1.0,
+                     fleet_budget=budget).plan
+    assert int(plan["reason"].str.startswith(BEYOND_EDGE).sum()) == trained
+
+
+def test_a_negative_fleet_budget_names_the_key():
+    with pytest.raises(ConfigError, match=r"^plan\.fleet_budget: "):
+        make_plan(spare_budget_trials(), chips(0.1, 0.25), 0.95, "max", 0.25, 1.0, 3.0, 1.0,
+                  fleet_budget=-1.0)

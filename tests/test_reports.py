@@ -10,7 +10,7 @@ import pytest
 from reduce_ops import atomic
 from reduce_ops.errors import DataError
 from reduce_ops.needs import MAP_COLUMNS
-from reduce_ops.planning import fit_monotone_curve, plan_fleet
+from reduce_ops.planning import fit_monotone_curve, plan_fleet, spend_spare_budget
 from reduce_ops.reports import compare as compare_figs
 from reduce_ops.reports import plan as plan_figs
 from reduce_ops.reports import resilience as resilience_figs
@@ -171,7 +171,7 @@ def test_plan_figure_places_chips_curve_and_infeasible_region(tmp_path):
     assert np.all(np.diff(fit.get_ydata()) >= -1e-12)  # drawn curve is monotone
     chips = by_label["chips planned (3)"]
     np.testing.assert_allclose(chips.get_ydata(), plan["planned_epochs"][plan["feasible"]])
-    bad = by_label["chips infeasible (2)"]
+    bad = by_label["chips rejected untrained (2)"]
     assert np.all(bad.get_ydata() > 4.0)
     never = by_label["not planned: too few\nrepetitions reached"]
     assert list(never.get_xdata()) == [0.3]
@@ -179,6 +179,20 @@ def test_plan_figure_places_chips_curve_and_infeasible_region(tmp_path):
     assert ax.patches[0].get_x() == pytest.approx(0.2)
     out = plan_figs.plot_plan_curve(points, curve, plan, tmp_path / "plan.png", "max", 0.96)
     assert_png(out, tmp_path)
+
+
+def test_plan_figure_marks_chips_trained_on_the_spare_budget(tmp_path):
+    """A third of the repetitions reached at 0.3: the chip at 0.25 is trained to the cap on
+    the spare budget and drawn apart from the planned ones; the one at 0.35 stays rejected."""
+    points, curve, plan = plan_inputs()
+    points = points.assign(reach_fraction=1 - points["n_never"] / points["n_reps"])
+    plan = spend_spare_budget(plan, points, 4.0, fleet_budget=10.0)
+    by_label = {ln.get_label(): ln for ln in
+                plan_figs.plan_figure(points, curve, plan, "max", 0.96).axes[0].get_lines()}
+    spare = by_label["beyond the edge, to the cap\non the spare budget (1)"]
+    assert list(spare.get_xdata()) == [0.25] and list(spare.get_ydata()) == [4.0]
+    assert len(by_label["chips planned (3)"].get_xdata()) == 3
+    assert list(by_label["chips rejected untrained (1)"].get_xdata()) == [0.35]
 
 
 def test_plan_figure_with_nothing_feasible(tmp_path):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import TINY_FAT, TINY_GRID
+from conftest import TINY_FAT, TINY_GRID, clone_project
+from reduce_ops.planning import BEYOND_EDGE
 from reduce_ops.records.plan import rule_from_summary
 from reduce_ops.shipping import Measurement
 
@@ -92,3 +93,41 @@ def test_compare_floor_figures_and_the_operating_characteristic_agree(project: P
     pooled = pooled.assign(rate=pooled["setting"].astype(float)).sort_values("rate")
     assert list(pooled["n_shipped"]) == sorted(pooled["n_shipped"])
     assert (out / "operating_characteristic.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_spare_fleet_budget_trains_chips_beyond_the_edge_and_verification_decides(
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every repetition required (the edge at its lowest) and a budget that covers every
+    chip at the cap, chips beyond the edge are planned the cap, trained and verified like any
+    other; compare keeps the plan without the budget beside it (those chips rejected untrained)."""
+    from reduce_ops.cli import main
+
+    root = clone_project(project, tmp_path / "spare",
+                         ["plan.min_reached=1.0", "plan.fleet_budget=100"])
+    monkeypatch.chdir(root)
+    for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(leaked, raising=False)
+    for stage in ("plan", "group", "fat", "compare"):
+        assert main([stage, "--params", str(root / "params.yaml")]) == 0
+    rule = _rule(root)
+    plan = pd.read_csv(root / "results/plan/plan.csv", dtype={"chip_id": str},
+                       keep_default_na=False, na_values=[""])
+    beyond = plan[plan["reason"].str.startswith(BEYOND_EDGE)]
+    assert not beyond.empty and (beyond["planned_epochs"] == rule.cap).all()
+    assert json.loads((root / "results/plan/summary.json").read_text())["n_beyond_edge"] == len(
+        beyond)
+    chips = pd.read_csv(root / "results/fat/chips.csv", dtype={"chip_id": str},
+                        keep_default_na=False, na_values=[""]).set_index("chip_id")
+    for cid in beyond["chip_id"]:
+        row = chips.loc[cid]
+        assert row["trained"] and row["actual_epochs"] == rule.cap
+        assert row["status"] == "shipped" or "guard band" in row["reason"]
+    per_chip = pd.read_csv(root / "results/compare/per_chip.csv", dtype={"chip_id": str},
+                           keep_default_na=False, na_values=[""])
+    within = per_chip[(per_chip["policy"] == "reduce-mean-within-edge")
+                      & per_chip["chip_id"].isin(beyond["chip_id"])]
+    assert len(within) == len(beyond)
+    assert (within["rejected_by"] == "plan").all() and (within["epochs"] == 0).all()
+    spent = per_chip[(per_chip["policy"] == "reduce-mean")
+                     & per_chip["chip_id"].isin(beyond["chip_id"])]
+    assert (spent["rejected_by"] != "plan").all()

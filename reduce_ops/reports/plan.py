@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from reduce_ops.reports.common import EPOCHS_LABEL, RATE_LABEL, TOP, require, save_figure
+from reduce_ops.planning import BEYOND_EDGE
 
 
 def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
@@ -49,12 +50,19 @@ def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
         ax.plot(p["fault_rate"][~fin], np.full((~fin).sum(), edge), "x", color="tab:blue", ms=8,
                 mew=2, label="not planned: too few\nrepetitions reached", zorder=4)
     feas = plan["feasible"].astype(bool).to_numpy()
-    if feas.any():
-        ax.plot(plan["fault_rate"][feas], plan["planned_epochs"][feas], ".", color="black", ms=6,
-                alpha=0.7, label=f"chips planned ({feas.sum()})", zorder=5)
+    spare = (plan["reason"].astype(str).str.startswith(BEYOND_EDGE).to_numpy()
+             if "reason" in plan.columns else np.zeros(len(plan), dtype=bool))
+    if (feas & ~spare).any():
+        ax.plot(plan["fault_rate"][feas & ~spare], plan["planned_epochs"][feas & ~spare], ".",
+                color="black", ms=6, alpha=0.7, label=f"chips planned ({(feas & ~spare).sum()})",
+                zorder=5)
+    if spare.any():
+        ax.plot(plan["fault_rate"][spare], plan["planned_epochs"][spare], "^", color="tab:orange",
+                ms=6, label=f"beyond the edge, to the cap\non the spare budget ({spare.sum()})",
+                zorder=5)
     if (~feas).any():
         ax.plot(plan["fault_rate"][~feas], np.full((~feas).sum(), edge), "|", color="tab:red",
-                ms=12, mew=1.5, label=f"chips infeasible ({(~feas).sum()})", zorder=5)
+                ms=12, mew=1.5, label=f"chips rejected untrained ({(~feas).sum()})", zorder=5)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(-0.04 * top, top)
     ax.set_xlabel(RATE_LABEL)

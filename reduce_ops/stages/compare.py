@@ -35,6 +35,9 @@ POLICY_METRICS = ("n_shipped", "n_meet_on_test", "meet_rate", "n_meet_unchecked"
                   "epochs_per_shipped", "epochs_ratio_to_it", *compare.FLOOR_COLUMNS)
 
 
+WITHIN_EDGE = "within-edge"   # suffix of the policy planned without plan.fleet_budget
+
+
 def reference_name(cfg: Config) -> str:
     """The reference policy's name, e.g. reduce-mean-flat0.75pt: the earlier decision rule (a
     flat margin, one check, no band) on the same plan settings and constraint."""
@@ -45,7 +48,8 @@ def _reduce_plans(cfg: Config, plan: plan_record.Plan, trials: pd.DataFrame,
                   fleet: list[FaultMap]) -> tuple[dict[str, dict[str, float]],
                                                   dict[str, ShippingRule]]:
     """{policy name: planned epochs by chip} for every statistic compared (the plan record's
-    own, the others planned the same way from the same logged trials) and the flat-margin
+    own, the others planned the same way from the same logged trials), the plan without the
+    fleet's spare budget (chips beyond the edge rejected untrained) and the flat-margin
     reference, with the reference's own rule."""
     if plan.summary.statistic != cfg.plan.statistic:
         raise ReduceOpsError(f"the plan in {plan_record.directory(cfg.path('results'))} was made "
@@ -53,14 +57,18 @@ def _reduce_plans(cfg: Config, plan: plan_record.Plan, trials: pd.DataFrame,
                              f"{cfg.plan.statistic}); run `reduce-ops plan` again")
     settings = (cfg.resilience.checkpoint_every, cfg.plan.safety_margin, cfg.plan.min_reached)
 
-    def by_chip(rule: ShippingRule, stat: str) -> dict[str, float]:
-        other = plan_for_rule(trials, fleet, rule, stat, *settings).plan
+    def by_chip(rule: ShippingRule, stat: str,
+                budget: float | None = cfg.plan.fleet_budget) -> dict[str, float]:
+        other = plan_for_rule(trials, fleet, rule, stat, *settings, budget).plan
         return dict(zip(other["chip_id"], other["planned_epochs"].astype(float)))
 
     plans = {f"reduce-{stat}": (plan_record.epochs_by_chip(plan)
                                 if stat == plan.summary.statistic else by_chip(plan.rule, stat))
              for stat in dict.fromkeys([*cfg.compare.statistics, cfg.plan.statistic])}
     rules = {}
+    if cfg.plan.fleet_budget is not None:      # the plan as it was before the budget: kept beside
+        plans[f"reduce-{cfg.plan.statistic}-{WITHIN_EDGE}"] = by_chip(
+            plan.rule, cfg.plan.statistic, None)
     if cfg.compare.reference_margin is not None:
         reference = dataclasses.replace(plan.rule, margin=cfg.compare.reference_margin,
                                         escape_rate=0.0, pool=1)
@@ -127,7 +135,7 @@ def run(cfg: Config) -> dict[str, Any]:
         summary = compare.summarize(per_chip, policy_list, rule.cap)
         oc = operating_points(rule, trials, fleet, curves, PlanSettings(
             cfg.plan.statistic, cfg.resilience.checkpoint_every, cfg.plan.safety_margin,
-            cfg.plan.min_reached))
+            cfg.plan.min_reached, cfg.plan.fleet_budget))
         records = summary.to_dict("records")
         for row in records:
             stage.child_run(row["policy"], {"policy": row["policy"]},

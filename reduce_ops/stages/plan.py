@@ -8,7 +8,7 @@ from typing import Any
 from reduce_ops import names, provenance
 from reduce_ops.config import Config, flatten
 from reduce_ops.hardware import ArrayGeometry, load_fleet
-from reduce_ops.planning import plan_for_rule
+from reduce_ops.planning import BEYOND_EDGE, plan_for_rule
 from reduce_ops.records import plan as plan_record
 from reduce_ops.records import trials as trials_record
 from reduce_ops.reports.plan import plot_plan_curve
@@ -31,7 +31,7 @@ def run(cfg: Config) -> dict[str, Any]:
     fleet = load_fleet(cfg.path("fleet"), ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols))
     result = plan_for_rule(trials, fleet, rule, cfg.plan.statistic,
                            cfg.resilience.checkpoint_every, cfg.plan.safety_margin,
-                           cfg.plan.min_reached)
+                           cfg.plan.min_reached, cfg.plan.fleet_budget)
     plan = result.plan
     out_dir = plan_record.directory(cfg.path("results"))
     with stage_run(cfg.root, "plan", cfg.tracking.experiment,
@@ -47,7 +47,9 @@ def run(cfg: Config) -> dict[str, Any]:
             identity.dataset_hash,
             {"baseline_val_accuracy": m["baseline_val_accuracy"],
              "baseline_test_accuracy": m["baseline_test_accuracy"],
-             "min_reached": cfg.plan.min_reached, "n_chips": len(plan),
+             "min_reached": cfg.plan.min_reached, "fleet_budget": cfg.plan.fleet_budget,
+             "n_beyond_edge": int(plan["reason"].str.startswith(BEYOND_EDGE).sum()),
+             "n_chips": len(plan),
              "n_feasible": int(len(feasible)), "n_infeasible": int((~plan["feasible"]).sum()),
              "total_planned_epochs": float(feasible["planned_epochs"].sum()),
              "max_feasible_rate": float(result.curve.max_feasible_rate)})
