@@ -315,10 +315,10 @@ def spend_spare_budget(plan: pd.DataFrame, points: pd.DataFrame, cap: float,
         if cap > spare + 1e-9:
             break
         spare -= cap
-        plan.loc[i, ["planned_epochs", "feasible", "reason"]] = [
-            cap, True, f"{BEYOND_EDGE}: fault rate {plan.at[i, 'fault_rate']:.4g} above the "
-                       f"plan's edge, trained to the budget cap on the fleet's spare budget "
-                       f"({fleet_budget:g} epochs per chip)"]
+        reason = (f"{BEYOND_EDGE}: fault rate {plan.at[i, 'fault_rate']:.4g} above the plan's "
+                  f"edge, trained to the budget cap on the fleet's spare budget "
+                  f"({fleet_budget:g} epochs per chip)")
+        plan.loc[i, ["planned_epochs", "feasible", "reason"]] = [cap, True, reason]
     return plan
 
 

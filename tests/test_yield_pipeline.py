@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TINY_FAT, TINY_GRID, clone_project
+
 from reduce_ops.planning import BEYOND_EDGE
 from reduce_ops.records.plan import rule_from_summary
 from reduce_ops.shipping import Measurement

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reduce_ops.reports.common import EPOCHS_LABEL, RATE_LABEL, TOP, require, save_figure
 from reduce_ops.planning import BEYOND_EDGE
+from reduce_ops.reports.common import EPOCHS_LABEL, RATE_LABEL, TOP, require, save_figure
 
 
 def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
