@@ -175,7 +175,7 @@ def test_plan_figure_places_chips_curve_and_infeasible_region(tmp_path):
     assert np.all(bad.get_ydata() > 4.0)
     never = by_label["not planned: too few\nrepetitions reached"]
     assert list(never.get_xdata()) == [0.3]
-    assert [p.get_label() for p in ax.patches] == ["infeasible"]
+    assert [p.get_label() for p in ax.patches] == ["beyond the edge"]
     assert ax.patches[0].get_x() == pytest.approx(0.2)
     out = plan_figs.plot_plan_curve(points, curve, plan, tmp_path / "plan.png", "max", 0.96)
     assert_png(out, tmp_path)

@@ -30,7 +30,7 @@ def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
     ax.axhline(max_amount, color="grey", ls=":", lw=1.2, label="budget cap")
     if curve.max_feasible_rate < hi + pad:
         start = max(curve.max_feasible_rate, lo - pad)
-        ax.axvspan(start, hi + pad, color="tab:red", alpha=0.08, lw=0, label="infeasible")
+        ax.axvspan(start, hi + pad, color="tab:red", alpha=0.08, lw=0, label="beyond the edge")
     if math.isfinite(curve.max_feasible_rate):
         grid = np.linspace(curve.rates[0], curve.max_feasible_rate, 200)
         ax.plot(grid, curve(grid), "-", color="tab:blue", lw=2, label="monotone fit")
