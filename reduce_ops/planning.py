@@ -311,9 +311,14 @@ def spend_spare_budget(plan: pd.DataFrame, points: pd.DataFrame, cap: float,
     plan = plan.copy()
     spare = fleet_budget * len(plan) - float(plan.loc[plan["feasible"], "planned_epochs"].sum())
     beyond = plan[~plan["feasible"] & tried]
+    for i in plan[~plan["feasible"] & ~tried].index:
+        plan.at[i, "reason"] += ("; no resilience repetition reached the level near this rate, "
+                                 "so the spare budget does not try it")
     for i in beyond.sort_values(["fault_rate", "chip_id"]).index:
         if cap > spare + 1e-9:
-            break
+            plan.at[i, "reason"] += (f"; the fleet's spare budget ({fleet_budget:g} epochs per "
+                                     f"chip) went to chips of lower fault rate")
+            continue
         spare -= cap
         reason = (f"{BEYOND_EDGE}: fault rate {plan.at[i, 'fault_rate']:.4g} above the plan's "
                   f"edge, trained to the budget cap on the fleet's spare budget "

@@ -465,6 +465,8 @@ def test_spare_budget_trains_chips_beyond_the_edge_lowest_rate_first():
     assert plan["planned_epochs"].tolist()[:2] == without["planned_epochs"].tolist()[:2]
     assert plan["planned_epochs"].iloc[[3, 4]].tolist() == [3.0, 3.0]
     assert plan["reason"].iloc[3].startswith(BEYOND_EDGE)
+    assert plan["reason"].iloc[2].endswith("went to chips of lower fault rate")
+    assert plan["reason"].iloc[5].endswith("so the spare budget does not try it")
     assert plan.loc[plan["feasible"], "planned_epochs"].sum() <= 12.5
 
 
