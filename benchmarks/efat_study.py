@@ -1,0 +1,182 @@
+"""eFAT where it can pay: every zoo network's retraining need against fault rate, how concave
+it is, and what grouping can save on it.
+
+    .venv/bin/python benchmarks/efat_study.py --out /tmp/efat --networks lenet mlp vgg11
+    .venv/bin/python benchmarks/efat_study.py --out /tmp/efat-digits --set data.source=digits
+    .venv/bin/python benchmarks/efat_study.py --out /tmp/efat --report-only    # kept runs only
+
+Per network and training seed, in a throw-away copy of the project: `prepare`, `faultmaps`,
+`pretrain`, `resilience` and `plan` on the study's params file (default
+params-efat-study.yaml: a reduced resilience grid, a drop of 1 point from each network's own
+baseline) with model.name and train.seed set (plus any --set). The plan's curve points, trials
+and the baseline's metrics are kept under OUT/<network>-seed<k>/; a run already kept there is
+not run again. Then, per network (over its seeds):
+- the need at every measured rate (the plan's statistic over the repetitions that reached,
+  mean [min, max] over the seeds), and its concavity: need(2r) / (2 need(r)) on the plan's
+  fitted curve at r = 0.1, 0.15, 0.2 and 0.25 (1: linear, grouping saves little; above 1:
+  a fused map costs more than its members, grouping cannot save; below 1, grouping pays);
+- what grouping saves on that curve (benchmarks/grouping_study.py): the lower bound that holds
+  for any grouping of independent (uniform) maps, and the planned-epochs ratio the project's
+  grouping reaches on uniform and wafer fleets;
+- the cost: minutes per run on this machine.
+It prints one JSON line per run and a table; writes OUT/summary.csv and OUT/need_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from common import REPO, run_stages, sqlite_store, stage_env, throwaway_copy
+from grouping_study import SETTINGS, grouping_ratios, spread
+from matplotlib.figure import Figure
+
+from reduce_ops.grouping import fused_plan
+
+STAGES = ["prepare", "faultmaps", "pretrain", "resilience", "plan"]
+KEPT = {"curve_points.csv": "results/plan/curve_points.csv",
+        "trials.csv": "results/resilience/trials.csv",
+        "plan_summary.json": "results/plan/summary.json",
+        "pretrain.json": "results/pretrain/metrics.json"}
+WAFER = SETTINGS[1]         # the wafer fleet's default setting
+
+
+def measure(network: str, seed: int, params: Path, sets: list[str], out: Path) -> dict:
+    """One network and seed up to `plan` in a throw-away copy; keeps what the study reads."""
+    if (out / "run.json").is_file():
+        return json.loads((out / "run.json").read_text())
+    with throwaway_copy(f"efat-{network}{seed}-", ["data/fault_maps"]) as root:
+        shutil.copyfile(params, root / "params.yaml")
+        env = stage_env(root, sqlite_store(root))
+        t0 = time.perf_counter()
+        run_stages(root, STAGES, [f"model.name={network}", f"train.seed={seed}", *sets], env,
+                   f"{network} seed {seed}")
+        out.mkdir(parents=True, exist_ok=True)
+        for name, path in KEPT.items():
+            shutil.copyfile(root / path, out / name)
+    pre = json.loads((out / "pretrain.json").read_text())
+    row = {"network": network, "seed": seed, "minutes": (time.perf_counter() - t0) / 60,
+           "baseline_val": pre["val_accuracy"], "baseline_test": pre["test_accuracy"]}
+    (out / "run.json").write_text(json.dumps(row))
+    return row
+
+
+CONCAVITY_AT = (0.1, 0.15, 0.2, 0.25)     # r of need(2r) / (2 need(r))
+
+
+def concavity(points: pd.DataFrame, study: dict, r: float) -> float:
+    """need(2r) / (2 need(r)) on the plan's fitted curve: inf where nothing is needed at r but
+    something at 2r, NaN where 2r is beyond the plan's edge or nothing is needed at either."""
+    curve = fused_plan(points, study["plan"]["budget_cap"],
+                       study["resilience"]["checkpoint_every"],
+                       study["plan"]["safety_margin"])[0]
+    lo, hi = curve(np.array([r, 2 * r]))
+    if not np.isfinite(hi) or hi == 0:
+        return float("nan")
+    return float(hi / (2 * lo)) if lo > 0 else float("inf")
+
+
+def network_summary(network: str, runs: list[dict], outs: list[Path], study: dict,
+                    fleets: int) -> dict:
+    """One network over its seeds: needs, concavity, grouping bound and ratios, cost."""
+    row: dict = {"network": network, "seeds": len(runs),
+                 "baseline_test": spread([r["baseline_test"] for r in runs]),
+                 "minutes_per_run": float(np.mean([r["minutes"] for r in runs]))}
+    parts = []
+    for out in outs:
+        points = pd.read_csv(out / "curve_points.csv")
+        parts.append(points)
+        for r in CONCAVITY_AT:
+            row.setdefault(f"concavity_{r:g}", []).append(concavity(points, study, r))
+        fleets_rows = grouping_ratios(points, study, fleets, 100, 0, [SETTINGS[0], WAFER])
+        for name, ratios in zip(("uniform", "wafer"), fleets_rows):
+            row.setdefault(f"{name}_refined", []).extend(ratios["refined"])
+            if ratios["bound"]:
+                row.setdefault("uniform_bound", []).extend(ratios["bound"])
+    for key in [k for k, v in row.items() if isinstance(v, list)]:
+        known = [v for v in row[key] if not np.isnan(v)]
+        row[key] = ("inf" if known and all(np.isinf(known)) else
+                    spread([v for v in known if np.isfinite(v)]))
+    needs = pd.concat(parts).groupby("fault_rate")["needed"]
+    row["needs"] = {f"{rate:g}": (float(g.replace(np.inf, np.nan).mean()),
+                                  int(np.isfinite(g).sum())) for rate, g in needs}
+    return row
+
+
+def need_figure(outs: dict[str, list[Path]], path: Path, repetitions: int) -> None:
+    """One curve per network: the plan's need (its statistic over the repetitions that reached,
+    mean over seeds), the band from the least to the most any repetition needed."""
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    for network, dirs in outs.items():
+        table = pd.concat([pd.read_csv(d / "curve_points.csv") for d in dirs])
+        table = table[np.isfinite(table["needed"])]
+        if table.empty:
+            continue
+        g = table.groupby("fault_rate")
+        mean = g["needed"].mean()
+        lo, hi = g["min"].min(), g["max"].max()
+        line, = ax.plot(mean.index, mean.values, "o-",
+                        label=f"{network} ({len(dirs)} seed{'s' * (len(dirs) > 1)})")
+        finite = np.isfinite(hi.values)
+        ax.fill_between(mean.index[finite], lo.values[finite], hi.values[finite],
+                        color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("fault rate (fraction of PEs faulty)")
+    ax.set_ylabel("epochs of FAT needed")
+    ax.set_title(f"Retraining need per network (mean; band: min–max over {repetitions} "
+                 f"repetitions)\ngrowing faster than linearly: a fused map costs more than its "
+                 f"members", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--networks", nargs="+", default=["lenet", "mlp", "vgg11", "resnet18"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--params", type=Path, default=REPO / "params-efat-study.yaml")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fleets", type=int, default=3, help="fleet seeds per grouping setting")
+    parser.add_argument("--report-only", action="store_true", help="only the runs kept in OUT")
+    args = parser.parse_args()
+    study = yaml.safe_load(args.params.read_text())
+    for item in args.sets:          # what grouping reads of the params (plan, fleet, array)
+        key, _, value = item.partition("=")
+        node = study
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = yaml.safe_load(value)
+    runs: dict[str, list[dict]] = {}
+    outs: dict[str, list[Path]] = {}
+    for network in args.networks:
+        for seed in args.seeds:
+            out = args.out / f"{network}-seed{seed}"
+            if args.report_only and not (out / "run.json").is_file():
+                continue
+            row = measure(network, seed, args.params, args.sets, out)
+            print(json.dumps(row), flush=True)
+            runs.setdefault(network, []).append(row)
+            outs.setdefault(network, []).append(out)
+    rows = [network_summary(n, runs[n], outs[n], study, args.fleets) for n in runs]
+    table = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "summary.csv", index=False)
+    need_figure(outs, args.out / "need_curves.png", study["resilience"]["repetitions"])
+    with pd.option_context("display.width", 250, "display.max_colwidth", 200):
+        print(table.drop(columns=["needs"]).to_string(index=False))
+        for r in rows:
+            print(r["network"], "need by rate (mean epochs, seeds reached):", r["needs"])
+    print(f"-> {args.out / 'summary.csv'}, {args.out / 'need_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
