@@ -7,8 +7,8 @@ it is, and what grouping can save on it.
 
 Per network and training seed, in a throw-away copy of the project: `prepare`, `faultmaps`,
 `pretrain`, `resilience` and `plan` on the study's params file (default
-params-efat-study.yaml: a reduced resilience grid, a drop of 1 point from each network's own
-baseline) with model.name and train.seed set (plus any --set). The plan's curve points, trials
+params-efat-study.yaml: a reduced resilience grid, a drop of 2.5 points from each network's
+own baseline) with model.name and train.seed set (plus any --set). The plan's curve points, trials
 and the baseline's metrics are kept under OUT/<network>-seed<k>/; a run already kept there is
 not run again. Then, per network (over its seeds):
 - the need at every measured rate (the plan's statistic over the repetitions that reached,
@@ -101,8 +101,10 @@ def network_summary(network: str, runs: list[dict], outs: list[Path], study: dic
                 row.setdefault("uniform_bound", []).extend(ratios["bound"])
     for key in [k for k, v in row.items() if isinstance(v, list)]:
         known = [v for v in row[key] if not np.isnan(v)]
-        row[key] = ("inf" if known and all(np.isinf(known)) else
-                    spread([v for v in known if np.isfinite(v)]))
+        infinite = sum(np.isinf(v) for v in known)
+        row[key] = " ".join(filter(None, [spread([v for v in known if np.isfinite(v)])
+                                          if len(known) > infinite else "",
+                                          f"inf in {infinite} seed(s)" if infinite else ""]))
     needs = pd.concat(parts).groupby("fault_rate")["needed"]
     row["needs"] = {f"{rate:g}": (float(g.replace(np.inf, np.nan).mean()),
                                   int(np.isfinite(g).sum())) for rate, g in needs}

@@ -74,9 +74,13 @@ def share_bound(planned_at, rates: np.ndarray, own: np.ndarray, edge: float,
     that is a bound for any grouping; where g(s) / s only grows (a convex need from zero) h(x_i)
     = g(x_i) / x_i and the bound is the per-chip epochs themselves: no grouping saves anything.
     The least is taken on a grid with each cell's g at its left end over s at its right end
-    (g never decreases), so the bound never reads above the exact one."""
+    (g never decreases), so the bound never reads above the exact one. Like
+    `independent_bound` it reads expected fused rates; exact maps deviate by about
+    sqrt(r / n_PEs) in fault rate, which can move one group across a step of the plan."""
     x = -np.log1p(-np.asarray(rates, dtype=np.float64))
     x0 = -np.log1p(-edge)
+    if x0 <= float(x.min()):       # no group above its largest member fits within the edge
+        return 1.0
     grid = np.linspace(float(x.min()), x0, points)
     low = planned_at(-np.expm1(-grid[:-1])) / grid[1:]          # per cell [grid_k, grid_k+1]
     tail = np.minimum.accumulate(low[::-1])[::-1]               # least over the cells from k on

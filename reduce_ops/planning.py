@@ -302,7 +302,7 @@ def spend_spare_budget(plan: pd.DataFrame, points: pd.DataFrame, cap: float,
                           f"{fleet_budget!r}")
     rates = points["fault_rate"].to_numpy(dtype=float)
     reached = rates[points["reach_fraction"].to_numpy(dtype=float) > 0]
-    if reached.size == 0:
+    if reached.size == 0:                       # nothing to try (the reason says why)
         return plan
     above = rates[rates > reached.max()]      # the reach fraction, linear between the measured
     # rates, is above zero up to (not at) the next rate where none reached
@@ -316,8 +316,9 @@ def spend_spare_budget(plan: pd.DataFrame, points: pd.DataFrame, cap: float,
                                  "so the spare budget does not try it")
     for i in beyond.sort_values(["fault_rate", "chip_id"]).index:
         if cap > spare + 1e-9:
-            plan.at[i, "reason"] += (f"; the fleet's spare budget ({fleet_budget:g} epochs per "
-                                     f"chip) went to chips of lower fault rate")
+            plan.at[i, "reason"] += (f"; no room left in plan.fleet_budget ({fleet_budget:g} "
+                                     f"epochs per chip) after the chips within the edge and "
+                                     f"those beyond it of lower fault rate")
             continue
         spare -= cap
         reason = (f"{BEYOND_EDGE}: fault rate {plan.at[i, 'fault_rate']:.4g} above the plan's "

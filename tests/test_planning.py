@@ -465,7 +465,7 @@ def test_spare_budget_trains_chips_beyond_the_edge_lowest_rate_first():
     assert plan["planned_epochs"].tolist()[:2] == without["planned_epochs"].tolist()[:2]
     assert plan["planned_epochs"].iloc[[3, 4]].tolist() == [3.0, 3.0]
     assert plan["reason"].iloc[3].startswith(BEYOND_EDGE)
-    assert plan["reason"].iloc[2].endswith("went to chips of lower fault rate")
+    assert plan["reason"].iloc[2].endswith("and those beyond it of lower fault rate")
     assert plan["reason"].iloc[5].endswith("so the spare budget does not try it")
     assert plan.loc[plan["feasible"], "planned_epochs"].sum() <= 12.5
 
@@ -488,13 +488,27 @@ def test_no_spare_budget_left_when_the_edge_plan_spends_it():
     assert plan["planned_epochs"].tolist()[:2] == [2.0, 2.0]
 
 
-@pytest.mark.parametrize("budget, trained", [(0.0, 0), (1.5, 0), (2.0, 1), (2.7, 2), (10.0, 2)])
-def test_a_larger_spare_budget_never_trains_fewer_chips(budget, trained):
-    """The chip at 0.1 is planned 2 epochs; each chip beyond the edge takes the cap of 3."""
+def test_a_larger_spare_budget_never_trains_fewer_chips():
+    """The chip at 0.1 is planned 2 epochs; each chip beyond the edge takes the cap of 3: a
+    budget of 2.0 per chip (6 in all) leaves room for one, 2.7 (8.1) for both."""
     fleet = chips(0.1, 0.25, 0.28)
-    plan = make_plan(spare_budget_trials(), fleet, 0.95, "max", 0.25, 1.0, 3.0, 1.0,
-                     fleet_budget=budget).plan
-    assert int(plan["reason"].str.startswith(BEYOND_EDGE).sum()) == trained
+    counts = []
+    for budget in (0.0, 1.5, 2.0, 2.7, 10.0):
+        plan = make_plan(spare_budget_trials(), fleet, 0.95, "max", 0.25, 1.0, 3.0, 1.0,
+                         fleet_budget=budget).plan
+        counts.append(int(plan["reason"].str.startswith(BEYOND_EDGE).sum()))
+    assert counts == [0, 0, 1, 2, 2]
+
+
+def test_chips_up_to_the_top_of_the_grid_are_tried_where_repetitions_reached_there():
+    """Some repetitions reach at the highest measured rate (0.3): chips up to it are tried,
+    none above it."""
+    reach, miss = [0.80, 0.90, 0.95, 0.96], [0.80, 0.85, 0.88, 0.90]
+    curves = {(0.2, k): reach for k in range(5)}
+    curves.update({(0.3, k): reach if k < 2 else miss for k in range(5)})
+    plan = make_plan(make_trials(curves), chips(0.1, 0.3, 0.31), 0.95, "max", 0.25, 1.0, 3.0,
+                     1.0, fleet_budget=100.0).plan
+    assert plan["feasible"].tolist() == [True, True, False]
 
 
 def test_a_negative_fleet_budget_names_the_key():

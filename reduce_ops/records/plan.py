@@ -199,7 +199,8 @@ def _require_logged(plan: Plan, plan_dir: Path, uri: str) -> None:
 def read_current(cfg: Config, check_rule: bool = True) -> Plan:
     """The plan record in results/plan, checked against the current baseline and dataset and
     (`check_rule`) made for the shipping rule params.yaml states now: verify.margin,
-    verify.step and plan.budget_cap."""
+    verify.step and plan.budget_cap; and for the plan.min_reached and plan.fleet_budget that
+    decide which chips it trains."""
     plan_dir = directory(cfg.path("results"))
     plan = read(plan_dir)
     remedy = "run `reduce-ops resilience` and `reduce-ops plan` again"
@@ -217,4 +218,16 @@ def read_current(cfg: Config, check_rule: bool = True) -> Plan:
             if planned != now:
                 raise ReduceOpsError(f"the plan in {plan_dir} was made for {key} {planned:g} "
                                      f"(now {now:g}); {remedy}")
+    # which chips the plan trains (plans of earlier versions recorded neither: not checked)
+    for key, name, now in (("plan.min_reached", "min_reached", cfg.plan.min_reached),
+                           ("plan.fleet_budget", "fleet_budget", cfg.plan.fleet_budget)):
+        if name in plan.summary.extra and plan.summary.extra[name] != now:
+            raise ReduceOpsError(f"the plan in {plan_dir} was made for {key} "
+                                 f"{_shown(plan.summary.extra[name])} (now {_shown(now)}); "
+                                 f"run `reduce-ops plan` again")
     return plan
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else f"{value:g}"
+

@@ -72,7 +72,8 @@ def _reduce_plans(cfg: Config, plan: plan_record.Plan, trials: pd.DataFrame,
     if cfg.compare.reference_margin is not None:
         reference = dataclasses.replace(plan.rule, margin=cfg.compare.reference_margin,
                                         escape_rate=0.0, pool=1)
-        plans[reference_name(cfg)] = by_chip(reference, cfg.plan.statistic)
+        # as it was before plan.fleet_budget: chips beyond the edge rejected untrained
+        plans[reference_name(cfg)] = by_chip(reference, cfg.plan.statistic, None)
         rules[reference_name(cfg)] = reference
     return plans, rules
 

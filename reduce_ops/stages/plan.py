@@ -64,5 +64,7 @@ def run(cfg: Config) -> dict[str, Any]:
           f"{rule.cap:g} epochs for validation accuracy >= {rule.decision_level:.4f} "
           f"({cfg.plan.statistic} over repetitions), {written['total_planned_epochs']:g} epochs "
           f"planned in all, reachable up to fault rate {result.curve.max_feasible_rate:g} "
+          f"({written['n_beyond_edge']} of the chips beyond it trained to the cap on the spare "
+          f"budget) "
           f"-> {out_dir}; from resilience run {source.run_id}")
     return written
