@@ -96,7 +96,8 @@ def test_compare_floor_figures_and_the_operating_characteristic_agree(project: P
 
 
 def test_a_spare_fleet_budget_trains_chips_beyond_the_edge_and_verification_decides(
-        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """With every repetition required (the edge at its lowest) and a budget that covers every
     chip at the cap, chips beyond the edge are planned the cap, trained and verified like any
     other; compare keeps the plan without the budget beside it (those chips rejected untrained)."""
@@ -131,3 +132,11 @@ def test_a_spare_fleet_budget_trains_chips_beyond_the_edge_and_verification_deci
     spent = per_chip[(per_chip["policy"] == "reduce-mean")
                      & per_chip["chip_id"].isin(beyond["chip_id"])]
     assert (spent["rejected_by"] != "plan").all()
+    # a plan made for another budget is refused in one line, not used as it is
+    capsys.readouterr()
+    for stage in ("group", "fat", "compare"):
+        assert main([stage, "--params", str(root / "params.yaml"),
+                     "--set", "plan.fleet_budget=50"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("was made for plan.fleet_budget 100 (now 50); run `reduce-ops "
+                            "plan` again") and "\n" not in err
