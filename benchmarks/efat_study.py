@@ -131,9 +131,9 @@ def need_figure(outs: dict[str, list[Path]], path: Path, repetitions: int) -> No
                         color=line.get_color(), alpha=0.15)
     ax.set_xlabel("fault rate (fraction of PEs faulty)")
     ax.set_ylabel("epochs of FAT needed")
-    ax.set_title(f"Retraining need per network (mean; band: min–max over {repetitions} "
-                 f"repetitions)\ngrowing faster than linearly: a fused map costs more than its "
-                 f"members", fontsize=10)
+    ax.set_title(f"Retraining need per network (mean; band: min–max over the repetitions, "
+                 f"{repetitions} per rate)\nfaster than linear: a fused map costs more than its "
+                 f"members; saturating: grouping can save", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
