@@ -81,6 +81,25 @@ def throwaway_copy(prefix: str, extra: Sequence[str] = ()) -> Iterator[Path]:
         yield root
 
 
+def run_and_keep(prefix: str, stages: Sequence[str], sets: Sequence[str],
+                 kept: Mapping[str, str], out: Path, what: str, threads: int | None = None,
+                 params: Path | None = None) -> float:
+    """`stages` with `sets` in a throw-away copy (its own MLflow store; `params` in place of
+    params.yaml when given), then the files `kept` ({name in out: path in the copy}) copied
+    into `out`; returns the seconds the stages took."""
+    with throwaway_copy(prefix, ["data/fault_maps"]) as root:
+        if params is not None:
+            shutil.copyfile(params, root / "params.yaml")
+        env = stage_env(root, sqlite_store(root), threads)
+        t0 = time.perf_counter()
+        run_stages(root, stages, sets, env, what)
+        seconds = time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        for name, path in kept.items():
+            shutil.copyfile(root / path, out / name)
+    return seconds
+
+
 def write_params(root: Path, overrides: Sequence[str]) -> None:
     """The repository's params.yaml with `overrides` (KEY=VALUE) applied -> root/params.yaml."""
     params = apply_overrides(read_yaml(REPO / "params.yaml"), list(overrides))

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
-from common import REPO, run_stages, sqlite_store, stage_env, throwaway_copy
+from common import REPO, run_and_keep
 from grouping_study import SETTINGS, grouping_ratios, spread
 from matplotlib.figure import Figure
 
@@ -51,17 +49,11 @@ def measure(network: str, seed: int, params: Path, sets: list[str], out: Path) -
     """One network and seed up to `plan` in a throw-away copy; keeps what the study reads."""
     if (out / "run.json").is_file():
         return json.loads((out / "run.json").read_text())
-    with throwaway_copy(f"efat-{network}{seed}-", ["data/fault_maps"]) as root:
-        shutil.copyfile(params, root / "params.yaml")
-        env = stage_env(root, sqlite_store(root))
-        t0 = time.perf_counter()
-        run_stages(root, STAGES, [f"model.name={network}", f"train.seed={seed}", *sets], env,
-                   f"{network} seed {seed}")
-        out.mkdir(parents=True, exist_ok=True)
-        for name, path in KEPT.items():
-            shutil.copyfile(root / path, out / name)
+    seconds = run_and_keep(f"efat-{network}{seed}-", STAGES,
+                           [f"model.name={network}", f"train.seed={seed}", *sets], KEPT, out,
+                           f"{network} seed {seed}", params=params)
     pre = json.loads((out / "pretrain.json").read_text())
-    row = {"network": network, "seed": seed, "minutes": (time.perf_counter() - t0) / 60,
+    row = {"network": network, "seed": seed, "minutes": seconds / 60,
            "baseline_val": pre["val_accuracy"], "baseline_test": pre["test_accuracy"]}
     (out / "run.json").write_text(json.dumps(row))
     return row

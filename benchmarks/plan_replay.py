@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from common import REPO, run_stages, sqlite_store, stage_env, throwaway_copy
+from common import REPO, run_and_keep
 
 from reduce_ops.compare import ChipCurve
 from reduce_ops.config import load_config
@@ -43,13 +42,8 @@ KEPT = {"trials.csv": "results/resilience/trials.csv", "curves.csv": "results/co
 
 def measure(seed: int, sets: list[str], out: Path) -> None:
     """Run the seed's pipeline up to compare in a throw-away copy; keep what the replay reads."""
-    with throwaway_copy(f"replay{seed}-", ["data/fault_maps"]) as root:
-        env = stage_env(root, sqlite_store(root), threads=1)
-        run_stages(root, STAGES, [f"train.seed={seed}", "group.enabled=false", *sets], env,
-                   f"seed {seed}")
-        out.mkdir(parents=True, exist_ok=True)
-        for name, path in KEPT.items():
-            shutil.copyfile(root / path, out / name)
+    run_and_keep(f"replay{seed}-", STAGES, [f"train.seed={seed}", "group.enabled=false", *sets],
+                 KEPT, out, f"seed {seed}", threads=1)
 
 
 def load_curves(path: Path) -> tuple[list[FaultMap], list[ChipCurve]]:
