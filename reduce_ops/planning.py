@@ -331,6 +331,14 @@ def spend_spare_budget(plan: pd.DataFrame, points: pd.DataFrame, cap: float,
 BEYOND_EDGE = "beyond the edge"     # how a plan's reason starts for a chip spend_spare_budget took
 
 
+def on_spare_budget(plan: pd.DataFrame) -> np.ndarray:
+    """Per chip of a plan table: taken beyond the edge by spend_spare_budget (False for a plan
+    without reasons)."""
+    if "reason" not in plan.columns:
+        return np.zeros(len(plan), dtype=bool)
+    return plan["reason"].astype(str).str.startswith(BEYOND_EDGE).to_numpy()
+
+
 def plan_for_rule(trials: pd.DataFrame, fleet: Sequence[FaultMap], rule: ShippingRule,
                   statistic, granularity: float, safety_margin: float,
                   min_reached: float, fleet_budget: float | None = None) -> PlanResult:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reduce_ops.planning import BEYOND_EDGE
+from reduce_ops.planning import on_spare_budget
 from reduce_ops.reports.common import EPOCHS_LABEL, RATE_LABEL, TOP, require, save_figure
 
 
@@ -50,8 +50,7 @@ def plan_figure(points: pd.DataFrame, curve, plan: pd.DataFrame, statistic,
         ax.plot(p["fault_rate"][~fin], np.full((~fin).sum(), edge), "x", color="tab:blue", ms=8,
                 mew=2, label="not planned: too few\nrepetitions reached", zorder=4)
     feas = plan["feasible"].astype(bool).to_numpy()
-    spare = (plan["reason"].astype(str).str.startswith(BEYOND_EDGE).to_numpy()
-             if "reason" in plan.columns else np.zeros(len(plan), dtype=bool))
+    spare = on_spare_budget(plan)
     if (feas & ~spare).any():
         ax.plot(plan["fault_rate"][feas & ~spare], plan["planned_epochs"][feas & ~spare], ".",
                 color="black", ms=6, alpha=0.7, label=f"chips planned ({(feas & ~spare).sum()})",

@@ -8,7 +8,7 @@ from typing import Any
 from reduce_ops import names, provenance
 from reduce_ops.config import Config, flatten
 from reduce_ops.hardware import ArrayGeometry, load_fleet
-from reduce_ops.planning import BEYOND_EDGE, plan_for_rule
+from reduce_ops.planning import on_spare_budget, plan_for_rule
 from reduce_ops.records import plan as plan_record
 from reduce_ops.records import trials as trials_record
 from reduce_ops.reports.plan import plot_plan_curve
@@ -48,7 +48,7 @@ def run(cfg: Config) -> dict[str, Any]:
             {"baseline_val_accuracy": m["baseline_val_accuracy"],
              "baseline_test_accuracy": m["baseline_test_accuracy"],
              "min_reached": cfg.plan.min_reached, "fleet_budget": cfg.plan.fleet_budget,
-             "n_beyond_edge": int(plan["reason"].str.startswith(BEYOND_EDGE).sum()),
+             "n_beyond_edge": int(on_spare_budget(plan).sum()),
              "n_chips": len(plan),
              "n_feasible": int(len(feasible)), "n_infeasible": int((~plan["feasible"]).sum()),
              "total_planned_epochs": float(feasible["planned_epochs"].sum()),
