@@ -4,13 +4,20 @@ it is, and what grouping can save on it.
     .venv/bin/python benchmarks/efat_study.py --out /tmp/efat --networks lenet mlp vgg11
     .venv/bin/python benchmarks/efat_study.py --out /tmp/efat-digits --set data.source=digits
     .venv/bin/python benchmarks/efat_study.py --out /tmp/efat --report-only    # kept runs only
+    .venv/bin/python benchmarks/efat_study.py --out /tmp/efat-r10 --networks resnet18 \
+        --set "resilience.fault_rates=[0.1]"      # a rate the first run's grid left out, then
+    .venv/bin/python benchmarks/efat_study.py --out /tmp/efat --report-only --merge /tmp/efat-r10
 
 Per network and training seed, in a throw-away copy of the project: `prepare`, `faultmaps`,
 `pretrain`, `resilience` and `plan` on the study's params file (default
 params-efat-study.yaml: a reduced resilience grid, a drop of 2.5 points from each network's
 own baseline) with model.name and train.seed set (plus any --set). The plan's curve points, trials
 and the baseline's metrics are kept under OUT/<network>-seed<k>/; a run already kept there is
-not run again. Then, per network (over its seeds):
+not run again. `--merge DIR` (repeatable) adds the curve points that runs kept in DIR (the same
+layout, e.g. a run at rates the first one's grid left out) have at rates the run in OUT lacks;
+which rates are planned is then refitted over all of them as the plan fits it (the fraction of
+repetitions that reached, non-increasing in the rate, against plan.min_reached). Then, per
+network (over its seeds):
 - the need at every measured rate (the plan's statistic over the repetitions that reached,
   mean [min, max] over the seeds), and its concavity: need(2r) / (2 need(r)) on the plan's
   fitted curve at r = 0.1, 0.15, 0.2 and 0.25 (1: linear, grouping saves little; above 1:
@@ -34,6 +41,7 @@ import yaml
 from common import REPO, run_and_keep
 from grouping_study import SETTINGS, grouping_ratios, spread
 from matplotlib.figure import Figure
+from sklearn.isotonic import IsotonicRegression
 
 from reduce_ops.grouping import fused_plan
 
@@ -54,9 +62,28 @@ def measure(network: str, seed: int, params: Path, sets: list[str], out: Path) -
                            f"{network} seed {seed}", params=params)
     pre = json.loads((out / "pretrain.json").read_text())
     row = {"network": network, "seed": seed, "minutes": seconds / 60,
-           "baseline_val": pre["val_accuracy"], "baseline_test": pre["test_accuracy"]}
+           "baseline_val": pre["val_accuracy"], "baseline_test": pre["test_accuracy"],
+           "sets": sets}
     (out / "run.json").write_text(json.dumps(row))
     return row
+
+
+def curve_points(out: Path, merge: list[Path], min_reached: float) -> pd.DataFrame:
+    """The plan's curve points kept in `out`, with those of the runs under `merge` (same network
+    and seed folder name) at rates `out` lacks; feasibility refitted over the merged rates as
+    planning.aggregate_needs fits it."""
+    frames = [pd.read_csv(p) for p in [out / "curve_points.csv",
+                                       *(m / out.name / "curve_points.csv" for m in merge)]
+              if p.is_file()]
+    points = (pd.concat(frames).drop_duplicates("fault_rate", keep="first")
+              .sort_values("fault_rate").reset_index(drop=True))
+    if len(frames) == 1:
+        return points
+    reach = 1.0 - points["n_never"] / points["n_reps"]
+    fitted = IsotonicRegression(increasing=False).fit_transform(points["fault_rate"], reach)
+    points["reach_fraction"], points["reach_fitted"] = reach, fitted
+    points["needed"] = np.where(fitted >= min_reached - 1e-9, points["reached_need"], np.inf)
+    return points
 
 
 CONCAVITY_AT = (0.1, 0.15, 0.2, 0.25)     # r of need(2r) / (2 need(r))
@@ -75,14 +102,14 @@ def concavity(points: pd.DataFrame, study: dict, r: float) -> float:
 
 
 def network_summary(network: str, runs: list[dict], outs: list[Path], study: dict,
-                    fleets: int) -> dict:
+                    fleets: int, merge: list[Path]) -> dict:
     """One network over its seeds: needs, concavity, grouping bound and ratios, cost."""
     row: dict = {"network": network, "seeds": len(runs),
                  "baseline_test": spread([r["baseline_test"] for r in runs]),
                  "minutes_per_run": float(np.mean([r["minutes"] for r in runs]))}
     parts = []
     for out in outs:
-        points = pd.read_csv(out / "curve_points.csv")
+        points = curve_points(out, merge, study["plan"]["min_reached"])
         parts.append(points)
         for r in CONCAVITY_AT:
             row.setdefault(f"concavity_{r:g}", []).append(concavity(points, study, r))
@@ -103,13 +130,14 @@ def network_summary(network: str, runs: list[dict], outs: list[Path], study: dic
     return row
 
 
-def need_figure(outs: dict[str, list[Path]], path: Path, repetitions: int) -> None:
+def need_figure(outs: dict[str, list[Path]], path: Path, repetitions: int, merge: list[Path],
+                min_reached: float) -> None:
     """One curve per network: the plan's need (its statistic over the repetitions that reached,
     mean over seeds), the band from the least to the most any repetition needed."""
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.add_subplot()
     for network, dirs in outs.items():
-        table = pd.concat([pd.read_csv(d / "curve_points.csv") for d in dirs])
+        table = pd.concat([curve_points(d, merge, min_reached) for d in dirs])
         table = table[np.isfinite(table["needed"])]
         if table.empty:
             continue
@@ -140,6 +168,8 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--fleets", type=int, default=3, help="fleet seeds per grouping setting")
     parser.add_argument("--report-only", action="store_true", help="only the runs kept in OUT")
+    parser.add_argument("--merge", type=Path, action="append", default=[], metavar="DIR",
+                        help="kept runs whose curve points at other rates are added (see above)")
     args = parser.parse_args()
     study = yaml.safe_load(args.params.read_text())
     for item in args.sets:          # what grouping reads of the params (plan, fleet, array)
@@ -160,11 +190,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             runs.setdefault(network, []).append(row)
             outs.setdefault(network, []).append(out)
-    rows = [network_summary(n, runs[n], outs[n], study, args.fleets) for n in runs]
+    rows = [network_summary(n, runs[n], outs[n], study, args.fleets, args.merge) for n in runs]
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "summary.csv", index=False)
-    need_figure(outs, args.out / "need_curves.png", study["resilience"]["repetitions"])
+    need_figure(outs, args.out / "need_curves.png", study["resilience"]["repetitions"], args.merge,
+                study["plan"]["min_reached"])
     with pd.option_context("display.width", 250, "display.max_colwidth", 200):
         print(table.drop(columns=["needs"]).to_string(index=False))
         for r in rows:
