@@ -130,7 +130,7 @@ def network_summary(network: str, runs: list[dict], outs: list[Path], study: dic
     return row
 
 
-def need_figure(outs: dict[str, list[Path]], path: Path, repetitions: int, merge: list[Path],
+def need_figure(outs: dict[str, list[Path]], path: Path, merge: list[Path],
                 min_reached: float) -> None:
     """One curve per network: the plan's need (its statistic over the repetitions that reached,
     mean over seeds), the band from the least to the most any repetition needed."""
@@ -144,16 +144,18 @@ def need_figure(outs: dict[str, list[Path]], path: Path, repetitions: int, merge
         g = table.groupby("fault_rate")
         mean = g["needed"].mean()
         lo, hi = g["min"].min(), g["max"].max()
+        reps = int(table["n_reps"].max())
         line, = ax.plot(mean.index, mean.values, "o-",
-                        label=f"{network} ({len(dirs)} seed{'s' * (len(dirs) > 1)})")
+                        label=f"{network} ({len(dirs)} seed{'s' * (len(dirs) > 1)}, "
+                              f"{reps} repetitions per rate)")
         finite = np.isfinite(hi.values)
         ax.fill_between(mean.index[finite], lo.values[finite], hi.values[finite],
                         color=line.get_color(), alpha=0.15)
     ax.set_xlabel("fault rate (fraction of PEs faulty)")
     ax.set_ylabel("epochs of FAT needed")
-    ax.set_title(f"Retraining need per network (mean; band: min–max over the repetitions, "
-                 f"{repetitions} per rate)\nfaster than linear: a fused map costs more than its "
-                 f"members; saturating: grouping can save", fontsize=10)
+    ax.set_title("Retraining need per network (mean; band: min–max over the repetitions)\n"
+                 "faster than linear: a fused map costs more than its members; saturating: "
+                 "grouping can save", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
@@ -194,8 +196,7 @@ def main() -> None:
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "summary.csv", index=False)
-    need_figure(outs, args.out / "need_curves.png", study["resilience"]["repetitions"], args.merge,
-                study["plan"]["min_reached"])
+    need_figure(outs, args.out / "need_curves.png", args.merge, study["plan"]["min_reached"])
     with pd.option_context("display.width", 250, "display.max_colwidth", 200):
         print(table.drop(columns=["needs"]).to_string(index=False))
         for r in rows:
