@@ -98,6 +98,9 @@ def _isolated_tracking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # mlflow.set_registry_uri (tracking.store.ensure_store) writes this variable into os.environ:
     # without this a test's store would leak into later tests and their subprocesses
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    # ...and into mlflow's own module global, which outlives the variable: a later test's
+    # MlflowClient(uri) would read the registry of an earlier test's store
+    monkeypatch.setattr("mlflow.tracking._model_registry.utils._registry_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 

@@ -53,7 +53,7 @@ def test_pipeline_on_ray_against_the_team_server_and_fetch_from_another_process(
     chips = pd.read_csv(params.parent / "results/fat/chips.csv")
     shipped = chips[chips.status == "shipped"].chip_id.tolist()
     assert shipped, "no chip shipped"
-    client = MlflowClient(server)
+    client = MlflowClient(server, registry_uri=server)
     # one version per trained chip (no duplicates), none for a chip the plan rejected, trials
     # logged as children on the server (the search's answer listed whole in a failure)
     for chip, trained in zip(chips.chip_id, chips.trained):
