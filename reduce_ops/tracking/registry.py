@@ -146,8 +146,7 @@ def find_model_versions(uri: str, name: str,
 
     client = client_for(uri)
     filters = [f"name = '{name}'", *(f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items())]
-    # the name again on this side: a search must never hand back another chip's versions
-    found = [v for v in client.search_model_versions(" and ".join(filters)) if v.name == name]
+    found = client.search_model_versions(" and ".join(filters))
     return _with_aliases(client, name, list(map(_version_info, found))) if found else []
 
 
