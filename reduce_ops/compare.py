@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from reduce_ops import execution
+from reduce_ops.batched import batch_size, chunks
 from reduce_ops.config import ExecutionConfig, FatConfig, HardwareConfig
+from reduce_ops.curves import ChipCurve, Recorded, record, record_batched
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.grouping import member_share
 from reduce_ops.hardware import FaultMap
@@ -188,72 +190,6 @@ def run_policies(session: FatSession, policy_list: Sequence[Policy], fmap: Fault
     return [rows[i] for i in range(len(policy_list))]
 
 
-@dataclass
-class ChipCurve:
-    """One FAT run measured on both splits at every amount any policy may ask for."""
-
-    chip_id: str
-    fault_rate: float
-    amounts: list[float] = field(default_factory=list)
-    val: list[Measurement] = field(default_factory=list)
-    test: list[Measurement] = field(default_factory=list)
-    seconds: float = field(default=0.0, compare=False)   # FAP + FAT + evaluation wall time
-
-    def rows(self) -> list[tuple]:
-        return [(self.chip_id, self.fault_rate, a, v.accuracy, v.lost, v.gained, t.accuracy,
-                 t.lost, t.gained) for a, v, t in zip(self.amounts, self.val, self.test)]
-
-
-CURVE_COLUMNS = ["chip_id", "fault_rate", "amount", "val_accuracy", "val_lost", "val_gained",
-                 "test_accuracy", "test_lost", "test_gained"]
-
-
-def curve_amounts(fixed: Sequence[float], step: float, cap: float, granularity: float,
-                  pool: int = 1) -> list[float]:
-    """Every amount a policy may ask for: the fixed amounts, and the checks of any plan (whose
-    amounts are multiples of `granularity`) every `step` up to the cap, with the `pool` - 1
-    amounts a step apart before each that a pooling check reads."""
-    starts = [round(k * granularity, 9) for k in range(int(math.floor(cap / granularity
-                                                                       + 1e-9)) + 1)]
-    starts += [round(float(e), 9) for e in fixed if e <= cap + 1e-9]
-    amounts: set[float] = set()
-    for start in starts:
-        amounts.update(check_amounts(start, step, cap))
-        amounts.update(round(start - k * step, 9) for k in range(1, pool)
-                       if start - k * step >= -1e-9)
-    return sorted(max(a, 0.0) for a in amounts)
-
-
-def record(session: FatSession, fmap: FaultMap, amounts: Sequence[float]) -> ChipCurve:
-    """Train `session` through `amounts`, measuring both splits at each."""
-    curve = ChipCurve(fmap.chip_id, fmap.fault_rate)
-    for amount in amounts:
-        session.advance(amount)
-        m = session.measure(("val", "test"))
-        curve.amounts.append(amount)
-        curve.val.append(m["val"])
-        curve.test.append(m["test"])
-    return curve
-
-
-class Recorded:
-    """A recorded ChipCurve in place of a FAT session: `run_policies` advances it and measures,
-    and gets what the one run measured at that amount."""
-
-    def __init__(self, curve: ChipCurve) -> None:
-        self.curve, self.amount = curve, 0.0
-        self._at = {round(a, 9): i for i, a in enumerate(curve.amounts)}
-
-    def advance(self, amount: float) -> None:
-        self.amount = amount
-
-    def measure(self, splits: Sequence[str]) -> dict[str, Measurement]:
-        i = self._at.get(round(self.amount, 9))
-        if i is None:
-            raise ValueError(f"chip {self.curve.chip_id}: {self.amount:g} epochs not recorded")
-        return {s: getattr(self.curve, s)[i] for s in splits}
-
-
 @dataclass(frozen=True)
 class _ChipInputs:
     """What a worker needs to run every policy on a chip (sent to Ray's object store once)."""
@@ -279,6 +215,15 @@ def _chip_task(shared: _ChipInputs, fmap: FaultMap) -> tuple[list[ChipRow], Chip
     return run_policies(Recorded(curve), shared.policy_list, fmap, shared.rule), curve
 
 
+def _chips_task(shared: _ChipInputs, fmaps: tuple[FaultMap, ...]
+                ) -> list[tuple[list[ChipRow], ChipCurve]]:
+    """Several chips' curves trained as one computation, and every policy's rows per chip."""
+    return [(run_policies(Recorded(curve), shared.policy_list, fmap, shared.rule), curve)
+            for fmap, curve in zip(fmaps, record_batched(
+                shared.baseline, fmaps, shared.layer_types, shared.data, shared.fat,
+                shared.device, shared.amounts))]
+
+
 def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
               policy_list: Sequence[Policy], rule: ShippingRule, fat: FatConfig,
               hardware: HardwareConfig, amounts: Sequence[float],
@@ -299,7 +244,15 @@ def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
             progress.done(f"chip {fleet[i].chip_id}", f"fault rate {fleet[i].fault_rate:.3f}, "
                           f"trained to {curves[i].amounts[-1]:.2f} epochs", curves[i].seconds)
 
-    execution.map_unordered(_chip_task, shared, list(fleet), exe or execution.LOCAL, finished)
+    exe = exe or execution.LOCAL
+    size = batch_size(exe.batch, baseline, bool(stuck), data.x["train"][:4])
+    if size > 1:               # every chip trains to the same amounts with the same batches
+        groups = chunks([0] * len(fleet), size)
+        execution.map_unordered(
+            _chips_task, shared, [tuple(fleet[i] for i in g) for g in groups], exe,
+            lambda j, results: [finished(i, r) for i, r in zip(groups[j], results)])
+    else:
+        execution.map_unordered(_chip_task, shared, list(fleet), exe, finished)
     return (pd.DataFrame([r for i in range(len(fleet)) for r in rows[i]],
                          columns=PER_CHIP_COLUMNS), [curves[i] for i in range(len(fleet))])
 

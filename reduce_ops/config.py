@@ -32,10 +32,12 @@ MOVED_KEYS = {
 
 
 def _check(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           hi_open: bool = False, nonempty: bool = False) -> Any:
-    """A dataclass field whose value (or every list item) must lie in [lo, hi]."""
-    return field(metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-                           "nonempty": nonempty})
+           hi_open: bool = False, nonempty: bool = False,
+           default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose value (or every list item) must lie in [lo, hi]. `default` only
+    serves objects built in code; params.yaml must still give every key."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open,
+                                            "hi_open": hi_open, "nonempty": nonempty})
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,8 @@ class ExecutionConfig:
     address: str | None            # Ray: null = start a local instance; auto | ray://host:port
     workers: int = _check(1, 100000)   # params may say `auto`: auto_workers()
     torch_threads: int = _check(0, 1024)   # per process (0 = torch's default)
+    batch: int = _check(1, 1024, default=1)   # chips / trials trained as one computation
+                                              # (reduce_ops.batched); 1 = one by one
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,14 @@ import torch
 from torch import nn
 
 from reduce_ops import execution
-from reduce_ops.config import ExecutionConfig, FatConfig, HardwareConfig, ResilienceConfig
-from reduce_ops.fault_aware import FatCheckpoint, fat_curve
+from reduce_ops.batched import BatchedFat, batch_size, chunks
+from reduce_ops.config import (
+    ExecutionConfig,
+    FatConfig,
+    HardwareConfig,
+    ResilienceConfig,
+)
+from reduce_ops.fault_aware import FatCheckpoint, FatCurve, fat_curve
 from reduce_ops.hardware import GENERATORS, ArrayGeometry, FaultMap
 from reduce_ops.names import VAL_ACCURACY
 from reduce_ops.needs import settled
@@ -89,15 +95,24 @@ def trial_stuck_bits(fmap: FaultMap, spec: TrialSpec, hardware: HardwareConfig) 
                         s.n_bits, POLARITY[s.polarity], fmap.chip_id, key="hardware.stuck_at")
 
 
+def _trial_map(spec: TrialSpec, res: ResilienceConfig, hardware: HardwareConfig) -> FaultMap:
+    geometry = ArrayGeometry(hardware.rows, hardware.cols)
+    return GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
+                                     f"trial-{spec.key}")
+
+
+def _trial_fat(fat: FatConfig, spec: TrialSpec) -> FatConfig:
+    """Batch order differs per repetition too, so repetitions sample both sources of variance."""
+    return dataclasses.replace(fat, seed=fat.seed + spec.repetition)
+
+
 def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceConfig,
               fat: FatConfig, hardware: HardwareConfig, target: TrialTarget,
               device: torch.device | str = "cpu",
               on_checkpoint: Callable[[FatCheckpoint], None] | None = None) -> TrialResult:
     """Draw the trial's fault map, prune (FAP), then FAT once with accuracy at every checkpoint
     of the grid; a trial that has not settled at the level by then goes on (see TrialTarget)."""
-    geometry = ArrayGeometry(hardware.rows, hardware.cols)
-    fmap: FaultMap = GENERATORS[res.generator](geometry, spec.fault_rate, spec.fault_seed,
-                                              f"trial-{spec.key}")
+    fmap = _trial_map(spec, res, hardware)
     stuck = trial_stuck_bits(fmap, spec, hardware)
     started, times = time.time(), []
 
@@ -106,12 +121,19 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
         if on_checkpoint is not None:
             on_checkpoint(cp)
 
-    # Batch order differs per repetition too, so repetitions sample both sources of variance.
-    fat_cfg = dataclasses.replace(fat, seed=fat.seed + spec.repetition)
     # Every decision reads validation, at every checkpoint; the test split only reports, so
     # it is measured once, on the trial's final model (half the evaluation of both at each).
     curve = fat_curve(baseline, fmap, hardware.layer_types, data, checkpoint_amounts(res),
-                      fat_cfg, device, splits=("val",), on_checkpoint=stamp, stuck=stuck)
+                      _trial_fat(fat, spec), device, splits=("val",), on_checkpoint=stamp,
+                      stuck=stuck)
+    return _finish_trial(curve, fmap, spec, res, target, started, times, stamp)
+
+
+def _finish_trial(curve: FatCurve, fmap: FaultMap, spec: TrialSpec, res: ResilienceConfig,
+                  target: TrialTarget, started: float, times: list[float],
+                  stamp: Callable[[FatCheckpoint], None]) -> TrialResult:
+    """A trial measured over the grid: on past it while it has not settled, then its test
+    split once."""
     while (curve.amounts[-1] < target.cap - 1e-9
            and not settled(curve.amounts, target.decided(curve.measured["val"]),
                            target.level, target.confirm)):
@@ -128,6 +150,37 @@ def run_trial(baseline: nn.Module, data: Any, spec: TrialSpec, res: ResilienceCo
                        [m.accuracy for m in val], test, curve.seconds,
                        res.max_epochs, val_lost=[m.lost for m in val],
                        val_gained=[m.gained for m in val], started=started, times=times)
+
+
+def run_trial_batch(baseline: nn.Module, data: Any, specs: Sequence[TrialSpec],
+                    res: ResilienceConfig, fat: FatConfig, hardware: HardwareConfig,
+                    target: TrialTarget, device: torch.device | str = "cpu",
+                    ) -> list[TrialResult]:
+    """`run_trial` for trials of one repetition (one FAT seed), their grid trained as one
+    computation (reduce_ops.batched; the same within float rounding); each goes on past the
+    grid alone where it has not settled. Each trial's seconds are its share of the grid."""
+    fmaps = [_trial_map(spec, res, hardware) for spec in specs]
+    started, t0 = time.time(), time.perf_counter()
+    run = BatchedFat.from_baseline(baseline, fmaps, hardware.layer_types, data,
+                                   _trial_fat(fat, specs[0]), device)
+    amounts = checkpoint_amounts(res)
+    measured: list[list[Measurement]] = [[] for _ in specs]
+    times: list[float] = []
+    for amount in amounts:
+        run.advance(amount)
+        for kept, m in zip(measured, run.measure(("val",))):
+            kept.append(m["val"])
+        times.append(time.time())
+    share = (time.perf_counter() - t0) / len(specs)
+    out = []
+    for k, (spec, fmap) in enumerate(zip(specs, fmaps)):
+        session = run.session(k)
+        curve = FatCurve(session, ("val",), list(amounts), {"val": measured[k]},
+                         [session.train_seconds] * len(amounts), share)
+        mine = list(times)
+        out.append(_finish_trial(curve, fmap, spec, res, target, started, mine,
+                                 lambda cp, mine=mine: mine.append(time.time())))
+    return out
 
 
 @dataclass(frozen=True)
@@ -147,6 +200,11 @@ class TrialInputs:
 def _trial_task(inputs: TrialInputs, spec: TrialSpec) -> TrialResult:
     return run_trial(inputs.baseline, inputs.data, spec, inputs.res, inputs.fat, inputs.hardware,
                      inputs.target, inputs.device, inputs.on_checkpoint)
+
+
+def _batch_task(inputs: TrialInputs, specs: tuple[TrialSpec, ...]) -> list[TrialResult]:
+    return run_trial_batch(inputs.baseline, inputs.data, specs, inputs.res, inputs.fat,
+                           inputs.hardware, inputs.target, inputs.device)
 
 
 def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: ResilienceConfig,
@@ -195,6 +253,14 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
     if progress is not None and todo:
         progress.start(f"trial {todo[0].key}")
     inputs = TrialInputs(baseline, data, res, fat, hardware, target, device, on_cp)
-    execution.map_unordered(_trial_task, inputs, todo, exe,
-                            lambda i, result: (finished(result), next_starts(i)))
+    size = batch_size(exe.batch, baseline, hardware.fault_model == "stuck_at",
+                      data.x["train"][:4])
+    if size > 1:                # trials of one repetition share their batches: one computation
+        groups = chunks([spec.repetition for spec in todo], size)
+        execution.map_unordered(
+            _batch_task, inputs, [tuple(todo[i] for i in g) for g in groups], exe,
+            lambda j, results: ([finished(r) for r in results], next_starts(groups[j][-1])))
+    else:
+        execution.map_unordered(_trial_task, inputs, todo, exe,
+                                lambda i, result: (finished(result), next_starts(i)))
     return [results[spec.key] for spec in specs]

@@ -170,9 +170,10 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory
     return build
 
 
-def grid_trials(prepared_digits, exe, grid: list[str]) -> list:
+def grid_trials(prepared_digits, exe, grid: list[str], target=None) -> list:
     """The resilience trials of `grid` (overrides of the tiny params) on an untrained LeNet
-    run on `exe`; every trial reached the driver, and they come back in grid order."""
+    run on `exe` (to `target`, a TrialTarget: by default settled at once); every trial reached
+    the driver, and they come back in grid order."""
     import torch
 
     from reduce_ops import resilience
@@ -184,7 +185,8 @@ def grid_trials(prepared_digits, exe, grid: list[str]) -> list:
     specs = resilience.trial_grid(cfg.resilience)
     seen: list[str] = []
     results = resilience.run_trials(baseline, prepared_digits, specs, cfg.resilience, cfg.fat,
-                                    cfg.hardware, resilience.TrialTarget(0.0, 1.0, 0.0), "cpu",
+                                    cfg.hardware,
+                                    target or resilience.TrialTarget(0.0, 1.0, 0.0), "cpu",
                                     {}, lambda r: seen.append(r.spec.key), exe=exe)
     assert sorted(seen) == sorted(s.key for s in specs)       # every trial reached the driver
     assert [r.spec for r in results] == specs                 # returned in grid order

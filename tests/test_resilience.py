@@ -96,10 +96,12 @@ def test_interrupted_run_is_killed_and_resumed(project: Path, tmp_path: Path,
         calls.append(args[2].key)
         return real(*args, **kwargs)
 
-    # A different seed makes a new grid, so nothing from the first test is reused.
+    # A different seed makes a new grid, so nothing from the first test is reused; trials one
+    # by one (execution.batch 1), so that the interruption falls between two of them.
     monkeypatch.setattr(resilience, "run_trial", interrupt_after_two)
     before = (project / "results/resilience/trials.csv").read_bytes()
-    assert _run(project, monkeypatch, "--set", "resilience.seed=7") == 130
+    assert _run(project, monkeypatch, "--set", "resilience.seed=7",
+                "--set", "execution.batch=1") == 130
     uri = tracking_uri(project)
     killed = find_runs(uri, {"reduce_ops.stage": "resilience"}, statuses=("KILLED",))
     assert len(killed) == 1
@@ -110,7 +112,8 @@ def test_interrupted_run_is_killed_and_resumed(project: Path, tmp_path: Path,
     calls.clear()
     monkeypatch.setattr(resilience, "run_trial", lambda *a, **k: (calls.append(a[2].key),
                                                                   real(*a, **k))[1])
-    assert _run(project, monkeypatch, "--set", "resilience.seed=7") == 0
+    assert _run(project, monkeypatch, "--set", "resilience.seed=7",
+                "--set", "execution.batch=1") == 0
     assert len(calls) == 2                                  # only the missing trials trained
     summary = json.loads((project / "results/resilience/summary.json").read_text())
     assert summary["n_reused"] == 2

@@ -14,6 +14,7 @@ import pandas as pd
 
 from reduce_ops import atomic, compare, execution, names, provenance
 from reduce_ops.config import Config, flatten
+from reduce_ops.curves import CURVE_COLUMNS, curve_amounts
 from reduce_ops.data import load_prepared
 from reduce_ops.errors import ReduceOpsError
 from reduce_ops.hardware import ArrayGeometry, FaultMap, load_fleet
@@ -25,7 +26,10 @@ from reduce_ops.progress import Progress
 from reduce_ops.records import groups as groups_record
 from reduce_ops.records import plan as plan_record
 from reduce_ops.records import trials as trials_record
-from reduce_ops.reports.compare import plot_operating_characteristic, plot_policy_comparison
+from reduce_ops.reports.compare import (
+    plot_operating_characteristic,
+    plot_policy_comparison,
+)
 from reduce_ops.shipping import ShippingRule
 from reduce_ops.tracking.runs import stage_run
 from reduce_ops.tracking.store import tracking_uri
@@ -98,7 +102,7 @@ def run(cfg: Config) -> dict[str, Any]:
     chip_ids = [m.chip_id for m in fleet]
     plans, rules = _reduce_plans(cfg, plan, trials, fleet)
     policy_list = compare.policies(cfg.compare.fixed_epochs, plans, chip_ids, rule.cap, rules)
-    amounts = compare.curve_amounts(cfg.compare.fixed_epochs, rule.step, rule.cap,
+    amounts = curve_amounts(cfg.compare.fixed_epochs, rule.step, rule.cap,
                                     cfg.resilience.checkpoint_every, rule.pool)
     groups = (groups_record.read(groups_record.directory(cfg.path("results")), plan, fleet)
               if cfg.group.enabled else [])
@@ -117,6 +121,7 @@ def run(cfg: Config) -> dict[str, Any]:
                           "execution.backend": cfg.execution.backend,
                           "execution.workers": cfg.execution.workers,
                           "execution.torch_threads": cfg.execution.torch_threads,
+                          "execution.batch": cfg.execution.batch,
                           "decision_level": rule.decision_level,
                           "constraint_level": rule.constraint_level})
         with Progress(len(fleet), "compare", "chip") as progress:
@@ -144,7 +149,7 @@ def run(cfg: Config) -> dict[str, Any]:
                             {names.TAG_POLICY: row["policy"]})
         atomic.write_csv(per_chip, out_dir / "per_chip.csv")
         atomic.write_csv(pd.DataFrame([r for c in curves for r in c.rows()],
-                                      columns=compare.CURVE_COLUMNS), out_dir / "curves.csv")
+                                      columns=CURVE_COLUMNS), out_dir / "curves.csv")
         atomic.write_csv(summary, out_dir / "summary.csv")
         atomic.write_csv(oc, out_dir / "operating_characteristic.csv")
         plot_policy_comparison(per_chip, summary, out_dir / "policies.png",

@@ -1,0 +1,148 @@
+"""Chips and trials trained as one computation (`execution.batch`, reduce_ops.batched): every
+chip's weights within float rounding of its own one-by-one FAT run, for every zoo model; a chip
+handed on trains on as if it had been alone from the start; a model or hardware the batched
+computation does not know trains one by one; resilience and compare give the trials and curves
+of one by one."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from conftest import grid_trials
+from torch import nn
+
+from reduce_ops import resilience
+from reduce_ops.batched import BatchedFat, batch_size, chunks
+from reduce_ops.config import ExecutionConfig, FatConfig
+from reduce_ops.fault_aware import FatSession
+from reduce_ops.hardware import ArrayGeometry, uniform_fault_map
+from reduce_ops.models import build_model
+from reduce_ops.records import trials as trials_record
+from reduce_ops.stacked import batchable, stackable
+
+FAT = FatConfig("sgd", 0.003, 0.9, 0.0005, 32, 0)
+LAYERS = ["conv", "linear"]
+
+
+def _random_data(shape: tuple[int, ...], n: int = 128) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(1)
+    return SimpleNamespace(x={s: torch.randn(n, *shape, generator=g) for s in
+                              ("train", "val", "test")},
+                           y={s: torch.randint(0, 10, (n,), generator=g) for s in
+                              ("train", "val", "test")})
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
+
+
+@pytest.mark.parametrize(("name", "shape", "steps", "tol"), [
+    ("lenet", (1, 8, 8), 8, 1e-6), ("mlp", (1, 8, 8), 8, 1e-6),
+    ("vgg11", (3, 8, 8), 4, 1e-5), ("resnet18", (3, 8, 8), 2, 1e-4)])
+def test_each_chip_trains_as_it_would_alone(name: str, shape: tuple[int, ...], steps: int,
+                                           tol: float, one_torch_thread) -> None:
+    torch.manual_seed(0)
+    baseline = build_model(name, shape, 10).eval()
+    assert batchable(baseline) == ""
+    data = _random_data(shape)
+    geometry = ArrayGeometry(16, 16)
+    fmaps = [uniform_fault_map(geometry, r, 10 + i, f"c{i}") for i, r in
+             enumerate([0.0, 0.2, 0.4])]
+    run = BatchedFat.from_baseline(baseline, fmaps, LAYERS, data, FAT)
+    amount = steps / run.n_per_epoch
+    run.advance(amount)
+    measured = run.measure(["val"])
+    for k, fmap in enumerate(fmaps):
+        alone = FatSession.from_baseline(baseline, fmap, LAYERS, data, FAT)
+        alone.advance(amount)
+        mine = run.model(k)
+        assert _max_diff(alone.model, mine) < tol
+        for key, keep in alone.masks.items():        # its faulty PEs' weights exactly zero
+            assert (dict(mine.named_parameters())[key][~keep] == 0).all()
+        got = measured[k]["val"]
+        want = alone.measure(["val"])["val"]
+        assert abs(got.accuracy - want.accuracy) <= 2 / len(data.y["val"])
+        # handed on, it trains on as a FatSession: the same batches and optimizer state
+        handed = run.session(k)
+        assert handed.steps == alone.steps
+        handed.advance(2 * amount)
+        alone.advance(2 * amount)
+        assert _max_diff(alone.model, handed.model) < 10 * tol
+
+
+def test_the_loss_of_one_chip_moves_only_its_own_weights(one_torch_thread) -> None:
+    """A chip whose every PE is faulty keeps all-zero weights while the others train."""
+    torch.manual_seed(0)
+    baseline = build_model("lenet", (1, 8, 8), 10).eval()
+    data = _random_data((1, 8, 8))
+    geometry = ArrayGeometry(16, 16)
+    fmaps = [uniform_fault_map(geometry, 1.0, 1, "dead"), uniform_fault_map(geometry, 0.0, 2)]
+    run = BatchedFat.from_baseline(baseline, fmaps, LAYERS, data, FAT)
+    run.advance(1.0)
+    dead, live = run.model(0), run.model(1)
+    for key in run.masks[0]:
+        assert (dict(dead.named_parameters())[key] == 0).all()
+        assert not torch.equal(dict(live.named_parameters())[key],
+                               dict(baseline.named_parameters())[key])
+
+
+class _Reshaping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_what_the_batched_computation_does_not_know_trains_one_by_one() -> None:
+    sample = torch.randn(4, 1, 8, 8)
+    assert "call_method" in batchable(_Reshaping())
+    assert "dropout" in batchable(nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, 2)))
+    lenet = build_model("lenet", (1, 8, 8), 10)
+    assert stackable(lenet, sample) == ""
+    assert batch_size(8, lenet, False, sample) == 8
+    assert batch_size(8, lenet, True, sample) == 1            # stuck-at bits: one by one
+    assert batch_size(8, _Reshaping(), False, sample) == 1
+    assert batch_size(1, lenet, False, sample) == 1
+    # a linear layer on 3-d activations: refused by a trial forward pass, not mid-training
+    three_d = nn.Sequential(nn.Linear(8, 8))
+    assert stackable(three_d, torch.randn(4, 1, 8, 8)) != ""
+
+
+def test_chunks_keep_one_seed_together_and_split_evenly() -> None:
+    keys = [0] * 11 + [1] * 3
+    got = chunks(keys, 8)
+    assert [len(c) for c in got] == [6, 5, 3]
+    assert sorted(i for c in got for i in c) == list(range(14))
+    assert all(len({keys[i] for i in c}) == 1 for c in got)
+    assert chunks([0] * 5, 1) == [[0], [1], [2], [3], [4]]
+
+
+GRID = ["resilience.fault_rates=[0.1, 0.2, 0.3]", "resilience.repetitions=2",
+        "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25"]
+
+
+def test_resilience_batched_gives_the_trials_of_one_by_one(prepared_digits,
+                                                           one_torch_thread) -> None:
+    """Past the grid too: a level no trial reaches sends each on alone, to the cap."""
+    one = ExecutionConfig("local", None, 1, 1, 1)
+    target = resilience.TrialTarget(1.0, 1.0, 0.0)
+    alone = grid_trials(prepared_digits, one, GRID, target)
+    batched = grid_trials(prepared_digits, dataclasses.replace(one, batch=8), GRID, target)
+    pooled = grid_trials(prepared_digits, ExecutionConfig("local", None, 2, 0, 8), GRID, target)
+    assert all(r.amounts[-1] == 1.0 and r.extended for r in batched)
+    a, b = trials_record.table(alone), trials_record.table(batched)
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) == 6 * 5
+    n_val = len(prepared_digits.y["val"])
+    for col in ("val_accuracy", "test_accuracy"):     # within an image or two of each other
+        assert (a[col] - b[col]).abs().max() <= 2 / n_val + 1e-12 or a[col].isna().all()
+    assert (a["amount"] == b["amount"]).all()
+    # the pool trains the same chunks: equal to the bit
+    pd.testing.assert_frame_equal(b, trials_record.table(pooled))
