@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from reduce_ops import execution
+from reduce_ops.config import ExecutionConfig
 from reduce_ops.hardware.bitfaults import check_rate, draw_model_bit_flips, stuck_at
 from reduce_ops.progress import Progress
 from reduce_ops.quant import QuantizedWeights
@@ -74,35 +76,62 @@ def draw_faults(spec: TrialSpec, shapes: Mapping[str, tuple[int, ...]],
     return faults, n
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every trial shares (sent to each worker once)."""
+
+    variants: Mapping[str, nn.Module]
+    x: torch.Tensor
+    y: torch.Tensor
+    layer_types: Sequence[str]
+    polarity: int | str
+    bits: Sequence[int] | None
+
+
+def run_trial(shared: _Inputs, spec: TrialSpec) -> list[tuple]:
+    """One trial: every variant under its faults (one draw, shared by the variants of one
+    architecture); per variant (row of TRIAL_COLUMNS, (start, end) of its draw and evaluation)."""
+    out = []
+    shapes = None
+    for name, model in shared.variants.items():
+        started = time.time()
+        with QuantizedWeights(model, shared.layer_types) as quantized:
+            if quantized.shapes() != shapes:     # another architecture: its own draw
+                shapes = quantized.shapes()
+                faults, n_bits = draw_faults(spec, shapes, shared.polarity, shared.bits)
+            quantized.set_faults(faults, "robustness")
+            with parametrize.cached():
+                accuracy = evaluate(model, shared.x, shared.y)[0]
+        out.append(((name, spec.fault_model, spec.ber, spec.repetition, spec.seed, accuracy,
+                     n_bits), (started, time.time())))
+    return out
+
+
 def run_trials(variants: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                specs: Sequence[TrialSpec], layer_types: Sequence[str],
                polarity: int | str = "random", bits: Sequence[int] | None = None,
                on_trial: Callable[..., None] | None = None,
-               progress: Progress | None = None) -> pd.DataFrame:
+               progress: Progress | None = None,
+               exe: ExecutionConfig | None = None) -> pd.DataFrame:
     """Accuracy of every variant under every trial's faults (one draw per trial, shared by
-    the variants); `on_trial(variant, spec, accuracy, faulty_bits, (start, end))` as each
-    finishes (start and end: time.time() of the variant's draw and evaluation)."""
-    rows = []
-    for spec in specs:
+    the variants), the trials on `exe`'s workers; `on_trial(variant, spec, accuracy,
+    faulty_bits, (start, end))` on this process as each finishes (start and end: time.time()
+    of the variant's draw and evaluation). Rows in trial order, whatever order they end in."""
+    done: dict[int, list[tuple]] = {}
+
+    def finished(i: int, result: list[tuple]) -> None:
+        done[i] = [row for row, _ in result]
+        if on_trial is not None:
+            for row, span in result:
+                on_trial(row[0], specs[i], row[5], row[6], span)
         if progress is not None:
-            progress.start(spec.key)
-        shapes = None
-        for name, model in variants.items():
-            started = time.time()
-            with QuantizedWeights(model, layer_types) as quantized:
-                if quantized.shapes() != shapes:     # another architecture: its own draw
-                    shapes = quantized.shapes()
-                    faults, n_bits = draw_faults(spec, shapes, polarity, bits)
-                quantized.set_faults(faults, "robustness")
-                with parametrize.cached():
-                    accuracy = evaluate(model, x, y)[0]
-            rows.append((name, spec.fault_model, spec.ber, spec.repetition, spec.seed, accuracy,
-                         n_bits))
-            if on_trial is not None:
-                on_trial(name, spec, accuracy, n_bits, (started, time.time()))
-        if progress is not None:
-            progress.done(spec.key, ", ".join(f"{r[0]} {r[5]:.4f}" for r in rows[-len(variants):]))
-    return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+            progress.done(specs[i].key, ", ".join(f"{r[0]} {r[5]:.4f}" for r in done[i]))
+
+    execution.map_unordered(run_trial, _Inputs(variants, x, y, tuple(layer_types), polarity,
+                                                bits),
+                            list(specs), exe or execution.LOCAL, finished)
+    return pd.DataFrame([row for i in range(len(specs)) for row in done[i]],
+                        columns=TRIAL_COLUMNS)
 
 
 def summarize(trials: pd.DataFrame) -> pd.DataFrame:

@@ -13,6 +13,7 @@ from conftest import TINY_BER, make_project
 
 from reduce_ops import robustness
 from reduce_ops.cli import main
+from reduce_ops.config import ExecutionConfig
 from reduce_ops.models import build_model
 from reduce_ops.tracking.runs import find_runs, read_children
 from reduce_ops.tracking.store import tracking_uri
@@ -74,3 +75,21 @@ def test_a_ber_outside_zero_one_is_one_line(tmp_path: Path, capsys) -> None:
                  "robustness.bers=[0.001, 1.5]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "robustness.bers[1]: must be <= 1.0, got 1.5" in err[0]
+
+
+def test_the_pool_gives_the_trials_one_worker_gives(prepared_digits, one_torch_thread) -> None:
+    """Trials on two worker processes: the same rows, in trial order, as one worker at one
+    thread, to the bit."""
+    torch.manual_seed(0)
+    models = {"a": build_model("lenet", prepared_digits.input_shape, 10),
+              "b": build_model("mlp", prepared_digits.input_shape, 10)}
+    specs = robustness.trial_grid(["bit_flip", "stuck_at"], [0.001, 0.01], 2, seed=3)
+    x, y = prepared_digits.x["test"], prepared_digits.y["test"]
+    seen: list[str] = []
+    one = robustness.run_trials(models, x, y, specs, ["conv", "linear"],
+                                exe=ExecutionConfig("local", None, 1, 1))
+    pool = robustness.run_trials(models, x, y, specs, ["conv", "linear"],
+                                 on_trial=lambda v, spec, *_: seen.append(f"{v} {spec.key}"),
+                                 exe=ExecutionConfig("local", None, 2, 0))
+    assert len(one) == 2 * len(specs) and len(seen) == len(one)
+    pd.testing.assert_frame_equal(one, pool)

@@ -69,7 +69,8 @@ def run(cfg: Config) -> dict[str, Any]:
         with Progress(len(specs), "robustness", "trial") as progress:
             trials = robustness.run_trials({name: m for name, (m, _) in models.items()}, x, y,
                                            specs, layer_types, POLARITY[cfg.hardware.stuck_at.polarity],
-                                           cfg.hardware.stuck_at.bits, log_trial, progress)
+                                           cfg.hardware.stuck_at.bits, log_trial, progress,
+                                           cfg.execution)
         table = robustness.summarize(trials)
         by_variant = robustness.variant_table(clean, table)
         atomic.write_csv(trials, out_dir / "trials.csv")
