@@ -9,6 +9,8 @@ On the default model and the prepared split (digits when none is prepared), at `
   map of `--rate`, and GFLOP/s from the model's counted multiply-adds (forward + backward =
   3 x forward), as a share of the roofline;
 - evaluation: images per second of the per-image evaluation every check uses;
+- the same for `--batch` chips trained and evaluated as one computation (execution.batch,
+  reduce_ops.batched): chip-images per second, and its share of the roofline;
 - a resilience trial's evaluation share: a trial trains `max_epochs`, evaluates validation at
   every checkpoint (what its decisions read) and test once (its final model), so share =
   eval / (eval + train) at the measured rates (and what it was when test was evaluated at every
@@ -32,6 +34,7 @@ from bench_fat_overhead import load_data
 from common import REPO, median_ms
 from torch import nn
 
+from reduce_ops.batched import BatchedFat
 from reduce_ops.config import load_config
 from reduce_ops.fault_aware import fault_aware_train
 from reduce_ops.hardware import ArrayGeometry, build_masks, uniform_fault_map
@@ -64,6 +67,11 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
     for h in handles:
         h.remove()
     return total
+
+
+def checks_of(cfg) -> int:
+    """Checkpoints of a resilience trial on the grid (0 included)."""
+    return round(cfg.resilience.max_epochs / cfg.resilience.checkpoint_every) + 1
 
 
 def stage_images(cfg, n: dict[str, int]) -> dict[str, dict[str, float]]:
@@ -111,10 +119,26 @@ def run(args: argparse.Namespace) -> dict:
         train_s.append(time.perf_counter() - t)
     eval_s = median_ms(lambda: [evaluate_images(model, data.x[s], data.y[s])
                                 for s in ("val", "test")], args.repeats) / 1e3
+    geometry = ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols)
+    fleet = [uniform_fault_map(geometry, args.rate, i) for i in range(args.batch)]
+    paired = {s: torch.ones(n[s], dtype=torch.bool) for s in ("val", "test")}
+    batched_s = []
+    for _ in range(args.repeats):
+        run = BatchedFat.from_baseline(model, fleet, cfg.hardware.layer_types, data, cfg.fat,
+                                       paired=paired)
+        t = time.perf_counter()
+        run.advance(1.0)
+        batched_s.append(time.perf_counter() - t)
+    batched_eval_s = median_ms(lambda: run.measure(("val", "test")), args.repeats) / 1e3
     train_ips = n["train"] / statistics.median(train_s)
     eval_ips = (n["val"] + n["test"]) / eval_s
     train_gflops = train_ips * 3 * flops / 1e9
-    checks = round(cfg.resilience.max_epochs / cfg.resilience.checkpoint_every) + 1
+    batched_ips = args.batch * n["train"] / statistics.median(batched_s)
+    batched_eval_ips = args.batch * (n["val"] + n["test"]) / batched_eval_s
+    batched_gflops = batched_ips * 3 * flops / 1e9
+    batched_trial_train = cfg.resilience.max_epochs * n["train"] / batched_ips
+    batched_trial_eval = (checks_of(cfg) * n["val"] + n["test"]) / batched_eval_ips
+    checks = checks_of(cfg)
     trial_train = cfg.resilience.max_epochs * n["train"] / train_ips
     trial_eval = (checks * n["val"] + n["test"]) / eval_ips           # what a trial does now
     trial_eval_both = checks * (n["val"] + n["test"]) / eval_ips      # both splits every check
@@ -132,6 +156,15 @@ def run(args: argparse.Namespace) -> dict:
         "resilience_trial_eval_share": round(trial_eval / (trial_eval + trial_train), 3),
         "resilience_trial_eval_share_both_splits_every_check": round(
             trial_eval_both / (trial_eval_both + trial_train), 3),
+        "batch": args.batch,
+        "batched_fat_train_chip_images_per_s": round(batched_ips),
+        "batched_fat_train_gflops": round(batched_gflops, 1),
+        "batched_fat_train_share_of_roofline": round(batched_gflops / roofline, 3),
+        "batched_over_one_by_one_train": round(batched_ips / train_ips, 2),
+        "batched_eval_chip_images_per_s": round(batched_eval_ips),
+        "batched_over_one_by_one_eval": round(batched_eval_ips / eval_ips, 2),
+        "batched_resilience_trial_eval_share": round(
+            batched_trial_eval / (batched_trial_eval + batched_trial_train), 3),
         "images_per_stage": stage_images(cfg, n),
         "repeats": args.repeats,
     }
@@ -142,6 +175,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.3, help="fault rate of the FAT map")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="chips trained as one computation")
     print(json.dumps(run(parser.parse_args()), indent=1))
 
 

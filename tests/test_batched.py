@@ -12,12 +12,19 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import grid_trials
+from conftest import (
+    THROUGH_GROUP,
+    WAFER_FLEET,
+    fat_and_compare,
+    grid_trials,
+    trained_chips,
+)
 from torch import nn
 
 from reduce_ops import resilience
 from reduce_ops.batched import BatchedFat, batch_size, chunks
 from reduce_ops.config import ExecutionConfig, FatConfig
+from reduce_ops.data import load_prepared
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import ArrayGeometry, uniform_fault_map
 from reduce_ops.models import build_model
@@ -146,3 +153,26 @@ def test_resilience_batched_gives_the_trials_of_one_by_one(prepared_digits,
     assert (a["amount"] == b["amount"]).all()
     # the pool trains the same chunks: equal to the bit
     pd.testing.assert_frame_equal(b, trials_record.table(pooled))
+
+
+def test_fat_and_compare_batched_give_the_chips_of_one_by_one(
+        tmp_path, tiny_pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fat` (chips and eFAT groups, verified) and `compare` (every chip's curve) batched: the
+    same verdicts, epochs and checks as one by one, accuracies within an image or two."""
+    base = tiny_pipeline("wafer", WAFER_FLEET, THROUGH_GROUP)
+    one = ["execution.workers=1", "execution.torch_threads=1"]
+    out = {name: fat_and_compare(base, tmp_path / name, [*one, f"execution.batch={b}"],
+                                 monkeypatch) for name, b in (("alone", 1), ("batched", 8))}
+    chips = {name: trained_chips(root) for name, root in out.items()}
+    a, b = chips["alone"], chips["batched"]
+    assert a["trained"].sum() >= 4 and (a["group_size"] > 1).any()
+    same = ["chip_id", "status", "actual_epochs", "n_checks", "group_id", "trained"]
+    pd.testing.assert_frame_equal(a[same], b[same])
+    n_val = len(load_prepared(out["alone"] / "data/prepared").y["val"])
+    for col in ("val_accuracy", "test_accuracy"):
+        assert (a[col] - b[col]).abs().max() <= 2 / n_val + 1e-9
+    curves = {name: pd.read_csv(root / "results/compare/curves.csv") for name, root in
+              out.items()}
+    ca, cb = curves["alone"], curves["batched"]
+    assert ca.shape == cb.shape and (ca["amount"] == cb["amount"]).all()
+    assert (ca["val_accuracy"] - cb["val_accuracy"]).abs().max() <= 2 / n_val + 1e-9

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from reduce_ops import execution, grouping
+from reduce_ops.batched import batch_size, chunks
 from reduce_ops.config import ExecutionConfig
 from reduce_ops.names import REJECTED, registered_name
 from reduce_ops.progress import Progress
@@ -53,6 +54,19 @@ def _train_task(shared: _Shared, work: _Work) -> Trained:
         shared.progress.start(work.unit.run_name)
     return worker.train(work.unit, shared.baseline, shared.data, shared.settings,
                         shared.progress)
+
+
+def _train_batch_task(shared: _Shared, works: tuple[_Work, ...]) -> list[Trained]:
+    """Several units trained as one computation (reduce_ops.batched), each verified."""
+    return worker.train_batch([w.unit for w in works], shared.baseline, shared.data,
+                              shared.settings)
+
+
+def _batched(items: list[_Work], size: int) -> list[list[int]]:
+    """Chunks of units that train as one: similar planned epochs together (so that few finish
+    long before the others), in the order of the plan within a chunk."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].unit.planned_epochs, i))
+    return [sorted(order[i] for i in chunk) for chunk in chunks([0] * len(order), size)]
 
 
 def _warn_stderr(line: str) -> None:
@@ -173,11 +187,19 @@ def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
                           f"(fat.*, hardware.layer_types, groups) train again")
         local = not execution.pooled(exe)
         shared = _Shared(baseline, data, settings, progress if local else None)
+        stuck = any(w.unit.stuck is not None for w in work)
+        size = batch_size(exe.batch, baseline, stuck, data.x["train"][:4])
         for batch in (work, fleet.fallback):        # the fallback fills while `work` runs
             items = list(batch)
-            if items:
+            if items and size > 1:
+                groups = _batched(items, size)
+                execution.map_unordered(
+                    _train_batch_task, shared, [tuple(items[i] for i in g) for g in groups], exe,
+                    lambda j, ts, groups=groups, items=items: [
+                        fleet.trained(items[i], t) for i, t in zip(groups[j], ts)])
+            elif items:
                 execution.map_unordered(_train_task, shared, items, exe,
-                                        lambda i, t: fleet.trained(items[i], t))
+                                        lambda i, t, items=items: fleet.trained(items[i], t))
         queue.drain()
     finally:
         if own_queue:

@@ -15,10 +15,18 @@ from torch import nn
 from reduce_ops.binomial import wilson_interval
 from reduce_ops.config import FatConfig
 from reduce_ops.fault_aware import FatSession
+from reduce_ops.hardware import pruned_fraction
 from reduce_ops.names import REJECTED, SHIPPED
 from reduce_ops.progress import Progress
 from reduce_ops.retraining.units import Unit
-from reduce_ops.shipping import Measurement, ShippingRule, Verification, verify
+from reduce_ops.shipping import (
+    Measurement,
+    ShippingRule,
+    Verification,
+    verification,
+    verify,
+)
+from reduce_ops.training import measure_splits
 
 
 @dataclass(frozen=True)
@@ -94,3 +102,51 @@ def describe(t: Trained, unit: Unit) -> str:
     return (f"{SHIPPED if t.check.passed else REJECTED} after {t.check.epochs:g} epochs "
             f"(planned {unit.planned_epochs:g}), val {t.val_accuracy:.4f}, "
             f"test {t.test_accuracy:.4f}")
+
+
+def train_batch(units: Sequence[Unit], baseline: nn.Module, data: Any,
+                settings: TrainSettings) -> list[Trained]:
+    """`train` for several units (bypass faults, one FAT seed) as one computation
+    (reduce_ops.batched): each unit's checks as it would run them alone (the same within float
+    rounding). A unit that has passed keeps its model of that step; once half of the units have
+    finished, the rest hand on and go on alone, so no finished unit trains long in the stack."""
+    from reduce_ops.batched import BatchedFat
+
+    started = time.time()
+    run = BatchedFat.from_baseline(baseline, [u.fault_map for u in units], settings.layer_types,
+                                   data, settings.fat, settings.device)
+    steps = {k: verification(u.planned_epochs, settings.rule) for k, u in enumerate(units)}
+    asked = {k: next(gen) for k, gen in steps.items()}
+    times: dict[int, dict[float, float]] = {k: {} for k in steps}
+    done: dict[int, tuple[Verification, nn.Module, float]] = {}
+    while asked and len(asked) * 2 > len(units):
+        amount = min(asked.values())
+        run.advance(amount)
+        measured = run.measure(("val",))
+        for k in [k for k, a in asked.items() if a == amount]:
+            times[k][amount] = time.time()
+            try:
+                asked[k] = steps[k].send(measured[k]["val"])
+            except StopIteration as finished:
+                done[k] = (finished.value, run.model(k), run.train_seconds / len(units))
+                del asked[k]
+    for k, amount in asked.items():               # the rest alone, from where they are
+        session = run.session(k)
+        try:
+            while True:
+                session.advance(amount)
+                val = session.measure(("val",))["val"]
+                times[k][amount] = time.time()
+                amount = steps[k].send(val)
+        except StopIteration as finished:
+            done[k] = (finished.value, session.model, session.train_seconds)
+    out = []
+    for k, unit in enumerate(units):
+        check, model, seconds = done[k]
+        model.cpu().eval()
+        test = measure_splits(model, data, ("test",), "cpu", run.paired)["test"].accuracy
+        out.append(Trained(check, check.val_accuracy, test,
+                           wilson_interval(test, len(data.y["test"])), settings.rule.meets(test),
+                           pruned_fraction(run.masks[k]), seconds, model, started, time.time(),
+                           tuple(times[k][a] for a, _ in check.checks)))
+    return out

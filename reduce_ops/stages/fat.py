@@ -77,6 +77,7 @@ def run(cfg: Config, force: bool = False) -> dict[str, Any]:
                           "execution.backend": cfg.execution.backend,
                           "execution.workers": cfg.execution.workers,
                           "execution.torch_threads": exe.torch_threads,
+                          "execution.batch": exe.batch,
                           "device": str(device)})
         # logging and registering each model overlaps the next chips' training
         queue = BackgroundTracking(stage).start()

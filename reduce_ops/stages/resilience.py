@@ -79,6 +79,7 @@ def run(cfg: Config) -> dict[str, Any]:
                           "execution.backend": cfg.execution.backend,
                           "execution.workers": cfg.execution.workers,
                           "execution.torch_threads": cfg.execution.torch_threads,
+                          "execution.batch": cfg.execution.batch,
                           "device": str(device)})
         stage.log_metrics({"baseline_test_accuracy": base_test, "baseline_val_accuracy": base_val,
                            "decision_level": level, "constraint_level": test_level})
