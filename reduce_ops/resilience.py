@@ -155,6 +155,7 @@ def _finish_trial(curve: FatCurve, fmap: FaultMap, spec: TrialSpec, res: Resilie
 def run_trial_batch(baseline: nn.Module, data: Any, specs: Sequence[TrialSpec],
                     res: ResilienceConfig, fat: FatConfig, hardware: HardwareConfig,
                     target: TrialTarget, device: torch.device | str = "cpu",
+                    on_checkpoint: Callable[[FatCheckpoint], None] | None = None,
                     ) -> list[TrialResult]:
     """`run_trial` for trials of one repetition (one FAT seed), their grid trained as one
     computation (reduce_ops.batched; the same within float rounding); each goes on past the
@@ -171,6 +172,11 @@ def run_trial_batch(baseline: nn.Module, data: Any, specs: Sequence[TrialSpec],
         for kept, m in zip(measured, run.measure(("val",))):
             kept.append(m["val"])
         times.append(time.time())
+        if on_checkpoint is not None:       # where the batch is: its lowest and highest val
+            vals = [kept[-1].accuracy for kept in measured]
+            on_checkpoint(FatCheckpoint(amount, run.steps, {
+                VAL_ACCURACY: min(vals), "val_max": max(vals), "units": len(specs)},
+                run.train_seconds))
     share = (time.perf_counter() - t0) / len(specs)
     out = []
     for k, (spec, fmap) in enumerate(zip(specs, fmaps)):
@@ -178,8 +184,12 @@ def run_trial_batch(baseline: nn.Module, data: Any, specs: Sequence[TrialSpec],
         curve = FatCurve(session, ("val",), list(amounts), {"val": measured[k]},
                          [session.train_seconds] * len(amounts), share)
         mine = list(times)
-        out.append(_finish_trial(curve, fmap, spec, res, target, started, mine,
-                                 lambda cp, mine=mine: mine.append(time.time())))
+        def stamp(cp: FatCheckpoint, mine: list[float] = mine) -> None:
+            mine.append(time.time())
+            if on_checkpoint is not None:
+                on_checkpoint(cp)
+
+        out.append(_finish_trial(curve, fmap, spec, res, target, started, mine, stamp))
     return out
 
 
@@ -204,7 +214,7 @@ def _trial_task(inputs: TrialInputs, spec: TrialSpec) -> TrialResult:
 
 def _batch_task(inputs: TrialInputs, specs: tuple[TrialSpec, ...]) -> list[TrialResult]:
     return run_trial_batch(inputs.baseline, inputs.data, specs, inputs.res, inputs.fat,
-                           inputs.hardware, inputs.target, inputs.device)
+                           inputs.hardware, inputs.target, inputs.device, inputs.on_checkpoint)
 
 
 def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: ResilienceConfig,
@@ -241,6 +251,11 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
         else:
             todo.append(spec)
     def inside(cp: FatCheckpoint) -> None:
+        if "units" in cp.metrics:           # trials trained as one computation
+            progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, {cp.metrics['units']:g} "
+                            f"trials at once, val {cp.metrics[VAL_ACCURACY]:.4f}-"
+                            f"{cp.metrics['val_max']:.4f}")
+            return
         progress.inside(f"{cp.amount:g}/{res.max_epochs:g} epochs, "
                         f"val {cp.metrics[VAL_ACCURACY]:.4f}")
 

@@ -17,13 +17,14 @@ from conftest import (
     WAFER_FLEET,
     fat_and_compare,
     grid_trials,
+    tiny_params,
     trained_chips,
 )
 from torch import nn
 
 from reduce_ops import resilience
 from reduce_ops.batched import BatchedFat, batch_size, chunks
-from reduce_ops.config import ExecutionConfig, FatConfig
+from reduce_ops.config import ExecutionConfig, FatConfig, from_dict
 from reduce_ops.data import load_prepared
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import ArrayGeometry, uniform_fault_map
@@ -176,3 +177,25 @@ def test_fat_and_compare_batched_give_the_chips_of_one_by_one(
     ca, cb = curves["alone"], curves["batched"]
     assert ca.shape == cb.shape and (ca["amount"] == cb["amount"]).all()
     assert (ca["val_accuracy"] - cb["val_accuracy"]).abs().max() <= 2 / n_val + 1e-9
+
+
+def test_trials_batched_in_this_process_report_from_inside(prepared_digits,
+                                                          one_torch_thread) -> None:
+    """One local worker: a batch of trials says where it is (its amount, how many trials, the
+    range of their validation accuracy), then one line per trial."""
+    import io
+
+    from reduce_ops.progress import Progress
+
+    cfg = from_dict(tiny_params(GRID))
+    torch.manual_seed(0)
+    baseline = build_model("lenet", prepared_digits.x["train"].shape[1:], 10)
+    specs = resilience.trial_grid(cfg.resilience)
+    out = io.StringIO()
+    with Progress(len(specs), "resilience", "trial", stream=out, heartbeat=0.0) as progress:
+        resilience.run_trials(baseline, prepared_digits, specs, cfg.resilience, cfg.fat,
+                              cfg.hardware, resilience.TrialTarget(0.0, 1.0, 0.0), "cpu", {},
+                              progress=progress, exe=ExecutionConfig("local", None, 1, 1, 8))
+    lines = out.getvalue().splitlines()
+    assert any("0.25/0.5 epochs, 3 trials at once, val " in line for line in lines)
+    assert sum(f"/{len(specs)} trial " in line for line in lines) == len(specs)

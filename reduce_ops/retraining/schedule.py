@@ -58,8 +58,10 @@ def _train_task(shared: _Shared, work: _Work) -> Trained:
 
 def _train_batch_task(shared: _Shared, works: tuple[_Work, ...]) -> list[Trained]:
     """Several units trained as one computation (reduce_ops.batched), each verified."""
+    if shared.progress is not None:
+        shared.progress.start(f"{works[0].unit.run_name} and {len(works) - 1} more at once")
     return worker.train_batch([w.unit for w in works], shared.baseline, shared.data,
-                              shared.settings)
+                              shared.settings, shared.progress)
 
 
 def _batched(items: list[_Work], size: int) -> list[list[int]]:

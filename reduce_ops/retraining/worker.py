@@ -105,7 +105,7 @@ def describe(t: Trained, unit: Unit) -> str:
 
 
 def train_batch(units: Sequence[Unit], baseline: nn.Module, data: Any,
-                settings: TrainSettings) -> list[Trained]:
+                settings: TrainSettings, progress: Progress | None = None) -> list[Trained]:
     """`train` for several units (bypass faults, one FAT seed) as one computation
     (reduce_ops.batched): each unit's checks as it would run them alone (the same within float
     rounding). A unit that has passed keeps its model of that step; once half of the units have
@@ -123,6 +123,9 @@ def train_batch(units: Sequence[Unit], baseline: nn.Module, data: Any,
         amount = min(asked.values())
         run.advance(amount)
         measured = run.measure(("val",))
+        if progress is not None:
+            progress.inside(f"{amount:g} epochs, {len(asked)} of {len(units)} at once still "
+                            f"checking")
         for k in [k for k, a in asked.items() if a == amount]:
             times[k][amount] = time.time()
             try:
@@ -137,6 +140,9 @@ def train_batch(units: Sequence[Unit], baseline: nn.Module, data: Any,
                 session.advance(amount)
                 val = session.measure(("val",))["val"]
                 times[k][amount] = time.time()
+                if progress is not None:
+                    progress.inside(f"{units[k].run_name}: {amount:g} epochs, val "
+                                    f"{val.accuracy:.4f}")
                 amount = steps[k].send(val)
         except StopIteration as finished:
             done[k] = (finished.value, session.model, session.train_seconds)
