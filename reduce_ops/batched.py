@@ -23,16 +23,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from reduce_ops.config import FatConfig
-from reduce_ops.fault_aware import FatSession
+from reduce_ops.fault_aware import FatSession, batch_stream
 from reduce_ops.hardware import build_masks
 from reduce_ops.shipping import Measurement
 from reduce_ops.stacked import StackedModel, stackable
 from reduce_ops.training import (
     PreparedDataLike,
-    batches,
     make_optimizer,
     reference,
-    steps_per_epoch,
 )
 
 
@@ -60,10 +58,7 @@ class BatchedFat:
             self.keep[key.replace(".", ":")] = torch.stack(
                 [m[key].to(device=device, dtype=torch.float32) for m in masks])
         self._apply_masks()
-        self.n_per_epoch = steps_per_epoch(len(data.y["train"]), cfg.batch_size)
-        torch.manual_seed(cfg.seed)
-        self._stream = batches(len(data.y["train"]), cfg.batch_size,
-                               torch.Generator().manual_seed(cfg.seed))
+        self.n_per_epoch, self._stream = batch_stream(data, cfg)
         self.optimizer = make_optimizer(self.params, cfg)
         self.steps = 0
         self.train_seconds = 0.0

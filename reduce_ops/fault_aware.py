@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,15 @@ class FatCheckpoint:
 def checkpoint_steps(amounts: Sequence[float], n_per_epoch: int) -> list[int]:
     """Retraining amounts (epochs, fractional) -> optimizer-step counts (rounded)."""
     return [int(round(a * n_per_epoch)) for a in amounts]
+
+
+def batch_stream(data: PreparedDataLike, cfg: FatConfig) -> tuple[int, Iterator[torch.Tensor]]:
+    """(optimizer steps per epoch, the endless stream of shuffled index batches) of a FAT run
+    with `cfg`, torch's global seed set to cfg.seed too: every run with one seed reads the same
+    batches (what lets chips train batched, reduce_ops.batched, and hand on)."""
+    torch.manual_seed(cfg.seed)
+    return (steps_per_epoch(len(data.y["train"]), cfg.batch_size),
+            batches(len(data.y["train"]), cfg.batch_size, torch.Generator().manual_seed(cfg.seed)))
 
 
 class Bypass:
@@ -127,10 +136,7 @@ class FatSession:
         self.masks = self.faults.masks
         self.data, self.cfg, self.device = data, cfg, device
         self.faults.attach()
-        self.n_per_epoch = steps_per_epoch(len(data.y["train"]), cfg.batch_size)
-        torch.manual_seed(cfg.seed)
-        self._stream = batches(len(data.y["train"]), cfg.batch_size,
-                               torch.Generator().manual_seed(cfg.seed))
+        self.n_per_epoch, self._stream = batch_stream(data, cfg)
         self.optimizer = make_optimizer(self.model, cfg)
         self.steps = 0
         self.train_seconds = 0.0

@@ -290,13 +290,14 @@ def make_every_check_miss(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every verification check of `fat` misses (a 0.9 margin on the rule), in this process."""
     from reduce_ops.retraining import worker
 
-    real = worker.train
+    def never_passes(real):
+        def train(unit, baseline, data, settings, *args):  # noqa: ANN001, ANN002
+            rule = dataclasses.replace(settings.rule, margin=0.9)
+            return real(unit, baseline, data, dataclasses.replace(settings, rule=rule), *args)
+        return train
 
-    def never_passes(unit, baseline, data, settings, *args):  # noqa: ANN001, ANN002
-        rule = dataclasses.replace(settings.rule, margin=0.9)
-        return real(unit, baseline, data, dataclasses.replace(settings, rule=rule), *args)
-
-    monkeypatch.setattr(worker, "train", never_passes)
+    monkeypatch.setattr(worker, "train", never_passes(worker.train))   # one by one
+    monkeypatch.setattr(worker, "train_batch", never_passes(worker.train_batch))   # batched
 
 
 @pytest.fixture(scope="module")

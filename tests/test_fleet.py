@@ -75,6 +75,10 @@ def in_trained(trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return _enter(trained, monkeypatch)
 
 
+# Units one by one: the tests that count, interrupt or change `worker.train` per unit.
+ONE_BY_ONE = ("--set", "execution.batch=1")
+
+
 def _fat(project: Path, *extra: str) -> int:
     return main(["fat", "--params", str(project / "params.yaml"), *extra])
 
@@ -119,7 +123,7 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
         return real(unit, *args, **kwargs)
 
     monkeypatch.setattr(worker, "train", interrupt_second)
-    assert _fat(in_project) == 130
+    assert _fat(in_project, *ONE_BY_ONE) == 130
     uri = tracking_uri(in_project)
     (killed,) = find_runs(uri, {"reduce_ops.stage": "fat"}, statuses=("KILLED",))
     assert not (in_project / "results/fat/chips.csv").exists()       # nothing half-written
@@ -133,7 +137,7 @@ def test_interrupted_fleet_is_killed_then_resumes(in_planned: Path,
     calls.clear()
     monkeypatch.setattr(worker, "train", lambda unit, *a, **k: (
         calls.append(unit.members[0].chip_id), real(unit, *a, **k))[1])
-    assert _fat(in_project) == 0
+    assert _fat(in_project, *ONE_BY_ONE) == 0
     assert calls == feasible[1:]                  # the chip done before Ctrl-C is not retrained
     assert all(len(_versions(in_project, c)) == 1 for c in feasible)
     chips = _chips(in_project).set_index("chip_id")
@@ -281,7 +285,7 @@ def test_rerun_registers_nothing_and_a_chip_rejected_later_loses_its_champion(
         return real(unit, baseline, data, settings, *args)
 
     monkeypatch.setattr(worker, "train", miss_first)
-    assert _fat(in_project, "--force") == 0
+    assert _fat(in_project, "--force", *ONE_BY_ONE) == 0
     after = {c: _versions(in_project, c) for c in feasible}
     assert {c: len(v) for c, v in after.items()} == {c: n + 1 for c, n in before.items()}
     assert not any(names.CHAMPION in v.aliases for v in after[first])
@@ -369,17 +373,21 @@ def test_stale_plan_is_a_clear_error() -> None:
         plan_record.for_fleet(plan, maps, Path("plan.csv"))
 
 
+@pytest.mark.parametrize(("batch", "trainer", "after"), [(1, "train", 2),
+                                                       (2, "train_batch", 1)])
 def test_sigkill_mid_fleet_then_rerun_registers_each_chip_once(
-        trained: Path, planned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The driver is SIGKILLed right after its 2nd chip trained (the process logging the 1st
-    chip's model dies with it): the rerun reaps the dead run, finishes what was registered,
-    trains the rest, and every chip ends with exactly one version for the plan and the
-    outcome of a run that was never killed."""
+        trained: Path, planned: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        batch: int, trainer: str, after: int) -> None:
+    """The driver is SIGKILLed right after its 2nd chip trained (one by one), or its first
+    batch of two (the process logging the models dies with it): the rerun reaps the dead run,
+    finishes what was registered, trains the rest, and every chip ends with exactly one
+    version for the plan and the outcome of a run that was never killed."""
     from conftest import run_killed_after
 
     project = clone_project(planned, tmp_path / "project")
-    proc = run_killed_after(project, ["fat", "--params", str(project / "params.yaml")],
-                            "reduce_ops.retraining.worker", "train", 2)
+    proc = run_killed_after(project, ["fat", "--params", str(project / "params.yaml"),
+                                      "--set", f"execution.batch={batch}"],
+                            "reduce_ops.retraining.worker", trainer, after)
     assert proc.returncode == -9, proc.stderr
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking_uri(project)
