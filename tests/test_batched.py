@@ -52,7 +52,9 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
 
 @pytest.mark.parametrize(("name", "shape", "steps", "tol"), [
     ("lenet", (1, 8, 8), 8, 1e-6), ("mlp", (1, 8, 8), 8, 1e-6),
-    ("vgg11", (3, 8, 8), 4, 1e-5), ("resnet18", (3, 8, 8), 2, 1e-4)])
+    # ResNet-18's BatchNorm over 8x8 maps amplifies the rounding: 1e-6 to 1.05e-4 measured over
+    # seeds and chips, against 0.45-0.5 between two chips' weights after the same steps
+    ("vgg11", (3, 8, 8), 4, 1e-5), ("resnet18", (3, 8, 8), 2, 5e-4)])
 def test_each_chip_trains_as_it_would_alone(name: str, shape: tuple[int, ...], steps: int,
                                            tol: float, one_torch_thread) -> None:
     torch.manual_seed(0)
