@@ -41,9 +41,9 @@ import yaml
 from common import REPO, run_and_keep
 from grouping_study import SETTINGS, grouping_ratios, spread
 from matplotlib.figure import Figure
-from sklearn.isotonic import IsotonicRegression
 
 from reduce_ops.grouping import fused_plan
+from reduce_ops.planning import feasible_needs
 
 STAGES = ["prepare", "faultmaps", "pretrain", "resilience", "plan"]
 KEPT = {"curve_points.csv": "results/plan/curve_points.csv",
@@ -79,10 +79,9 @@ def curve_points(out: Path, merge: list[Path], min_reached: float) -> pd.DataFra
               .sort_values("fault_rate").reset_index(drop=True))
     if len(frames) == 1:
         return points
-    reach = 1.0 - points["n_never"] / points["n_reps"]
-    fitted = IsotonicRegression(increasing=False).fit_transform(points["fault_rate"], reach)
-    points["reach_fraction"], points["reach_fitted"] = reach, fitted
-    points["needed"] = np.where(fitted >= min_reached - 1e-9, points["reached_need"], np.inf)
+    points["reach_fraction"], points["reach_fitted"], points["needed"] = feasible_needs(
+        points["fault_rate"], points["reached_need"], points["n_reps"], points["n_never"],
+        min_reached)
     return points
 
 

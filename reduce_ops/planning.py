@@ -76,12 +76,23 @@ def aggregate_needs(needs_df: pd.DataFrame, statistic="max",
         values.append(float(value))
         sizes.append(v.size)
         nevers.append(int(v.size - ok.size))
-    reach = 1.0 - np.asarray(nevers) / np.asarray(sizes)
-    fitted = (np.asarray(IsotonicRegression(increasing=False).fit_transform(rates, reach))
-              if len(rates) > 1 else reach)
-    needed = [v if f >= min_reached - 1e-9 else math.inf for v, f in zip(values, fitted)]
+    reach, fitted, needed = feasible_needs(rates, values, sizes, nevers, min_reached)
     return pd.DataFrame(list(zip(rates, needed, sizes, nevers, reach, fitted, values)),
                         columns=NEED_COLUMNS)
+
+
+def feasible_needs(rates: Sequence[float], values: Sequence[float], sizes: Sequence[int],
+                   nevers: Sequence[int], min_reached: float,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reach fraction, its non-increasing fit, the need or inf) at each rate (ascending), from
+    each rate's need statistic over the repetitions that reached (`values`), its repetitions
+    (`sizes`) and those that never reached (`nevers`): feasible where the fit is at least
+    `min_reached` (see aggregate_needs)."""
+    reach = 1.0 - np.asarray(nevers, dtype=float) / np.asarray(sizes, dtype=float)
+    fitted = (np.asarray(IsotonicRegression(increasing=False).fit_transform(rates, reach))
+              if len(rates) > 1 else reach)
+    needed = np.where(fitted >= min_reached - 1e-9, np.asarray(values, dtype=float), math.inf)
+    return reach, fitted, needed
 
 
 @dataclass(frozen=True, eq=False)
