@@ -32,41 +32,19 @@ from pathlib import Path
 import torch
 from bench_fat_overhead import load_data
 from common import REPO, median_ms
-from torch import nn
 
 from reduce_ops.batched import BatchedFat
 from reduce_ops.config import load_config
 from reduce_ops.fault_aware import fault_aware_train
 from reduce_ops.hardware import ArrayGeometry, build_masks, uniform_fault_map
 from reduce_ops.models import build_model
+from reduce_ops.stacked import forward_flops
 from reduce_ops.training import evaluate_images
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 21) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n ** 3 / (median_ms(lambda: a @ b, repeats) / 1e3) / 1e9
-
-
-def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """2 x the multiply-adds of every Conv and Linear layer for one image."""
-    total = 0.0
-
-    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += 2.0 * module.in_features * module.out_features
-        else:                                  # a convolution: per output element
-            k = module.weight[0].numel()       # in_channels / groups x kernel
-            total += 2.0 * k * out[0].numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    with torch.no_grad():
-        model.eval()
-        model(torch.zeros(1, *input_shape))
-    for h in handles:
-        h.remove()
-    return total
 
 
 def checks_of(cfg) -> int:
@@ -104,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
     n = {s: len(data.y[s]) for s in ("train", "val", "test")}
     torch.manual_seed(0)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes)
-    flops = forward_flops(model, tuple(data.input_shape))
+    flops = forward_flops(model, torch.zeros(1, *data.input_shape))
     masks = build_masks(model, uniform_fault_map(ArrayGeometry(cfg.hardware.rows,
                                                                cfg.hardware.cols),
                                                  args.rate, 0))

@@ -245,7 +245,7 @@ def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
                           f"trained to {curves[i].amounts[-1]:.2f} epochs", curves[i].seconds)
 
     exe = exe or execution.LOCAL
-    size = batch_size(exe.batch, baseline, bool(stuck), data.x["train"][:4])
+    size = batch_size(exe.batch, baseline, bool(stuck), data.x["train"][:4], device)
     if size > 1:               # every chip trains to the same amounts with the same batches
         groups = chunks([0] * len(fleet), size)
         execution.map_unordered(

@@ -269,7 +269,7 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
         progress.start(f"trial {todo[0].key}")
     inputs = TrialInputs(baseline, data, res, fat, hardware, target, device, on_cp)
     size = batch_size(exe.batch, baseline, hardware.fault_model == "stuck_at",
-                      data.x["train"][:4])
+                      data.x["train"][:4], device)
     if size > 1:                # trials of one repetition share their batches: one computation
         groups = chunks([spec.repetition for spec in todo], size)
         execution.map_unordered(

@@ -268,6 +268,33 @@ class StackedModel:
 
 
 
+def forward_flops(model: nn.Module, sample: torch.Tensor) -> float:
+    """FLOPs (2 x the multiply-adds) of every convolution and linear layer of `model` for one
+    input shaped as `sample`'s first (measured with forward hooks, in eval mode)."""
+    total = 0.0
+
+    def hook(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += 2.0 * module.in_features * module.out_features * (out[0].numel()
+                                                                       // module.out_features)
+        else:                                  # a convolution: per output element
+            total += 2.0 * module.weight[0].numel() * out[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return total
+
+
 def stackable(baseline: nn.Module, sample: torch.Tensor) -> str:
     """'' when `baseline` can be stacked: traced, every node known, and two stacked copies
     reproduce its output on `sample` (a few inputs) in eval mode; else why not."""

@@ -23,14 +23,14 @@ from conftest import (
 from torch import nn
 
 from reduce_ops import resilience
-from reduce_ops.batched import BatchedFat, batch_size, chunks
+from reduce_ops.batched import CPU_MAX_MFLOP, BatchedFat, batch_size, chunks
 from reduce_ops.config import ExecutionConfig, FatConfig, from_dict
 from reduce_ops.data import load_prepared
 from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import ArrayGeometry, uniform_fault_map
 from reduce_ops.models import build_model
 from reduce_ops.records import trials as trials_record
-from reduce_ops.stacked import batchable, stackable
+from reduce_ops.stacked import batchable, forward_flops, stackable
 
 FAT = FatConfig("sgd", 0.003, 0.9, 0.0005, 32, 0)
 LAYERS = ["conv", "linear"]
@@ -121,6 +121,14 @@ def test_what_the_batched_computation_does_not_know_trains_one_by_one() -> None:
     assert batch_size(8, lenet, True, sample) == 1            # stuck-at bits: one by one
     assert batch_size(8, _Reshaping(), False, sample) == 1
     assert batch_size(1, lenet, False, sample) == 1
+    # on a CPU a model of more work per image than stacking pays for trains one by one
+    vgg, rgb = build_model("vgg11", (3, 8, 8), 10), torch.randn(4, 3, 8, 8)
+    assert forward_flops(lenet, sample) == 2 * (6 * 25 * 64 + 16 * 150 * 16 + 64 * 120
+                                                + 120 * 84 + 84 * 10)
+    assert forward_flops(vgg, rgb) > CPU_MAX_MFLOP * 1e6 > forward_flops(lenet, sample)
+    assert stackable(vgg, rgb) == ""
+    assert batch_size(8, vgg, False, rgb) == 1
+    assert batch_size(8, vgg, False, rgb, device="cuda") == 8    # decided, nothing run there
     # a linear layer on 3-d activations: refused by a trial forward pass, not mid-training
     three_d = nn.Sequential(nn.Linear(8, 8))
     assert stackable(three_d, torch.randn(4, 1, 8, 8)) != ""

@@ -190,7 +190,7 @@ def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
         local = not execution.pooled(exe)
         shared = _Shared(baseline, data, settings, progress if local else None)
         stuck = any(w.unit.stuck is not None for w in work)
-        size = batch_size(exe.batch, baseline, stuck, data.x["train"][:4])
+        size = batch_size(exe.batch, baseline, stuck, data.x["train"][:4], settings.device)
         for batch in (work, fleet.fallback):        # the fallback fills while `work` runs
             items = list(batch)
             if items and size > 1:
