@@ -237,6 +237,15 @@ def verify(measure: Callable[[float], Measurement], planned: float,
     steps = verification(planned, rule)
     try:
         amount = next(steps)
+    except StopIteration as done:
+        return done.value
+    return resume(steps, amount, measure)
+
+
+def resume(steps: Generator[float, Measurement, Verification], amount: float,
+           measure: Callable[[float], Measurement]) -> Verification:
+    """Run a started `verification` on from `amount`, the amount it asked for last."""
+    try:
         while True:
             amount = steps.send(measure(amount))
     except StopIteration as done:

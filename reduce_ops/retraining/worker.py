@@ -5,7 +5,7 @@ the result goes back to the driver, which hands it to the logging process."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from reduce_ops.shipping import (
     Measurement,
     ShippingRule,
     Verification,
+    resume,
     verification,
     verify,
 )
@@ -66,16 +67,7 @@ def train(unit: Unit, baseline: nn.Module, data: Any, settings: TrainSettings,
     measured_at: dict[float, float] = {}
     session = FatSession.from_baseline(baseline, unit.fault_map, settings.layer_types, data,
                                        settings.fat, settings.device, unit.stuck)
-
-    def measure(amount: float) -> Measurement:
-        session.advance(amount)
-        val = session.measure(("val",))["val"]
-        measured_at[amount] = time.time()
-        if progress is not None:
-            progress.inside(f"{amount:g} epochs, val {val.accuracy:.4f}")
-        return val
-
-    check = verify(measure, unit.planned_epochs, settings.rule)
+    check = verify(_measurer(session, measured_at, progress), unit.planned_epochs, settings.rule)
     session.model.cpu().eval()
     session.device = "cpu"
     test = session.measure(("test",))["test"].accuracy      # reported, never decided on
@@ -83,6 +75,22 @@ def train(unit: Unit, baseline: nn.Module, data: Any, settings: TrainSettings,
                    settings.rule.meets(test), session.pruned_fraction, session.train_seconds,
                    session.release(),          # the float weights (a stuck-at chip quantizes)
                    started, time.time(), tuple(measured_at[a] for a, _ in check.checks))
+
+
+def _measurer(session: FatSession, measured_at: dict[float, float],
+              progress: Progress | None, label: str = "") -> Callable[[float], Measurement]:
+    """What a check measures: `session` trained on to the amount, then its validation split
+    (the time of each measurement kept in `measured_at`)."""
+
+    def measure(amount: float) -> Measurement:
+        session.advance(amount)
+        val = session.measure(("val",))["val"]
+        measured_at[amount] = time.time()
+        if progress is not None:
+            progress.inside(f"{label}{amount:g} epochs, val {val.accuracy:.4f}")
+        return val
+
+    return measure
 
 
 def miss_reason(t: Trained, rule: ShippingRule) -> str:
@@ -135,17 +143,9 @@ def train_batch(units: Sequence[Unit], baseline: nn.Module, data: Any,
                 del asked[k]
     for k, amount in asked.items():               # the rest alone, from where they are
         session = run.session(k)
-        try:
-            while True:
-                session.advance(amount)
-                val = session.measure(("val",))["val"]
-                times[k][amount] = time.time()
-                if progress is not None:
-                    progress.inside(f"{units[k].run_name}: {amount:g} epochs, val "
-                                    f"{val.accuracy:.4f}")
-                amount = steps[k].send(val)
-        except StopIteration as finished:
-            done[k] = (finished.value, session.model, session.train_seconds)
+        check = resume(steps[k], amount, _measurer(session, times[k], progress,
+                                                   f"{units[k].run_name}: "))
+        done[k] = (check, session.model, session.train_seconds)
     out = []
     for k, unit in enumerate(units):
         check, model, seconds = done[k]
