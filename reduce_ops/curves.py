@@ -30,6 +30,12 @@ class ChipCurve:
     test: list[Measurement] = field(default_factory=list)
     seconds: float = field(default=0.0, compare=False)   # FAP + FAT + evaluation wall time
 
+    def add(self, amount: float, measured: dict[str, Measurement]) -> None:
+        """Both splits' measurements at `amount`, the next amount of the run."""
+        self.amounts.append(amount)
+        self.val.append(measured["val"])
+        self.test.append(measured["test"])
+
     def rows(self) -> list[tuple]:
         return [(self.chip_id, self.fault_rate, a, v.accuracy, v.lost, v.gained, t.accuracy,
                  t.lost, t.gained) for a, v, t in zip(self.amounts, self.val, self.test)]
@@ -60,10 +66,7 @@ def record(session: FatSession, fmap: FaultMap, amounts: Sequence[float]) -> Chi
     curve = ChipCurve(fmap.chip_id, fmap.fault_rate)
     for amount in amounts:
         session.advance(amount)
-        m = session.measure(("val", "test"))
-        curve.amounts.append(amount)
-        curve.val.append(m["val"])
-        curve.test.append(m["test"])
+        curve.add(amount, session.measure(("val", "test")))
     return curve
 
 
@@ -96,9 +99,7 @@ def record_batched(baseline: nn.Module, fmaps: Sequence[FaultMap], layer_types: 
     for amount in amounts:
         run.advance(amount)
         for curve, m in zip(curves, run.measure(("val", "test"))):
-            curve.amounts.append(amount)
-            curve.val.append(m["val"])
-            curve.test.append(m["test"])
+            curve.add(amount, m)
     for curve in curves:
         curve.seconds = (time.perf_counter() - t0) / len(fmaps)
     return curves
