@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 from common import REPO
 from torch import nn
-from torch.nn import functional as F
 
 from reduce_ops.batched import BatchedFat
 from reduce_ops.config import FatConfig, load_config
@@ -92,41 +91,23 @@ def fat_epoch(model: nn.Module, masks: dict, data: Images, cfg: FatConfig,
 
 
 def vmap_fat(baseline: nn.Module, masks: list[dict], data: Images, cfg: FatConfig,
-             device: torch.device) -> dict[str, torch.Tensor]:
-    """One epoch of K chips' FAT through torch.func.vmap over their stacked weights (same batches,
-    one optimizer step over the stacked tensors); returns the stacked weights."""
+             device: torch.device) -> BatchedFat:
+    """One epoch of BatchedFat (the same stacked weights, batches, masks and optimizer step)
+    with its forward pass through torch.func.vmap of the model over the stacked weights in
+    place of the stacked computation (for models without buffers, as VGG11 here)."""
     from torch.func import functional_call, vmap
 
-    stacked = nn.ParameterDict({
-        name.replace(".", ":"): nn.Parameter(torch.stack(
-            [p.detach() * m[name].to(p.dtype) if name in m else p.detach() for m in masks]))
-        for name, p in baseline.named_parameters()})
-    keep = {name.replace(".", ":"): torch.stack([m[name] for m in masks]).to(torch.float32)
-            for name in masks[0]}
-    optimizer = make_optimizer(stacked, cfg)
+    run = BatchedFat(baseline, masks, data, cfg, device)
     forward = vmap(lambda p, x: functional_call(baseline, p, (x,)), in_dims=(0, None))
-    n_per_epoch, stream = batch_stream(data, cfg)
-    k = len(masks)
-    for _ in range(n_per_epoch):
-        idx = next(stream)
-        xb, yb = data.x["train"][idx], data.y["train"][idx]
-        optimizer.zero_grad(set_to_none=True)
-        logits = forward({n.replace(":", "."): p for n, p in stacked.items()}, xb)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(k),
-                               reduction="sum") / len(yb)
-        loss.backward()
-        for name, m in keep.items():
-            stacked[name].grad.mul_(m)
-        optimizer.step()
-        with torch.no_grad():
-            for name, m in keep.items():
-                stacked[name].mul_(m)
-    return {n.replace(":", "."): p.detach() for n, p in stacked.items()}
+    run.net.forward = lambda x: forward({n.replace(":", "."): p for n, p in run.params.items()},
+                                        x)
+    run.advance(1.0)
+    return run
 
 
-def largest_difference(models: list[dict[str, torch.Tensor]],
-                       stacked: Callable[[int, str], torch.Tensor]) -> float:
-    return max(float((stacked(i, name) - w).abs().max())
+def largest_difference(models: list[dict[str, torch.Tensor]], run: BatchedFat) -> float:
+    """The largest weight difference of the batched chips from their one-by-one training."""
+    return max(float((run.params[name.replace(".", ":")][i].detach() - w).abs().max())
                for i, weights in enumerate(models) for name, w in weights.items())
 
 
@@ -181,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         batched[:] = [BatchedFat(baseline, masks, data, cfg, device)]
         batched[0].advance(1.0)
 
-    vmapped: list[dict[str, torch.Tensor]] = []
+    vmapped: list[BatchedFat] = []
 
     def with_vmap() -> None:
         vmapped[:] = [vmap_fat(baseline, masks, data, cfg, device)]
@@ -197,7 +178,6 @@ def run(args: argparse.Namespace) -> dict:
                 k_times[kind].append(t)
     med = {kind: statistics.median(ts) for kind, ts in k_times.items()}
     chip_images = k * k_images
-    net = batched[0].net
     out = {
         "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()}"
                                                                  " torch threads)",
@@ -218,16 +198,14 @@ def run(args: argparse.Namespace) -> dict:
         "stacked_s_median": round(med["stacked"], 4),
         "stacked_chip_images_per_s": round(chip_images / med["stacked"], 1),
         "stacked_over_sequential": round(med["sequential"] / med["stacked"], 3),
-        "stacked_largest_weight_difference": largest_difference(
-            one_by_one, lambda i, n: net.params[n.replace(".", ":")][i].detach()),
+        "stacked_largest_weight_difference": largest_difference(one_by_one, batched[0]),
     }
     if "vmap" in med:
         out |= {
             "vmap_s_median": round(med["vmap"], 4),
             "vmap_chip_images_per_s": round(chip_images / med["vmap"], 1),
             "vmap_over_sequential": round(med["sequential"] / med["vmap"], 3),
-            "vmap_largest_weight_difference": largest_difference(
-                one_by_one, lambda i, n: vmapped[0][n][i]),
+            "vmap_largest_weight_difference": largest_difference(one_by_one, vmapped[0]),
         }
     best = max(out["stacked_over_sequential"], out.get("vmap_over_sequential", 0.0))
     out["goals"] = {

@@ -38,6 +38,7 @@ from reduce_ops.config import load_config
 from reduce_ops.fault_aware import fault_aware_train
 from reduce_ops.hardware import ArrayGeometry, build_masks, uniform_fault_map
 from reduce_ops.models import build_model
+from reduce_ops.resilience import checkpoint_amounts
 from reduce_ops.stacked import forward_flops
 from reduce_ops.training import evaluate_images
 
@@ -47,16 +48,11 @@ def matmul_gflops(n: int = 1024, repeats: int = 21) -> float:
     return 2 * n ** 3 / (median_ms(lambda: a @ b, repeats) / 1e3) / 1e9
 
 
-def checks_of(cfg) -> int:
-    """Checkpoints of a resilience trial on the grid (0 included)."""
-    return round(cfg.resilience.max_epochs / cfg.resilience.checkpoint_every) + 1
-
-
 def stage_images(cfg, n: dict[str, int]) -> dict[str, dict[str, float]]:
     """Images trained and evaluated per stage for these params (the grid, fleet and cap)."""
     r = cfg.resilience
     trials = len(r.fault_rates) * r.repetitions
-    checks = round(r.max_epochs / r.checkpoint_every) + 1
+    checks = len(checkpoint_amounts(r))
     out = {"resilience": {"trained": trials * r.max_epochs * n["train"],
                           "evaluated": trials * (checks * n["val"] + n["test"]),
                           "note": "the grid only (trials that go on past it add more)"}}
@@ -115,8 +111,8 @@ def run(args: argparse.Namespace) -> dict:
     batched_eval_ips = args.batch * (n["val"] + n["test"]) / batched_eval_s
     batched_gflops = batched_ips * 3 * flops / 1e9
     batched_trial_train = cfg.resilience.max_epochs * n["train"] / batched_ips
-    batched_trial_eval = (checks_of(cfg) * n["val"] + n["test"]) / batched_eval_ips
-    checks = checks_of(cfg)
+    checks = len(checkpoint_amounts(cfg.resilience))      # a trial's grid, 0 included
+    batched_trial_eval = (checks * n["val"] + n["test"]) / batched_eval_ips
     trial_train = cfg.resilience.max_epochs * n["train"] / train_ips
     trial_eval = (checks * n["val"] + n["test"]) / eval_ips           # what a trial does now
     trial_eval_both = checks * (n["val"] + n["test"]) / eval_ips      # both splits every check
