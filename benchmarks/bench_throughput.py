@@ -35,6 +35,7 @@ from common import REPO, median_ms
 
 from reduce_ops.batched import BatchedFat
 from reduce_ops.config import load_config
+from reduce_ops.execution import keep_freed_memory
 from reduce_ops.fault_aware import fault_aware_train
 from reduce_ops.hardware import ArrayGeometry, build_masks, uniform_fault_map
 from reduce_ops.models import build_model
@@ -71,6 +72,7 @@ def stage_images(cfg, n: dict[str, int]) -> dict[str, dict[str, float]]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    keep_freed_memory()                      # as every reduce-ops process and worker does
     torch.set_num_threads(args.threads)
     cfg = load_config(REPO / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:

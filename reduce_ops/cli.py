@@ -11,6 +11,7 @@ from pathlib import Path
 
 from reduce_ops.config import load_config, split_overrides
 from reduce_ops.errors import ReduceOpsError
+from reduce_ops.execution import keep_freed_memory
 from reduce_ops.stages import STAGES, check_tracking, runner
 
 
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM (a scheduler's stop, `kill`, `timeout`) ends it the way Ctrl-C does: runs end
     KILLED, temporaries are removed; the exit code is then 143."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     with _stop_on_sigterm() as terminated:
         return _main(args, terminated)
 

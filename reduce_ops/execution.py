@@ -62,6 +62,27 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> None:
+    """Training's freed buffers stay in this process for the next step (glibc): blocks up to
+    32 MiB come from the heap, and the heap is not handed back to the system while under
+    1 GiB is free at its top. By default each step's large activations and gradients were
+    mapped fresh and faulted in page by page: LeNet, 8 chips batched, one thread, 12,600 ->
+    15,600 chip-images/s on this project's machine. Memory stays at its peak instead of
+    shrinking between steps. Nothing to do where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)     # glibc's largest
+    mallopt(_M_TRIM_THRESHOLD, 2**30)
+
+
 def _host_port(address: str) -> tuple[str, int] | None:
     rest = address.split("://", 1)[1] if "://" in address else address
     host, _, port = rest.rpartition(":")
@@ -119,6 +140,7 @@ def ray_session(exe: ExecutionConfig) -> Iterator[None]:
 
 
 def _call(fn: Callable[..., Any], threads: int, shared: Any, item: Any) -> Any:
+    keep_freed_memory()
     set_torch_threads(threads)
     return fn(shared, item)
 
@@ -133,6 +155,7 @@ def _pool_init(fn: Callable[[Any, Any], Any], shared: Any, threads: int, parent:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
     die_with_parent(parent)
+    keep_freed_memory()
     set_torch_threads(threads)
     global _POOL_TASK
     _POOL_TASK = (fn, shared)

@@ -168,7 +168,11 @@ class StackedModel:
         if layout != SHARED:
             x, groups = _to(x, layout, CHANNELS, k), groups * k
         x = x.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
+        out = F.conv2d(x, weight, bias, mod.stride, mod.padding, mod.dilation, groups)
+        # A one-channel input's convolution comes back NCHW, where max-pooling 48 channels of
+        # 28x28 took 4.8 ms against 0.4 channels-last (batch 32): 1.7x the batched evaluation
+        # and 1.15x its training for LeNet, for one copy.
+        return out.contiguous(memory_format=torch.channels_last)
 
     def _linear(self, name: str, mod: nn.Linear, x: torch.Tensor, layout: str) -> torch.Tensor:
         weight = self._p(name, "weight")                        # [K, out, in]
