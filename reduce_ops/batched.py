@@ -159,17 +159,24 @@ class BatchedFat:
         return s
 
 
-def chunks(keys: Sequence[Any], size: int) -> list[list[int]]:
+def chunks(keys: Sequence[Any], size: int, workers: int = 1) -> list[list[int]]:
     """Indices of the units in chunks of at most `size` that train together: only units of the
     same key (their FAT seed) share a chunk, in order, and each key's units are split as
-    evenly as `size` allows (11 trials of one seed at size 8: 6 and 5, not 8 and 3)."""
+    evenly as `size` allows (11 trials of one seed at size 8: 6 and 5, not 8 and 3). Where the
+    units allow, as many chunks as a multiple of `workers`, so that no worker waits through
+    the last round alone (100 chips at 8 on 2 workers: 14 chunks of 7 or 8, not 13)."""
     by_key: dict[Any, list[int]] = {}
     for i, key in enumerate(keys):
         by_key.setdefault(key, []).append(i)
+    n = {key: -(-len(idx) // max(size, 1)) for key, idx in by_key.items()}
+    while sum(n.values()) % max(workers, 1):
+        key = max(by_key, key=lambda k: len(by_key[k]) / n[k])   # the largest chunks split
+        if len(by_key[key]) <= n[key]:
+            break                                                  # one unit each already
+        n[key] += 1
     out = []
-    for idx in by_key.values():
-        n = -(-len(idx) // max(size, 1))
-        cut = [round(j * len(idx) / n) for j in range(n + 1)]
+    for key, idx in by_key.items():
+        cut = [round(j * len(idx) / n[key]) for j in range(n[key] + 1)]
         out += [idx[a:b] for a, b in itertools.pairwise(cut)]
     return out
 

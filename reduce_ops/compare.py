@@ -247,7 +247,7 @@ def run_chips(baseline: nn.Module, data: Any, fleet: Sequence[FaultMap],
     exe = exe or execution.LOCAL
     size = batch_size(exe.batch, baseline, bool(stuck), data.x["train"][:4], device)
     if size > 1:               # every chip trains to the same amounts with the same batches
-        groups = chunks([0] * len(fleet), size)
+        groups = chunks([0] * len(fleet), size, execution.parallel(exe))
         execution.map_unordered(
             _chips_task, shared, [tuple(fleet[i] for i in g) for g in groups], exe,
             lambda j, results: [finished(i, r) for i, r in zip(groups[j], results)])

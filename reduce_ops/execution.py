@@ -37,6 +37,11 @@ def pooled(exe: ExecutionConfig) -> bool:
     return exe.backend == "ray" or exe.workers > 1
 
 
+def parallel(exe: ExecutionConfig) -> int:
+    """How many units run at once: execution.workers where they run in worker processes."""
+    return exe.workers if pooled(exe) else 1
+
+
 def worker_threads(exe: ExecutionConfig) -> int:
     """torch threads of each worker process (0 = torch's default, in this process only)."""
     return exe.torch_threads if exe.torch_threads or not pooled(exe) else 1

@@ -271,7 +271,8 @@ def run_trials(baseline: nn.Module, data: Any, specs: list[TrialSpec], res: Resi
     size = batch_size(exe.batch, baseline, hardware.fault_model == "stuck_at",
                       data.x["train"][:4], device)
     if size > 1:                # trials of one repetition share their batches: one computation
-        groups = chunks([spec.repetition for spec in todo], size)
+        groups = chunks([spec.repetition for spec in todo], size,
+                        execution.parallel(exe))
         execution.map_unordered(
             _batch_task, inputs, [tuple(todo[i] for i in g) for g in groups], exe,
             lambda j, results: ([finished(r) for r in results], next_starts(groups[j][-1])))

@@ -143,6 +143,17 @@ def test_chunks_keep_one_seed_together_and_split_evenly() -> None:
     assert chunks([0] * 5, 1) == [[0], [1], [2], [3], [4]]
 
 
+def test_chunks_come_in_a_multiple_of_the_workers_where_the_units_allow() -> None:
+    got = chunks([0] * 100, 8, workers=2)
+    assert len(got) == 14 and {len(c) for c in got} == {7, 8}
+    assert [i for c in got for i in c] == list(range(100))
+    assert len(chunks([0] * 100, 8)) == 13                       # one worker: as few as fit
+    got = chunks([0] * 11 + [1] * 3, 8, workers=4)               # the largest chunks split
+    assert [len(c) for c in got] == [4, 3, 4, 3]
+    assert all(len({([0] * 11 + [1] * 3)[i] for i in c}) == 1 for c in got)
+    assert chunks([0] * 3, 8, workers=4) == [[0], [1], [2]]      # fewer units than workers
+
+
 GRID = ["resilience.fault_rates=[0.1, 0.2, 0.3]", "resilience.repetitions=2",
         "resilience.max_epochs=0.5", "resilience.checkpoint_every=0.25"]
 

@@ -64,11 +64,12 @@ def _train_batch_task(shared: _Shared, works: tuple[_Work, ...]) -> list[Trained
                               shared.settings, shared.progress)
 
 
-def _batched(items: list[_Work], size: int) -> list[list[int]]:
+def _batched(items: list[_Work], size: int, workers: int = 1) -> list[list[int]]:
     """Chunks of units that train as one: similar planned epochs together (so that few finish
     long before the others), in the order of the plan within a chunk."""
     order = sorted(range(len(items)), key=lambda i: (items[i].unit.planned_epochs, i))
-    return [sorted(order[i] for i in chunk) for chunk in chunks([0] * len(order), size)]
+    return [sorted(order[i] for i in chunk)
+            for chunk in chunks([0] * len(order), size, workers)]
 
 
 def _warn_stderr(line: str) -> None:
@@ -194,7 +195,7 @@ def run(stage: StageRun, units: Sequence[Unit], rejected: Sequence[ChipJob],
         for batch in (work, fleet.fallback):        # the fallback fills while `work` runs
             items = list(batch)
             if items and size > 1:
-                groups = _batched(items, size)
+                groups = _batched(items, size, execution.parallel(exe))
                 execution.map_unordered(
                     _train_batch_task, shared, [tuple(items[i] for i in g) for g in groups], exe,
                     lambda j, ts, groups=groups, items=items: [
