@@ -75,6 +75,18 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+def one_channel_view(x: torch.Tensor) -> torch.Tensor:
+    """A one-channel batch [N, 1, H, W] viewed with channels-last strides (the same values;
+    `contiguous(memory_format=channels_last)` keeps NCHW's, which are as valid with one
+    channel), so that a convolution reading it answers channels-last, where max-pooling and
+    the later layers run fastest on a CPU (LeNet one by one, one thread: training 8,750 ->
+    11,000 img/s, evaluation 18,400 -> 28,900). Any other tensor as it is."""
+    if x.dim() == 4 and x.shape[1] == 1:
+        n, _, h, w = x.shape
+        return x.reshape(n, h, w, 1).permute(0, 3, 1, 2)
+    return x
+
+
 @torch.no_grad()
 def evaluate_images(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
@@ -90,7 +102,7 @@ def evaluate_images(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
     for start in range(0, len(y), batch_size):
         xb = x[start:start + batch_size].to(device, non_blocking=True)
         yb = y[start:start + batch_size].to(device, non_blocking=True)
-        logits = model(xb)
+        logits = model(one_channel_view(xb))
         loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
         right.append((logits.argmax(1) == yb).cpu())
     model.train(was_training)
@@ -156,6 +168,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
         idx = next(index_stream)
         xb = x[idx] if augment is None else augment(x[idx])
         xb, yb = xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        xb = one_channel_view(xb)
         if sharpness is not None:
             loss_sum += sharpness.step(lambda: nn.functional.cross_entropy(model(xb), yb),
                                        optimizer, after_backward)
