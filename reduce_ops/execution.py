@@ -10,6 +10,7 @@ fresh pool or by Ray, at most RETRIES times; then the stage ends in one line.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -70,13 +71,15 @@ def set_torch_threads(threads: int) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # glibc's mallopt parameters
 
 
+@functools.cache
 def keep_freed_memory() -> None:
     """Training's freed buffers stay in this process for the next step (glibc): blocks up to
     32 MiB come from the heap, and the heap is not handed back to the system while under
     1 GiB is free at its top. By default each step's large activations and gradients were
     mapped fresh and faulted in page by page: LeNet, 8 chips batched, one thread, 12,600 ->
     15,600 chip-images/s on this project's machine. Memory stays at its peak instead of
-    shrinking between steps. Nothing to do where the C library is not glibc."""
+    shrinking between steps. Nothing to do where the C library is not glibc. Once per process
+    (a Ray worker calls it with every task)."""
     import ctypes
 
     try:

@@ -116,9 +116,7 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     depthwise filter) viewed so (training.one_channel_view), for the convolution to answer
     channels-last too (LeNet, 8 chips batched: training 1.13x, evaluation 1.22x, against
     converting its output)."""
-    if t.dim() == 4 and t.shape[1] == 1:
-        return one_channel_view(t)
-    return t.contiguous(memory_format=torch.channels_last)
+    return one_channel_view(t).contiguous(memory_format=torch.channels_last)
 
 
 class StackedModel:
