@@ -21,6 +21,7 @@ from conftest import (
     trained_chips,
 )
 from torch import nn
+from torch.nn import functional as F
 
 from reduce_ops import resilience
 from reduce_ops.batched import CPU_MAX_MFLOP, BatchedFat, batch_size, chunks
@@ -30,7 +31,7 @@ from reduce_ops.fault_aware import FatSession
 from reduce_ops.hardware import ArrayGeometry, uniform_fault_map
 from reduce_ops.models import build_model
 from reduce_ops.records import trials as trials_record
-from reduce_ops.stacked import batchable, forward_flops, stackable
+from reduce_ops.stacked import _vector_width, _WideInputGrad, batchable, forward_flops, stackable
 
 FAT = FatConfig("sgd", 0.003, 0.9, 0.0005, 32, 0)
 LAYERS = ["conv", "linear"]
@@ -220,3 +221,46 @@ def test_trials_batched_in_this_process_report_from_inside(prepared_digits,
     lines = out.getvalue().splitlines()
     assert any("0.25/0.5 epochs, 3 trials at once, val " in line for line in lines)
     assert sum(f"/{len(specs)} trial " in line for line in lines) == len(specs)
+
+
+@pytest.mark.parametrize(("groups", "per_group", "out_per_group", "kernel", "width"),
+                         [(8, 6, 16, 5, 14), (3, 6, 16, 5, 4), (2, 3, 8, 3, 10), (4, 16, 4, 3, 6)])
+def test_the_two_column_input_gradient_is_the_convolutions_own(
+        groups: int, per_group: int, out_per_group: int, kernel: int, width: int) -> None:
+    """The grouped convolution whose input gradient is computed two columns at a time gives
+    the output and every gradient of F.conv2d's, within float rounding (on any CPU: called
+    directly, whether or not it pays here)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, groups * per_group, 7, width, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(groups * out_per_group, per_group, kernel, kernel, generator=g)
+    b = torch.randn(groups * out_per_group, generator=g)
+    upstream = torch.randn(5, groups * out_per_group, 7, width, generator=g)
+    pad = (kernel - 1) // 2
+    grads = []
+    for wide in (False, True):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        out = (_WideInputGrad.apply(xi, wi, bi, (pad, pad), groups) if wide
+               else F.conv2d(xi, wi, bi, 1, pad, 1, groups))
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), xi.grad, wi.grad, bi.grad))
+    for plain, wide in zip(*grads):
+        assert plain.shape == wide.shape
+        assert torch.allclose(plain, wide, rtol=1e-5, atol=1e-4)
+
+
+def test_the_two_column_input_gradient_is_used_only_where_it_applies() -> None:
+    x = torch.randn(2, 48, 14, 14, requires_grad=True)
+    w = torch.randn(128, 6, 5, 5)
+    same = nn.Conv2d(6, 16, 5, padding=2)
+    assert _WideInputGrad.pays(x, w, same, 8) == (_vector_width() == 16)   # 6 a group: AVX-512
+    assert not _WideInputGrad.pays(x, w, same, 1)                          # not grouped
+    assert not _WideInputGrad.pays(x.detach(), w, same, 8)                 # no input gradient
+    assert not _WideInputGrad.pays(torch.randn(2, 48, 14, 13, requires_grad=True), w, same, 8)
+    assert not _WideInputGrad.pays(x, w, nn.Conv2d(6, 16, 5, padding=2, stride=2), 8)
+    assert not _WideInputGrad.pays(x, w, nn.Conv2d(6, 16, 5, padding=1), 8)
+    with torch.no_grad():
+        assert not _WideInputGrad.pays(x, w, same, 8)
+    wide16 = torch.randn(128, 16, 5, 5)                                    # a full vector
+    assert not _WideInputGrad.pays(torch.randn(2, 128, 14, 14, requires_grad=True), wide16,
+                                   nn.Conv2d(16, 16, 5, padding=2), 8)
