@@ -336,3 +336,34 @@ def test_load_chip_model_from_a_server_that_is_away_fails_fast() -> None:
     uri = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(TrackingError, match="unreachable"):
         reduce_ops.load_chip_model("chip-001", tracking_uri=uri)
+
+
+def test_mlflow_serves_the_first_model_of_an_architecture_and_every_model_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's serving check (load the model back, predict its input example) runs once per
+    architecture and input in a process; every logged model still loads and answers as its
+    own weights do."""
+    import mlflow.models.utils
+    import mlflow.pytorch
+    import torch
+
+    from reduce_ops.tracking import modelrun
+    from reduce_ops.tracking.runs import stage_run
+
+    monkeypatch.setattr(modelrun, "_SERVED", set())
+    checked = []
+    real = mlflow.models.utils._validate_serving_input
+    monkeypatch.setattr(mlflow.models.utils, "_validate_serving_input",
+                        lambda *a, **k: checked.append(1) or real(*a, **k))
+    example = torch.randn(2, 4)
+    models = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)]
+    with stage_run(tmp_path, "fat", "test") as stage:
+        logged = []
+        for i, m in enumerate(models):
+            with modelrun.model_child_run(stage, f"chip {i}", {"chip_id": i}) as child:
+                logged.append(child.log_pytorch_model(m, example.numpy(), ["torch"]))
+    assert len(checked) == 2                   # the first Linear(4, 3) and the Linear(4, 5)
+    for m, info in zip(models, logged):
+        assert info.serialization_format == "pt2"
+        back = mlflow.pytorch.load_model(info.model_uri)
+        assert torch.allclose(back(example), m(example))
