@@ -28,10 +28,11 @@ from reduce_ops.batched import CPU_MAX_MFLOP, BatchedFat, batch_size, chunks
 from reduce_ops.config import ExecutionConfig, FatConfig, from_dict
 from reduce_ops.data import load_prepared
 from reduce_ops.fault_aware import FatSession
+from reduce_ops.grouped_conv import WideInputGrad, vector_width
 from reduce_ops.hardware import ArrayGeometry, uniform_fault_map
 from reduce_ops.models import build_model
 from reduce_ops.records import trials as trials_record
-from reduce_ops.stacked import _vector_width, _WideInputGrad, batchable, forward_flops, stackable
+from reduce_ops.stacked import batchable, forward_flops, stackable
 
 FAT = FatConfig("sgd", 0.003, 0.9, 0.0005, 32, 0)
 LAYERS = ["conv", "linear"]
@@ -240,7 +241,7 @@ def test_the_two_column_input_gradient_is_the_convolutions_own(
     grads = []
     for wide in (False, True):
         xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
-        out = (_WideInputGrad.apply(xi, wi, bi, (pad, pad), groups) if wide
+        out = (WideInputGrad.apply(xi, wi, bi, (pad, pad), groups) if wide
                else F.conv2d(xi, wi, bi, 1, pad, 1, groups))
         (out * upstream).sum().backward()
         grads.append((out.detach(), xi.grad, wi.grad, bi.grad))
@@ -253,14 +254,14 @@ def test_the_two_column_input_gradient_is_used_only_where_it_applies() -> None:
     x = torch.randn(2, 48, 14, 14, requires_grad=True)
     w = torch.randn(128, 6, 5, 5)
     same = nn.Conv2d(6, 16, 5, padding=2)
-    assert _WideInputGrad.pays(x, w, same, 8) == (_vector_width() == 16)   # 6 a group: AVX-512
-    assert not _WideInputGrad.pays(x, w, same, 1)                          # not grouped
-    assert not _WideInputGrad.pays(x.detach(), w, same, 8)                 # no input gradient
-    assert not _WideInputGrad.pays(torch.randn(2, 48, 14, 13, requires_grad=True), w, same, 8)
-    assert not _WideInputGrad.pays(x, w, nn.Conv2d(6, 16, 5, padding=2, stride=2), 8)
-    assert not _WideInputGrad.pays(x, w, nn.Conv2d(6, 16, 5, padding=1), 8)
+    assert WideInputGrad.pays(x, w, same, 8) == (vector_width() == 16)   # 6 a group: AVX-512
+    assert not WideInputGrad.pays(x, w, same, 1)                          # not grouped
+    assert not WideInputGrad.pays(x.detach(), w, same, 8)                 # no input gradient
+    assert not WideInputGrad.pays(torch.randn(2, 48, 14, 13, requires_grad=True), w, same, 8)
+    assert not WideInputGrad.pays(x, w, nn.Conv2d(6, 16, 5, padding=2, stride=2), 8)
+    assert not WideInputGrad.pays(x, w, nn.Conv2d(6, 16, 5, padding=1), 8)
     with torch.no_grad():
-        assert not _WideInputGrad.pays(x, w, same, 8)
+        assert not WideInputGrad.pays(x, w, same, 8)
     wide16 = torch.randn(128, 16, 5, 5)                                    # a full vector
-    assert not _WideInputGrad.pays(torch.randn(2, 128, 14, 14, requires_grad=True), wide16,
+    assert not WideInputGrad.pays(torch.randn(2, 128, 14, 14, requires_grad=True), wide16,
                                    nn.Conv2d(16, 16, 5, padding=2), 8)
