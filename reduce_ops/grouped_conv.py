@@ -3,6 +3,7 @@ and later convolutions, reduce_ops.stacked)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -10,8 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 
+@functools.cache
 def vector_width() -> int:
-    """fp32 lanes of the CPU kernels torch runs here (16: AVX-512, 8: AVX2; 0: unknown)."""
+    """fp32 lanes of the CPU kernels torch runs here (16: AVX-512, 8: AVX2; 0: unknown); fixed
+    for the process, asked once (`WideInputGrad.pays` runs with every training step)."""
     return {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
 
 
@@ -71,7 +74,7 @@ class WideInputGrad(torch.autograd.Function):
 
 
 def input_grad_two_columns(grad: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int],
-                            groups: int) -> torch.Tensor:
+                           groups: int) -> torch.Tensor:
     """The input gradient of a grouped 'same' convolution (see WideInputGrad): a convolution
     of `grad` with the weights transposed and flipped, even and odd output columns as
     separate channels (stride 2 along the width, kernel one column wider)."""
