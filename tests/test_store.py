@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_project
 
 from reduce_ops.cli import main
@@ -338,31 +339,60 @@ def test_load_chip_model_from_a_server_that_is_away_fails_fast() -> None:
         reduce_ops.load_chip_model("chip-001", tracking_uri=uri)
 
 
-def test_mlflow_serves_the_first_model_of_an_architecture_and_every_model_loads(
+class _Scaled(torch.nn.Module):
+    """A Linear times a number its repr does not show: the same key, another graph."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.linear, self.scale = torch.nn.Linear(4, 3), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale
+
+
+def test_mlflow_serves_and_exports_the_first_model_of_an_architecture_and_every_model_loads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow's serving check (load the model back, predict its input example) runs once per
-    architecture and input in a process; every logged model still loads and answers as its
-    own weights do."""
+    architecture and input in a process, and so does torch.export: a later model's model.pt2
+    is the first one's graph with its own weights, the graph and weights of its own fresh
+    export; a model whose graph differs under the same repr is exported afresh. Every logged model
+    loads and answers as its own weights do."""
+    import mlflow.artifacts
     import mlflow.models.utils
     import mlflow.pytorch
-    import torch
 
     from reduce_ops.tracking import modelrun
     from reduce_ops.tracking.runs import stage_run
 
     monkeypatch.setattr(modelrun, "_SERVED", set())
-    checked = []
+    monkeypatch.setattr(modelrun, "_EXPORTED", {})
+    checked, exported = [], []
     real = mlflow.models.utils._validate_serving_input
     monkeypatch.setattr(mlflow.models.utils, "_validate_serving_input",
                         lambda *a, **k: checked.append(1) or real(*a, **k))
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export",
+                        lambda *a, **k: exported.append(1) or real_export(*a, **k))
     example = torch.randn(2, 4)
-    models = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)]
+    models = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 5),
+              _Scaled(1.0), _Scaled(2.0)]
     with stage_run(tmp_path, "fat", "test") as stage:
         logged = []
         for i, m in enumerate(models):
             with modelrun.model_child_run(stage, f"chip {i}", {"chip_id": i}) as child:
                 logged.append(child.log_pytorch_model(m, example.numpy(), ["torch"]))
-    assert len(checked) == 2                   # the first Linear(4, 3) and the Linear(4, 5)
+    assert len(checked) == 3                   # the first Linear(4, 3), Linear(4, 5), _Scaled
+    assert len(exported) == 4                  # and the second _Scaled: its answers differ
+    monkeypatch.setattr(modelrun, "_EXPORTED", {})
+    mlflow.pytorch.save_model(models[1], tmp_path / "fresh", input_example=example.numpy(),
+                              pip_requirements=["torch"], serialization_format="pt2")
+    second = Path(mlflow.artifacts.download_artifacts(logged[1].model_uri, dst_path=str(
+        tmp_path / "second")))
+    got, fresh = (torch.export.load(f / "data/model.pt2") for f in (second, tmp_path / "fresh"))
+    assert got.graph_module.code == fresh.graph_module.code
+    assert str(got.graph_signature) == str(fresh.graph_signature)
+    assert list(got.state_dict) == list(fresh.state_dict) and all(
+        torch.equal(got.state_dict[k], fresh.state_dict[k]) for k in fresh.state_dict)
     for m, info in zip(models, logged):
         assert info.serialization_format == "pt2"
         back = mlflow.pytorch.load_model(info.model_uri)

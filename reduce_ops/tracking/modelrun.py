@@ -39,6 +39,65 @@ def _served_key(model: Any, input_example: Any) -> tuple[str, str, tuple, str]:
             str(getattr(input_example, "dtype", type(input_example).__name__)))
 
 
+# The first torch.export of each architecture and input in a process (49 % of a LeNet model's
+# logging was torch.export): a later model of the same key is saved as that program's graph
+# with its own parameters and buffers: the graph and weights a fresh export of it saves (the
+# archive's random id and the call stack noted with each node aside); where the model holds a
+# tensor the program does not name, or the reused program answers its input other than the
+# model itself does, it is exported afresh.
+_EXPORTED: dict[tuple, Any] = {}
+
+
+def _with_weights(program: Any, model: Any, args: tuple, kwargs: dict) -> Any | None:
+    """`program` (an ExportedProgram of another model of the same key) holding `model`'s own
+    parameters and buffers, or None where that cannot be shown to be `model`."""
+    import torch
+    from torch.export import ExportedProgram
+
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    if not set(program.state_dict) | set(program.constants) <= set(own):
+        return None                 # a lifted constant, a script object: not the model's own
+    state = {k: torch.nn.Parameter(own[k].detach(), requires_grad=v.requires_grad)
+             if isinstance(v, torch.nn.Parameter) else own[k].detach()
+             for k, v in program.state_dict.items()}
+    reused = ExportedProgram(
+        root=program.graph_module, graph=program.graph,
+        graph_signature=program.graph_signature, state_dict=state,
+        range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph, example_inputs=(args, kwargs),
+        constants={k: own[k].detach() for k in program.constants}, verifiers=program.verifiers)
+    with torch.no_grad():
+        same = torch.equal(reused.module()(*args, **kwargs), model(*args, **kwargs))
+    return reused if same else None
+
+
+@contextmanager
+def _export_once(model: Any, key: tuple) -> Iterator[None]:
+    """While MLflow saves `model` in the block, its torch.export.export reuses the program of
+    the first model of `key` (see _EXPORTED); every other export is torch's own."""
+    import torch.export
+
+    real = torch.export.export
+
+    def export(mod: Any, args: tuple, kwargs: dict | None = None, **options: Any) -> Any:
+        if mod is not model:
+            return real(mod, args, kwargs, **options)
+        at = (key, repr(options))
+        program = _EXPORTED.get(at)
+        reused = (None if program is None
+                  else _with_weights(program, mod, tuple(args), dict(kwargs or {})))
+        if reused is not None:
+            return reused
+        _EXPORTED[at] = program = real(mod, args, kwargs, **options)
+        return program
+
+    torch.export.export = export
+    try:
+        yield
+    finally:
+        torch.export.export = real
+
+
 @dataclass
 class ModelChildRun(_RunLog):
     """A child run kept open while its metrics and model are logged; it ends at `end` (when
@@ -75,12 +134,13 @@ class ModelChildRun(_RunLog):
             made = self.client.create_logged_model(
                 self.stage.children_experiment, name=name, source_run_id=self.run_id,
                 params=self.client.get_run(self.run_id).data.params)
-            return mlflow.pytorch.log_model(model, name=name, input_example=input_example,
-                                            run_id=self.run_id, model_id=made.model_id,
-                                            pip_requirements=list(pip_requirements),
-                                            serialization_format=fmt,
-                                            **({"validate_serving_input": False}
-                                               if fmt == "pt2" and served in _SERVED else {}))
+            with _export_once(model, served):
+                return mlflow.pytorch.log_model(
+                    model, name=name, input_example=input_example, run_id=self.run_id,
+                    model_id=made.model_id, pip_requirements=list(pip_requirements),
+                    serialization_format=fmt,
+                    **({"validate_serving_input": False}
+                       if fmt == "pt2" and served in _SERVED else {}))
 
         with self.stage._timed():
             try:
