@@ -473,7 +473,7 @@ def _cross_checks(cfg: Config, where: str) -> None:
                           f"that far")
     if len(set(res.fault_rates)) != len(res.fault_rates):
         raise ConfigError(f"{where}: resilience.fault_rates: duplicate rates in {res.fault_rates}")
-    from reduce_ops.planning import parse_statistic
+    from reduce_ops.statistic import parse_statistic
 
     for key, stat in [("plan.statistic", cfg.plan.statistic),
                       *((f"compare.statistics[{i}]", v)

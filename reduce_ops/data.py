@@ -7,18 +7,20 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from reduce_ops.atomic import atomic_dir, check_replaceable, not_a_file_reason, only_files
 from reduce_ops.config import DataConfig
 from reduce_ops.errors import DataError
+from reduce_ops.names import PREPARED_META_FILE as META_FILE
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 ARRAYS_FILE = "dataset.npz"
-META_FILE = "meta.json"
 _LEGACY_PREPARED = only_files(ARRAYS_FILE, META_FILE)   # a split written before folders had markers
 
 # Files torchvision's readers look for under paths.raw, and where to get them.
@@ -334,6 +336,8 @@ class PreparedData:
 
 def load_prepared(prepared_dir: Path) -> PreparedData:
     """Load the split written by `prepare`, normalised with the train split's channel stats."""
+    import torch  # here: `prepare` and the stages that only read meta.json run without it
+
     meta_path, arrays_path = prepared_dir / META_FILE, prepared_dir / ARRAYS_FILE
     if not meta_path.is_file() or not arrays_path.is_file():
         raise DataError(f"{prepared_dir}: no prepared dataset (expected {META_FILE} and "

@@ -8,16 +8,17 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from reduce_ops import usercode
 from reduce_ops.config import Config
 from reduce_ops.errors import ConfigError
 from reduce_ops.provenance import file_sha256
 from reduce_ops.tracking.store import tracking_uri
+
+if TYPE_CHECKING:      # torch is imported where a model is loaded: `source` records without it
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ def code_dir(cfg: Config) -> Path | None:
 
 
 def _factory_module(spec: str, code: Path | None, key: str = "model.factory") -> nn.Module:
+    from torch import nn
+
     module = usercode.call(spec, code, key)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"{key}: {spec}() returned a {type(module).__name__}, not a "
@@ -51,6 +54,8 @@ def _flat(exc: BaseException) -> str:
 def read_state_dict(path: Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
     """A state_dict file, loaded with weights_only=True (no code runs); a reduce-ops checkpoint
     ({'state_dict': ...}) works too."""
+    import torch
+
     if not path.is_file():
         raise ConfigError(f"{key}: {path}: no such file")
     try:
@@ -110,6 +115,8 @@ def skeleton(arch: dict[str, Any], tracking: str | None = None) -> nn.Module:
 def check_fits_data(given: Given, x: torch.Tensor, num_classes: int) -> None:
     """The model reads the prepared images and returns one logit per class: one line naming
     the key that gave it when not."""
+    import torch
+
     try:
         with torch.no_grad():
             out = given.model.eval()(x[:2])

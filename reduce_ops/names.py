@@ -29,6 +29,7 @@ def registered_name(prefix: str, chip_id: str) -> str:
     return f"{prefix}-{chip_id}"
 
 
+PREPARED_META_FILE = "meta.json"         # the prepared split's description (data.prepare)
 CHAMPION = "champion"                    # alias of the version a chip ships with
 CHIP_MODEL_FILE = "chip_model.pt"        # run artifact: state_dict + arch, trainable
 SHIPPED, REJECTED = "shipped", "rejected"   # a chip's status under the current plan

@@ -16,29 +16,10 @@ from reduce_ops.hardware import FaultMap
 from reduce_ops.needs import DECISION_METRIC, trial_needs
 from reduce_ops.records.plan import PLAN_COLUMNS
 from reduce_ops.shipping import ShippingRule
+from reduce_ops.statistic import parse_statistic
 
 NEED_COLUMNS = ["fault_rate", "needed", "n_reps", "n_never", "reach_fraction", "reach_fitted",
                 "reached_need"]
-_STATISTIC_HELP = "expected 'max', 'mean' or 'qP' with 0<P<=1"
-
-
-def parse_statistic(s) -> str | float:
-    """Read `plan.statistic`: 'max', 'mean', or a quantile as 'q0.9' or a float in (0, 1]."""
-    if isinstance(s, str):
-        text = s.strip().lower()
-        if text in ("max", "mean"):
-            return text
-        if text.startswith("q"):
-            try:
-                q = float(text[1:])
-            except ValueError:
-                q = math.nan
-            if 0 < q <= 1:
-                return q
-    elif isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool):
-        if 0 < float(s) <= 1:
-            return float(s)
-    raise ConfigError(f"plan.statistic: {_STATISTIC_HELP}, got {s!r}")
 
 
 def aggregate_needs(needs_df: pd.DataFrame, statistic="max",

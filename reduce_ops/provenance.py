@@ -45,9 +45,7 @@ class Identity:
 
 def dataset_meta(cfg: Config) -> dict:
     """meta.json of the prepared dataset, or one line saying to run `prepare`."""
-    from reduce_ops.data import META_FILE
-
-    path = cfg.path("prepared") / META_FILE
+    path = cfg.path("prepared") / names.PREPARED_META_FILE
     if not path.is_file():
         raise DataError(f"{path}: no prepared dataset; run `reduce-ops prepare` first")
     try:

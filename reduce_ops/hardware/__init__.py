@@ -20,17 +20,19 @@ from reduce_ops.hardware.fleetio import (
     write_fleet,
 )
 from reduce_ops.hardware.geometry import ArrayGeometry
-from reduce_ops.hardware.mapping import (
-    LAYER_TYPES,
-    MaskedWeights,
-    apply_masks,
-    build_masks,
-    layer_keep_mask,
-    leave_off_array,
-    mapped_layers,
-    pruned_fraction,
-    unmapped_layers,
-)
+
+# Weights onto PEs (torch) is imported when one of its names is first used: a stage that only
+# reads or writes fault maps (faultmaps, plan, group) does not import torch for it.
+_MAPPING = ("LAYER_TYPES", "MaskedWeights", "apply_masks", "build_masks", "layer_keep_mask",
+            "leave_off_array", "mapped_layers", "pruned_fraction", "unmapped_layers")
+
+
+def __getattr__(name: str) -> object:
+    if name in _MAPPING:
+        from reduce_ops.hardware import mapping
+
+        return getattr(mapping, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "GENERATORS",

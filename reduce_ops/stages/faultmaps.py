@@ -16,7 +16,6 @@ from reduce_ops.hardware import (
     wafer_fleet,
     write_fleet,
 )
-from reduce_ops.hardware.stuckfleet import generate_stuck, import_stuck_maps, write_stuck
 
 
 def _source_dir(cfg: Config) -> Path:
@@ -28,6 +27,8 @@ def _import(cfg: Config, folder: Path) -> tuple[list[FaultMap], dict]:
     """A test floor's maps: faulty PEs (bypass) or stuck-at maps; every file checked first."""
     geometry = ArrayGeometry(cfg.hardware.rows, cfg.hardware.cols)
     if cfg.hardware.fault_model == "stuck_at":
+        from reduce_ops.hardware.stuckfleet import import_stuck_maps  # torch: stuck-at only
+
         return import_stuck_maps(folder, geometry)
     return import_fault_maps(folder, geometry), {}
 
@@ -53,6 +54,8 @@ def run(cfg: Config) -> list[FaultMap]:
         how = (f"{fm.generator} defects, rates {fm.rate_distribution} in "
                f"[{fm.rate_min:g}, {fm.rate_max:g}]")
     if cfg.hardware.fault_model == "stuck_at" and fm.source != "import":
+        from reduce_ops.hardware.stuckfleet import generate_stuck
+
         s = cfg.hardware.stuck_at
         stuck = generate_stuck(maps, fm.seed, s.bits, s.n_bits, s.polarity)
     return _write(cfg, maps, stuck, how)
@@ -60,7 +63,13 @@ def run(cfg: Config) -> list[FaultMap]:
 
 def _write(cfg: Config, maps: list[FaultMap], stuck: dict, how: str) -> list[FaultMap]:
     out = cfg.path("fleet")
-    write_fleet(maps, out, also=(lambda folder: write_stuck(stuck, folder)) if stuck else None)
+    also = None
+    if stuck:
+        from reduce_ops.hardware.stuckfleet import write_stuck
+
+        def also(folder: Path) -> None:
+            write_stuck(stuck, folder)
+    write_fleet(maps, out, also=also)
     rates = [m.fault_rate for m in maps]
     model = (f"stuck-at: {sum(s.n_stuck for s in stuck.values())} stuck register bits"
              if stuck else "bypassed PEs")
