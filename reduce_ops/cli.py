@@ -11,8 +11,8 @@ from pathlib import Path
 
 from reduce_ops.config import load_config, split_overrides
 from reduce_ops.errors import ReduceOpsError
-from reduce_ops.execution import keep_freed_memory
-from reduce_ops.stages import STAGES, check_tracking, runner
+from reduce_ops.execution import keep_freed_memory, start_pool_server
+from reduce_ops.stages import POOLED, STAGES, check_tracking, runner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> None:
     cfg = load_config(args.params, [*split_overrides(args.overrides), *args.sets])
     check_tracking(cfg, args.stage)
+    if args.stage in POOLED:
+        start_pool_server(cfg.execution)     # its workers' imports overlap the stage's reading
     if args.stage == "faultmaps" and args.action == "import":
         from reduce_ops.stages.faultmaps import import_maps
 

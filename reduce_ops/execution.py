@@ -1,6 +1,7 @@
 """Where independent units of work run: on this machine (`local`: one after another in this
-process with one worker, else a pool of `workers` processes at one torch thread each), or as
-Ray tasks (`ray`) on a local Ray instance or a cluster.
+process with one worker, else a pool of `workers` processes at one torch thread each, forked
+from a fork server that imported torch and the units' modules once per stage), or as Ray tasks
+(`ray`) on a local Ray instance or a cluster.
 
 Workers only compute: they get their inputs, return plain results, and never touch MLflow; the
 driver logs each result as it arrives (explicit run ids, the same parent/child structure as
@@ -155,18 +156,78 @@ def _call(fn: Callable[..., Any], threads: int, shared: Any, item: Any) -> Any:
 
 _POOL_TASK: tuple[Callable[[Any, Any], Any], Any] | None = None   # in a pool worker
 
+# What the fork server imports once, so that a pool's workers start in a fraction of a second
+# instead of ~3 s each (torch, pandas, scipy, sklearn): torch, the first torch.optim optimizer's
+# own import (torch._dynamo, 0.6-1 s a process) and the module of every unit a pool runs
+# (tests/test_pool.py checks that list against the callers of map_unordered).
+POOL_MODULES = ("reduce_ops.resilience", "reduce_ops.compare", "reduce_ops.robustness",
+                "reduce_ops.retraining.schedule", "reduce_ops.stages.variants")
+_PRELOAD = ("torch", "torch._dynamo", *POOL_MODULES)
 
-def _pool_init(fn: Callable[[Any, Any], Any], shared: Any, threads: int, parent: int) -> None:
+
+@functools.cache
+def start_method() -> str:
+    """How a local pool starts its workers: forked from a fork server that imported _PRELOAD
+    once (Linux >= 5.3: a worker watches its driver through a pidfd), else spawned (a clean
+    interpreter each, imports and all)."""
+    import multiprocessing
+
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return "spawn"
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def start_pool_server(exe: ExecutionConfig) -> None:
+    """Where `exe` runs units in a local pool, start its fork server now, without waiting: it
+    imports while the stage reads its inputs (a stage calls this first). Once per process; a
+    pool starts it itself otherwise. Its environment is this one's without MLFLOW_RUN_ID."""
+    if exe.backend != "local" or exe.workers <= 1 or start_method() != "forkserver":
+        return
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(_PRELOAD))
+    with _without_run_id():
+        multiprocessing.forkserver.ensure_running()
+
+
+def _watch_driver(driver: int) -> None:
+    """End this worker the moment the driver (pid `driver`) ends, even by SIGKILL: a fork
+    server's worker is the server's child, not the driver's, so PR_SET_PDEATHSIG cannot say it.
+    A thread waits on the driver's pidfd; a driver gone already ends the worker at once."""
+    import select
+    import threading
+
+    try:
+        fd = os.pidfd_open(driver)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=wait, name="watch-driver", daemon=True).start()
+
+
+def _pool_init(fn: Callable[[Any, Any], Any], shared: bytes, threads: int, driver: int,
+               method: str) -> None:
+    import pickle
     import signal
 
     from reduce_ops.processes import die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    die_with_parent(parent)
+    if method == "forkserver":
+        _watch_driver(driver)
+    else:
+        die_with_parent(driver)
     keep_freed_memory()
     set_torch_threads(threads)
     global _POOL_TASK
-    _POOL_TASK = (fn, shared)
+    _POOL_TASK = (fn, pickle.loads(shared))
 
 
 def _pool_call(item: Any) -> Any:
@@ -176,19 +237,25 @@ def _pool_call(item: Any) -> Any:
 
 def _pool_map(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any],
               exe: ExecutionConfig, on_result: Callable[[int, Any], None]) -> None:
-    """map_unordered on a pool of execution.workers processes of this machine (spawned: a
-    clean interpreter each, `shared` sent once to each). A worker that dies breaks the pool:
-    the units not yet returned run again in a fresh one, at most RETRIES times."""
+    """map_unordered on a pool of execution.workers processes of this machine (forked from the
+    fork server, or spawned: see start_method; `shared` pickled once here and unpickled once
+    in each worker). A worker that dies breaks the pool: the units not yet returned run again
+    in a fresh one, at most RETRIES times."""
     import multiprocessing
+    import pickle
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
+    method = start_method()
+    start_pool_server(exe)
+    payload = pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL)
     todo = dict(enumerate(items))
     deaths = 0
     while todo:
         pool = ProcessPoolExecutor(
-            min(exe.workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-            initializer=_pool_init, initargs=(fn, shared, worker_threads(exe), os.getpid()))
+            min(exe.workers, len(todo)), mp_context=multiprocessing.get_context(method),
+            initializer=_pool_init,
+            initargs=(fn, payload, worker_threads(exe), os.getpid(), method))
         try:
             with _without_run_id():              # the workers start on the first submits
                 pending = {pool.submit(_pool_call, item): i for i, item in todo.items()}

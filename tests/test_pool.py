@@ -138,10 +138,28 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (its children, theirs...), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill", "sigkill-driver"])
 def test_stopping_the_driver_stops_its_workers(tmp_path: Path, how: str) -> None:
     """Ctrl-C (SIGINT to the foreground group) ends the driver at once, its workers killed;
-    a SIGKILLed driver's workers end with it: nothing keeps running."""
+    a SIGKILLed driver's workers end with it, and so does every other process it started (the
+    fork server the workers come from), also when only the driver was killed: nothing keeps
+    running."""
     script = ("import sys\n"
               f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "from reduce_ops import execution\n"
@@ -152,20 +170,64 @@ def test_stopping_the_driver_stops_its_workers(tmp_path: Path, how: str) -> None
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started: set[int] = set()
     try:
         deadline = time.monotonic() + 120
         while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         workers = [int(p.name) for p in tmp_path.iterdir()]
         assert len(workers) == 2 and all(_alive(pid) for pid in workers)
-        os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+        started = _descendants(proc.pid)
+        assert set(workers) <= started
+        if how == "sigkill-driver":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(pid) for pid in workers)
+        assert not [pid for pid in started if _alive(pid)]
         assert proc.returncode == -(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pid in started:                   # whatever outlived a failed assertion
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _where_am_i(shared: object, item: int) -> tuple[int, str, bool, bool]:
+    return (os.getppid(), type(shared).__module__, "torch._dynamo" in sys.modules,
+            all(m in sys.modules for m in execution.POOL_MODULES))
+
+
+@pytest.mark.skipif(execution.start_method() != "forkserver", reason="no fork server here")
+def test_workers_come_from_a_fork_server_that_imported_what_units_need(tmp_path: Path) -> None:
+    """The workers are forked from a server that imported torch, the optimizers' torch._dynamo
+    and every unit's module once; a folder put on sys.path after it started (paths.code) is
+    on the workers' too (multiprocessing sends the driver's sys.path with each new worker)."""
+    execution.start_pool_server(POOL)
+    (tmp_path / "late_user_code.py").write_text("class Thing:\n    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import late_user_code
+
+        got: dict[int, tuple] = {}
+        execution.map_unordered(_where_am_i, late_user_code.Thing(), [0, 1, 2], POOL,
+                                lambda i, r: got.__setitem__(i, r))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("late_user_code", None)
+    assert sorted(got) == [0, 1, 2]
+    assert all(r[0] != os.getpid() and r[1:] == ("late_user_code", True, True)
+               for r in got.values())
+
+
+def test_the_fork_server_imports_the_module_of_every_unit_a_pool_runs() -> None:
+    """POOL_MODULES is every reduce_ops module that hands units to map_unordered."""
+    root = Path(execution.__file__).parent
+    callers = {".".join(("reduce_ops", *p.relative_to(root).with_suffix("").parts))
+               for p in root.rglob("*.py") if "map_unordered(" in p.read_text()}
+    assert callers - {"reduce_ops.execution"} == set(execution.POOL_MODULES)

@@ -33,6 +33,8 @@ STAGES: dict[str, str] = {
 PIPELINE = ("prepare", "faultmaps", "pretrain", "resilience", "plan", "group", "fat", "compare",
             "variants", "robustness")
 
+# stages whose units (trials, chips, variants) may run in a local pool of worker processes
+POOLED = ("resilience", "fat", "compare", "variants", "robustness", "main")
 
 # stages that read or write the tracking store, and whether they may create it
 TRACKED = {"pretrain": True, "resilience": True, "plan": True, "group": True, "fat": True,
