@@ -182,7 +182,9 @@ def start_method() -> str:
 def start_pool_server(exe: ExecutionConfig) -> None:
     """Where `exe` runs units in a local pool, start its fork server now, without waiting: it
     imports while the stage reads its inputs (a stage calls this first). Once per process; a
-    pool starts it itself otherwise. Its environment is this one's without MLFLOW_RUN_ID."""
+    pool starts it itself otherwise. Its environment (without MLFLOW_RUN_ID) and its
+    stdout/stderr are this process's now: a variable set later does not reach the workers
+    (each gets the driver's sys.path and folder when it starts)."""
     if exe.backend != "local" or exe.workers <= 1 or start_method() != "forkserver":
         return
     import multiprocessing
@@ -206,15 +208,17 @@ def _watch_driver(driver: int) -> None:
         os._exit(1)
 
     def wait() -> None:
-        select.select([fd], [], [])
+        ended = select.poll()          # poll, not select: any descriptor number
+        ended.register(fd, select.POLLIN)
+        while not ended.poll():
+            pass
         os._exit(1)
 
     threading.Thread(target=wait, name="watch-driver", daemon=True).start()
 
 
-def _pool_init(fn: Callable[[Any, Any], Any], shared: bytes, threads: int, driver: int,
+def _pool_init(fn: Callable[[Any, Any], Any], shared: Any, threads: int, driver: int,
                method: str) -> None:
-    import pickle
     import signal
 
     from reduce_ops.processes import die_with_parent
@@ -227,7 +231,7 @@ def _pool_init(fn: Callable[[Any, Any], Any], shared: bytes, threads: int, drive
     keep_freed_memory()
     set_torch_threads(threads)
     global _POOL_TASK
-    _POOL_TASK = (fn, pickle.loads(shared))
+    _POOL_TASK = (fn, shared)
 
 
 def _pool_call(item: Any) -> Any:
@@ -238,24 +242,22 @@ def _pool_call(item: Any) -> Any:
 def _pool_map(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any],
               exe: ExecutionConfig, on_result: Callable[[int, Any], None]) -> None:
     """map_unordered on a pool of execution.workers processes of this machine (forked from the
-    fork server, or spawned: see start_method; `shared` pickled once here and unpickled once
-    in each worker). A worker that dies breaks the pool: the units not yet returned run again
-    in a fresh one, at most RETRIES times."""
+    fork server, or spawned: see start_method; `shared` sent once to each, its tensors in
+    shared memory as multiprocessing's torch reductions put them). A worker that dies breaks
+    the pool: the units not yet returned run again in a fresh one, at most RETRIES times."""
     import multiprocessing
-    import pickle
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     method = start_method()
     start_pool_server(exe)
-    payload = pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL)
     todo = dict(enumerate(items))
     deaths = 0
     while todo:
         pool = ProcessPoolExecutor(
             min(exe.workers, len(todo)), mp_context=multiprocessing.get_context(method),
             initializer=_pool_init,
-            initargs=(fn, payload, worker_threads(exe), os.getpid(), method))
+            initargs=(fn, shared, worker_threads(exe), os.getpid(), method))
         try:
             with _without_run_id():              # the workers start on the first submits
                 pending = {pool.submit(_pool_call, item): i for i, item in todo.items()}

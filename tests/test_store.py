@@ -374,8 +374,8 @@ def test_mlflow_serves_and_exports_the_first_model_of_an_architecture_and_every_
     monkeypatch.setattr(torch.export, "export",
                         lambda *a, **k: exported.append(1) or real_export(*a, **k))
     example = torch.randn(2, 4)
-    models = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 5),
-              _Scaled(1.0), _Scaled(2.0)]
+    models = [m.eval() for m in (torch.nn.Linear(4, 3), torch.nn.Linear(4, 3),
+                                 torch.nn.Linear(4, 5), _Scaled(1.0), _Scaled(2.0))]
     with stage_run(tmp_path, "fat", "test") as stage:
         logged = []
         for i, m in enumerate(models):

@@ -22,7 +22,7 @@ from reduce_ops.hardware.fleetio import (
 from reduce_ops.hardware.geometry import ArrayGeometry
 
 # Weights onto PEs (torch) is imported when one of its names is first used: a stage that only
-# reads or writes fault maps (faultmaps, plan, group) does not import torch for it.
+# reads or writes fault maps (faultmaps, plan) does not import torch for it.
 _MAPPING = ("LAYER_TYPES", "MaskedWeights", "apply_masks", "build_masks", "layer_keep_mask",
             "leave_off_array", "mapped_layers", "pruned_fraction", "unmapped_layers")
 

@@ -4,6 +4,7 @@ run's page (an eFAT group's, on its members' runs)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -41,43 +42,62 @@ def _served_key(model: Any, input_example: Any) -> tuple[str, str, tuple, str]:
 
 # The first torch.export of each architecture and input in a process (49 % of a LeNet model's
 # logging was torch.export): a later model of the same key is saved as that program's graph
-# with its own parameters and buffers: the graph and weights a fresh export of it saves (the
-# archive's random id and the call stack noted with each node aside); where the model holds a
-# tensor the program does not name, or the reused program answers its input other than the
-# model itself does, it is exported afresh.
+# with its own parameters and buffers: the graph and weights a fresh export of it saves
+# (the archive's random id and the call stack noted with each node aside). A model exports
+# afresh where that cannot be shown: in training mode or with hooks or parametrizations (what
+# its repr does not show), tensors other than the program's (names, shapes, dtypes, devices),
+# or a reused program that answers its input other than the model itself does.
 _EXPORTED: dict[tuple, Any] = {}
+_EXPORT_LOCK = threading.Lock()     # torch.export.export is replaced while a model is saved
 
 
 def _with_weights(program: Any, model: Any, args: tuple, kwargs: dict) -> Any | None:
     """`program` (an ExportedProgram of another model of the same key) holding `model`'s own
     parameters and buffers, or None where that cannot be shown to be `model`."""
+    import copy
+
     import torch
     from torch.export import ExportedProgram
+    from torch.nn.utils import parametrize
 
-    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    if not set(program.state_dict) | set(program.constants) <= set(own):
+    if model.training or program.graph_signature.buffers_to_mutate or any(
+            m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m)
+            for m in model.modules()):
+        return None
+    own = {**dict(model.named_parameters(remove_duplicate=False)),
+           **dict(model.named_buffers(remove_duplicate=False))}
+    held = {**program.state_dict, **program.constants}
+    if set(held) != set(own) or any(
+            not isinstance(t, torch.Tensor) or (t.shape, t.dtype, t.device)
+            != (own[k].shape, own[k].dtype, own[k].device) for k, t in held.items()):
         return None                 # a lifted constant, a script object: not the model's own
-    state = {k: torch.nn.Parameter(own[k].detach(), requires_grad=v.requires_grad)
+    state = {k: torch.nn.Parameter(own[k].detach(), requires_grad=own[k].requires_grad)
              if isinstance(v, torch.nn.Parameter) else own[k].detach()
              for k, v in program.state_dict.items()}
-    reused = ExportedProgram(
-        root=program.graph_module, graph=program.graph,
-        graph_signature=program.graph_signature, state_dict=state,
-        range_constraints=program.range_constraints,
-        module_call_graph=program.module_call_graph, example_inputs=(args, kwargs),
-        constants={k: own[k].detach() for k in program.constants}, verifiers=program.verifiers)
-    with torch.no_grad():
-        same = torch.equal(reused.module()(*args, **kwargs), model(*args, **kwargs))
+    try:
+        # the graph is shared (a copy renames its nodes); torch's constructor re-applies only
+        # what it applied to it already. What a pass may edit besides is copied.
+        reused = ExportedProgram(
+            root=program.graph_module, graph=program.graph,
+            graph_signature=copy.deepcopy(program.graph_signature), state_dict=state,
+            range_constraints=copy.copy(program.range_constraints),
+            module_call_graph=copy.deepcopy(program.module_call_graph),
+            example_inputs=(args, kwargs),
+            constants={k: own[k].detach() for k in program.constants},
+            verifiers=program.verifiers)
+        with torch.no_grad():
+            same = torch.equal(reused.module()(*args, **kwargs), model(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - whatever fails here, a fresh export decides
+        return None
     return reused if same else None
 
 
 @contextmanager
 def _export_once(model: Any, key: tuple) -> Iterator[None]:
     """While MLflow saves `model` in the block, its torch.export.export reuses the program of
-    the first model of `key` (see _EXPORTED); every other export is torch's own."""
+    the first model of `key` (see _EXPORTED); every other export is torch's own. One block
+    at a time in a process."""
     import torch.export
-
-    real = torch.export.export
 
     def export(mod: Any, args: tuple, kwargs: dict | None = None, **options: Any) -> Any:
         if mod is not model:
@@ -91,11 +111,13 @@ def _export_once(model: Any, key: tuple) -> Iterator[None]:
         _EXPORTED[at] = program = real(mod, args, kwargs, **options)
         return program
 
-    torch.export.export = export
-    try:
-        yield
-    finally:
-        torch.export.export = real
+    with _EXPORT_LOCK:
+        real = torch.export.export
+        torch.export.export = export
+        try:
+            yield
+        finally:
+            torch.export.export = real
 
 
 @dataclass
