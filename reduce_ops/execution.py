@@ -195,37 +195,15 @@ def start_pool_server(exe: ExecutionConfig) -> None:
         multiprocessing.forkserver.ensure_running()
 
 
-def _watch_driver(driver: int) -> None:
-    """End this worker the moment the driver (pid `driver`) ends, even by SIGKILL: a fork
-    server's worker is the server's child, not the driver's, so PR_SET_PDEATHSIG cannot say it.
-    A thread waits on the driver's pidfd; a driver gone already ends the worker at once."""
-    import select
-    import threading
-
-    try:
-        fd = os.pidfd_open(driver)
-    except ProcessLookupError:
-        os._exit(1)
-
-    def wait() -> None:
-        ended = select.poll()          # poll, not select: any descriptor number
-        ended.register(fd, select.POLLIN)
-        while not ended.poll():
-            pass
-        os._exit(1)
-
-    threading.Thread(target=wait, name="watch-driver", daemon=True).start()
-
-
 def _pool_init(fn: Callable[[Any, Any], Any], shared: Any, threads: int, driver: int,
                method: str) -> None:
     import signal
 
-    from reduce_ops.processes import die_with_parent
+    from reduce_ops.processes import die_with_driver, die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    if method == "forkserver":
-        _watch_driver(driver)
+    if method == "forkserver":         # the fork server's child, not the driver's
+        die_with_driver(driver)
     else:
         die_with_parent(driver)
     keep_freed_memory()

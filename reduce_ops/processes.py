@@ -156,6 +156,29 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+
+def die_with_driver(driver: int) -> None:
+    """Linux >= 5.3: this process ends the moment process `driver` ends, even by SIGKILL, where
+    that is not its parent (a pool worker forked by a fork server, which die_with_parent cannot
+    tie to the driver): a thread waits on the driver's pidfd. A driver gone already ends it at
+    once."""
+    import select
+    import threading
+
+    try:
+        fd = os.pidfd_open(driver)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def wait() -> None:
+        ended = select.poll()          # poll, not select: any descriptor number
+        ended.register(fd, select.POLLIN)
+        while not ended.poll():
+            pass
+        os._exit(1)
+
+    threading.Thread(target=wait, name="die-with-driver", daemon=True).start()
+
 def _end_tree(grace: float, group: int | None) -> None:
     """SIGTERM every descendant, SIGKILL those left after `grace` s; reap; return when none is
     left. New descendants started meanwhile get the same treatment. Without /proc: the server's

@@ -24,7 +24,7 @@ from conftest import (
     trained_chips,
 )
 
-from reduce_ops import config, execution
+from reduce_ops import config, execution, processes
 from reduce_ops.config import ExecutionConfig, cores, from_dict
 from reduce_ops.records import trials as trials_record
 
@@ -138,22 +138,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (its children, theirs...), from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
 @pytest.mark.parametrize("how", ["ctrl-c", "sigkill", "sigkill-driver"])
 def test_stopping_the_driver_stops_its_workers(tmp_path: Path, how: str) -> None:
     """Ctrl-C (SIGINT to the foreground group) ends the driver at once, its workers killed;
@@ -170,31 +154,32 @@ def test_stopping_the_driver_stops_its_workers(tmp_path: Path, how: str) -> None
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    started: set[int] = set()
+    started: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 120
         while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         workers = [int(p.name) for p in tmp_path.iterdir()]
         assert len(workers) == 2 and all(_alive(pid) for pid in workers)
-        started = _descendants(proc.pid)
-        assert set(workers) <= started
+        started = processes.descendants(proc.pid)          # pid -> start time
+        assert set(workers) <= set(started)
         if how == "sigkill-driver":
             os.kill(proc.pid, signal.SIGKILL)
         else:
             os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+        while any(map(processes.is_running, started, started.values())) \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in started if _alive(pid)]
+        assert not [pid for pid, at in started.items() if processes.is_running(pid, at)]
         assert proc.returncode == -(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in started:                   # whatever outlived a failed assertion
-            if _alive(pid):
+        for pid, at in started.items():       # whatever outlived a failed assertion
+            if processes.is_running(pid, at):
                 os.kill(pid, signal.SIGKILL)
 
 
