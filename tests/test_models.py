@@ -52,3 +52,27 @@ def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
         load_checkpoint(path)
     with pytest.raises(DataError, match="run `reduce-ops pretrain` first"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.5])
+def test_threshold_relu_is_x_above_the_threshold_else_zero_with_its_gradient(
+        threshold: float) -> None:
+    """The fused kernel gives what its definition says, values and gradients alike, at and
+    around the threshold, for signed zeros and infinities, in both memory layouts."""
+    from reduce_ops.models import ThresholdReLU
+
+    torch.manual_seed(0)
+    edges = torch.tensor([threshold, threshold + 1e-7, threshold - 1e-7, 0.0, -0.0, 1.0,
+                          -1.0, float("inf"), -float("inf")])
+    x = torch.cat([torch.randn(4 * 6 * 5 * 5 - edges.numel()), edges]).reshape(4, 6, 5, 5)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = x.contiguous(memory_format=layout).detach().requires_grad_()
+        b = x.clone().detach().requires_grad_()
+        out = ThresholdReLU(threshold)(a)
+        expected = torch.where(b > threshold, b, torch.zeros(()))
+        assert torch.equal(out, expected)
+        assert torch.equal(torch.signbit(out), torch.signbit(expected))
+        weight = torch.randn(x.shape)
+        (out * weight).sum().backward()
+        (expected * weight).sum().backward()
+        assert torch.equal(a.grad, b.grad)
