@@ -397,3 +397,56 @@ def test_mlflow_serves_and_exports_the_first_model_of_an_architecture_and_every_
         assert info.serialization_format == "pt2"
         back = mlflow.pytorch.load_model(info.model_uri)
         assert torch.allclose(back(example), m(example))
+
+
+class _Tied(torch.nn.Module):
+    """Two Linear layers sharing one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class _Offset(torch.nn.Module):
+    """A Linear with, or without, a buffer added to its answer: the same repr either way."""
+
+    def __init__(self, offset: bool) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        if offset:
+            self.register_buffer("offset", torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + getattr(self, "offset", 0.0)
+
+    def extra_repr(self) -> str:
+        return "offset or not"
+
+
+@pytest.mark.parametrize("models", [lambda: (_Tied(), _Tied()),
+                                    lambda: (_Offset(False), _Offset(True)),
+                                    lambda: (_Offset(True), _Offset(False))],
+                         ids=["tied-weights", "an-extra-buffer", "a-missing-buffer"])
+def test_an_export_under_one_key_is_each_models_own(models, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    """Models that share a key but not what their repr shows (tied weights, a buffer more or
+    less): what the export in `_export_once` gives each is the program of its own fresh export:
+    its answers, tensor names and values."""
+    from reduce_ops.tracking import modelrun
+
+    monkeypatch.setattr(modelrun, "_EXPORTED", {})
+    x = torch.randn(2, 4)
+    torch.manual_seed(0)
+    for model in (m.eval() for m in models()):
+        with modelrun._export_once(model, ("one key",)):
+            got = torch.export.export(model, (x,))
+        fresh = torch.export.export(model, (x,))
+        with torch.no_grad():
+            assert torch.equal(got.module()(x), model(x))
+        held = {**got.state_dict, **got.constants}
+        own = {**fresh.state_dict, **fresh.constants}
+        assert list(held) == list(own) and all(torch.equal(held[k], own[k]) for k in own)
