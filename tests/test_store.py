@@ -300,7 +300,8 @@ def test_sigterm_ends_a_stage_like_ctrl_c(project: Path) -> None:
     subprocess.run([sys.executable, "-m", "reduce_ops", "prepare", "--params", params],
                    cwd=project, env=env, check=True, capture_output=True, timeout=300)
     proc = subprocess.run([sys.executable, "-c", _TERM_AFTER, "pretrain", "--params", params],
-                          cwd=project, env=env, capture_output=True, text=True, timeout=300, check=False)
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "reduce-ops pretrain: terminated"
     (run,) = find_runs(f"sqlite:///{project / 'mlflow.db'}", {"reduce_ops.stage": "pretrain"})
