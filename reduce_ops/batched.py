@@ -5,8 +5,9 @@ Chips that train the same model on the same batches (same FAT seed) differ only 
 weights and masks. One SGD/Adam step over the stacked tensors is every chip's own step (both
 are element-wise; the loss is the sum of the chips' mean losses, so each chip's gradient is its
 own), so each chip's weights equal its one-by-one training within float rounding, not to the
-bit. Measured here (LeNet-5, MNIST subset, 8 chips, one thread): 1.2-1.35x the training images
-per second of one by one, 1.5-1.7x the evaluation. Models that cannot be stacked, and stuck-at
+bit. Measured here (LeNet-5, MNIST subset, 8 chips, one thread, `benchmarks/bench_throughput.py
+--repeats 5`, 2026-12-02): 1.89x the training images per second of one by one (0.44 of the
+machine's matmul rate), 2.28x the evaluation. Models that cannot be stacked, and stuck-at
 hardware, train one by one.
 """
 
