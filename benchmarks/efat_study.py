@@ -163,7 +163,8 @@ def need_figure(outs: dict[str, list[Path]], path: Path, merge: list[Path],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--networks", nargs="+", default=["lenet", "mlp", "vgg11", "resnet18"])
+    parser.add_argument("--networks", nargs="+",
+                        default=["lenet", "lenet-bn", "mlp", "vgg11", "resnet18"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--params", type=Path, default=REPO / "params-efat-study.yaml")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")

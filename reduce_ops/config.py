@@ -79,7 +79,7 @@ class ModelConfig:
     user's (an MLflow model URI, or a factory and its state_dict) that pretrain measures."""
 
     source: Literal["zoo", "mlflow", "python"]
-    name: Literal["lenet", "mlp", "vgg11", "resnet18"]   # zoo
+    name: Literal["lenet", "lenet-bn", "mlp", "vgg11", "resnet18"]   # zoo
     uri: str | None               # mlflow: models:/name@alias | models:/name/N | runs:/id/path
     factory: str | None           # python: package.module:function returning the nn.Module
     weights: str | None           # python: its state_dict file, loaded with weights_only=True

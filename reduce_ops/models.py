@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from reduce_ops.atomic import write_file
 from reduce_ops.errors import ConfigError, DataError
 
-MODEL_NAMES = ("lenet", "mlp", "vgg11", "resnet18")
+MODEL_NAMES = ("lenet", "lenet-bn", "mlp", "vgg11", "resnet18")
 
 
 class ThresholdReLU(nn.Module):
@@ -73,13 +73,21 @@ def activation_sparsity(model: nn.Module, x: torch.Tensor, batch_size: int = 256
 
 
 class LeNet(nn.Module):
-    """LeNet-5 (6 and 16 channels, 120-84 classifier) with 'same' convs, for any input >= 4x4."""
+    """LeNet-5 (6 and 16 channels, 120-84 classifier) with 'same' convs, for any input >= 4x4;
+    `batch_norm`: a BatchNorm after each convolution (zoo name lenet-bn), the smallest network
+    whose BatchNorm statistics a pruned fault map upsets, as ResNet-18's are."""
 
-    def __init__(self, in_channels: int, num_classes: int, spatial: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, spatial: int,
+                 batch_norm: bool = False) -> None:
         super().__init__()
+
+        def conv(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 5, padding=2),
+                    *([nn.BatchNorm2d(c_out)] if batch_norm else [])]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),   # -> s/2
-            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),            # -> s/4
+            *conv(in_channels, 6), nn.ReLU(), nn.MaxPool2d(2),   # -> s/2
+            *conv(6, 16), nn.ReLU(), nn.MaxPool2d(2),            # -> s/4
         )
         flat = 16 * (spatial // 4) ** 2
         self.classifier = nn.Sequential(
@@ -134,8 +142,8 @@ def build_model(name: str, input_shape: tuple[int, ...] | list[int], num_classes
     """A freshly initialised model for inputs of shape (C, H, W) and `num_classes` outputs;
     with `activation_threshold` > 0 its ReLUs are thresholded (activation-sparse)."""
     c, h, w = (int(v) for v in input_shape)
-    if name == "lenet":
-        model = LeNet(c, num_classes, min(h, w))
+    if name in ("lenet", "lenet-bn"):
+        model = LeNet(c, num_classes, min(h, w), batch_norm=name == "lenet-bn")
     elif name == "mlp":
         model = _mlp((c, h, w), num_classes)
     elif name == "vgg11":

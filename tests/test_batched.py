@@ -53,7 +53,7 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
 
 
 @pytest.mark.parametrize(("name", "shape", "steps", "tol"), [
-    ("lenet", (1, 8, 8), 8, 1e-6), ("mlp", (1, 8, 8), 8, 1e-6),
+    ("lenet", (1, 8, 8), 8, 1e-6), ("lenet-bn", (1, 8, 8), 8, 1e-5), ("mlp", (1, 8, 8), 8, 1e-6),
     # ResNet-18's BatchNorm over 8x8 maps amplifies the rounding: 1e-6 to 1.05e-4 measured over
     # seeds and chips, against 0.45-0.5 between two chips' weights after the same steps
     ("vgg11", (3, 8, 8), 4, 1e-5), ("resnet18", (3, 8, 8), 2, 5e-4)])

@@ -76,3 +76,16 @@ def test_threshold_relu_is_x_above_the_threshold_else_zero_with_its_gradient(
         (out * weight).sum().backward()
         (expected * weight).sum().backward()
         assert torch.equal(a.grad, b.grad)
+
+
+def test_lenet_bn_is_lenet_with_a_batch_norm_after_each_convolution() -> None:
+    """lenet-bn adds a BatchNorm after each convolution; lenet keeps its layers' names, so
+    lenet's checkpoints load as before."""
+    plain, bn = (build_model(n, (1, 28, 28), 10) for n in ("lenet", "lenet-bn"))
+    assert list(plain.state_dict()) == [f"{part}.{i}.{p}" for part, i in (
+        ("features", 0), ("features", 3), ("classifier", 1), ("classifier", 3),
+        ("classifier", 5)) for p in ("weight", "bias")]
+    kinds = [type(m).__name__ for m in bn.features]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 2
+    assert [m.num_features for m in bn.features if isinstance(m, torch.nn.BatchNorm2d)] == [6, 16]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
