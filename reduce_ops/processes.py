@@ -156,7 +156,6 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-
 def die_with_driver(driver: int) -> None:
     """Linux >= 5.3: this process ends the moment process `driver` ends, even by SIGKILL, where
     that is not its parent (a pool worker forked by a fork server, which die_with_parent cannot
@@ -178,6 +177,7 @@ def die_with_driver(driver: int) -> None:
         os._exit(1)
 
     threading.Thread(target=wait, name="die-with-driver", daemon=True).start()
+
 
 def _end_tree(grace: float, group: int | None) -> None:
     """SIGTERM every descendant, SIGKILL those left after `grace` s; reap; return when none is
