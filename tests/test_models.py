@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from reduce_ops.errors import ConfigError, DataError
-from reduce_ops.models import MODEL_NAMES, build_model, load_checkpoint, save_checkpoint
+from reduce_ops.models import (
+    MODEL_NAMES,
+    ThresholdReLU,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
@@ -59,8 +65,6 @@ def test_threshold_relu_is_x_above_the_threshold_else_zero_with_its_gradient(
         threshold: float) -> None:
     """The fused kernel gives what its definition says, values and gradients alike, at and
     around the threshold, for signed zeros and infinities, in both memory layouts."""
-    from reduce_ops.models import ThresholdReLU
-
     torch.manual_seed(0)
     edges = torch.tensor([threshold, threshold + 1e-7, threshold - 1e-7, 0.0, -0.0, 1.0,
                           -1.0, float("inf"), -float("inf")])
