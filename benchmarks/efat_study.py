@@ -7,6 +7,8 @@ it is, and what grouping can save on it.
     .venv/bin/python benchmarks/efat_study.py --out /tmp/efat-r10 --networks resnet18 \
         --set "resilience.fault_rates=[0.1]"      # a rate the first run's grid left out, then
     .venv/bin/python benchmarks/efat_study.py --out /tmp/efat --report-only --merge /tmp/efat-r10
+    .venv/bin/python benchmarks/efat_study.py --out /tmp/efat-digits --networks resnet18 \
+        --seeds 0 1 2 --set data.source=digits --pipeline    # eFAT against Reduce, each seed
 
 Per network and training seed, in a throw-away copy of the project: `prepare`, `faultmaps`,
 `pretrain`, `resilience` and `plan` on the study's params file (default
@@ -27,6 +29,15 @@ network (over its seeds):
   grouping reaches on uniform and wafer fleets;
 - the cost: minutes per run on this machine.
 It prints one JSON line per run and a table; writes OUT/summary.csv and OUT/need_curves.png.
+
+`--pipeline` runs, per network and seed, the whole pipeline with grouping on the same params
+(`group`, `fat` and `compare` after the stages above; the fleet of `faultmaps`, e.g. `--set
+faultmaps.generator=wafer`), kept under OUT/pipeline-<network>-<generator>-seed<k>/, and prints
+per run eFAT's trained epochs against Reduce's (compare's `efat` and `reduce-<statistic>`
+policies, every member verified on its own chip), the grouping's planned ratio, the lower bound
+for any grouping on that run's own fleet and plan (independent maps only: uniform fleets), and
+whether both policies ship the same chips and the same chips meet the constraint on test;
+OUT/pipeline.csv has the rows.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from common import REPO, run_and_keep
-from grouping_study import SETTINGS, grouping_ratios, spread
+from grouping_study import SETTINGS, grouping_ratios, independent_bound, share_bound, spread
 from matplotlib.figure import Figure
 
 from reduce_ops.grouping import fused_plan
@@ -51,6 +62,10 @@ KEPT = {"curve_points.csv": "results/plan/curve_points.csv",
         "plan_summary.json": "results/plan/summary.json",
         "pretrain.json": "results/pretrain/metrics.json"}
 WAFER = SETTINGS[1]         # the wafer fleet's default setting
+PIPELINE = [*STAGES, "group", "fat", "compare"]
+PIPELINE_KEPT = {**KEPT, "compare.json": "results/compare/metrics.json",
+                 "per_chip.csv": "results/compare/per_chip.csv",
+                 "group.json": "results/group/summary.json", "fleet.csv": "data/fleet/fleet.csv"}
 
 
 def measure(network: str, seed: int, params: Path, sets: list[str], out: Path) -> dict:
@@ -83,6 +98,53 @@ def curve_points(out: Path, merge: list[Path], min_reached: float) -> pd.DataFra
         points["fault_rate"], points["reached_need"], points["n_reps"], points["n_never"],
         min_reached)
     return points
+
+
+def fleet_bound(points: pd.DataFrame, rates: np.ndarray, study: dict) -> float:
+    """The lower bound for any grouping of independent maps of these rates on the plan's curve
+    (as grouping_ratios takes it): planned epochs of groups / per chip, chips the plan trains."""
+    curve, planned_at, _ = fused_plan(points, study["plan"]["budget_cap"],
+                                      study["resilience"]["checkpoint_every"],
+                                      study["plan"]["safety_margin"])
+    own = planned_at(rates)
+    keep = np.isfinite(own) & (own > 0)
+    rates, own = rates[keep], own[keep]
+    return max(independent_bound(planned_at, rates, own, curve.max_feasible_rate),
+               share_bound(planned_at, rates, own, curve.max_feasible_rate))
+
+
+def pipeline(network: str, seed: int, params: Path, sets: list[str], out: Path,
+             study: dict) -> dict:
+    """The whole pipeline with grouping for one network and seed (kept in `out`, not run again
+    when kept): eFAT's trained epochs against Reduce's and against the bound on its fleet."""
+    if not (out / "run.json").is_file():
+        seconds = run_and_keep(f"efat-pipe-{network}{seed}-", PIPELINE,
+                               [f"model.name={network}", f"train.seed={seed}", *sets],
+                               PIPELINE_KEPT, out, f"{network} seed {seed}", params=params)
+        (out / "run.json").write_text(json.dumps({"minutes": seconds / 60}))
+    policies = json.loads((out / "compare.json").read_text())["policies"]
+    reduce_name = f"reduce-{study['plan']['statistic']}"
+    reduce, efat = policies[reduce_name], policies["efat"]
+    chips = pd.read_csv(out / "per_chip.csv").set_index(["policy", "chip_id"]).sort_index()
+    same = {what: bool((chips.loc["efat", col].astype(bool)
+                        == chips.loc[reduce_name, col].astype(bool)).all())
+            for what, col in (("same_shipped", "shipped"), ("same_meet_on_test", "meets_on_test"))}
+    generator = study["faultmaps"]["generator"]
+    bound = (fleet_bound(pd.read_csv(out / "curve_points.csv"),
+                         pd.read_csv(out / "fleet.csv")["fault_rate"].to_numpy(), study)
+             if generator == "uniform" else float("nan"))
+    pre = json.loads((out / "pretrain.json").read_text())
+    ratio = efat["total_epochs"] / reduce["total_epochs"]
+    return {"network": network, "seed": seed, "fleet": generator,
+            "baseline_test": pre["test_accuracy"],
+            "efat_epochs": efat["total_epochs"], "reduce_epochs": reduce["total_epochs"],
+            "trained_ratio": ratio,
+            "planned_ratio": json.loads((out / "group.json").read_text())["epochs_ratio"],
+            "bound": bound, "above_bound": ratio - bound,
+            "shipped_efat": efat["n_shipped"], "shipped_reduce": reduce["n_shipped"],
+            "meet_on_test_efat": efat["n_meet_on_test"],
+            "meet_on_test_reduce": reduce["n_meet_on_test"], **same,
+            "minutes": json.loads((out / "run.json").read_text())["minutes"]}
 
 
 CONCAVITY_AT = (0.1, 0.15, 0.2, 0.25)     # r of need(2r) / (2 need(r))
@@ -172,6 +234,8 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only the runs kept in OUT")
     parser.add_argument("--merge", type=Path, action="append", default=[], metavar="DIR",
                         help="kept runs whose curve points at other rates are added (see above)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="the whole pipeline with grouping per network and seed (see above)")
     args = parser.parse_args()
     study = yaml.safe_load(args.params.read_text())
     for item in args.sets:          # what grouping reads of the params (plan, fleet, array)
@@ -181,6 +245,9 @@ def main() -> None:
         for p in parents:
             node = node[p]
         node[leaf] = yaml.safe_load(value)
+    if args.pipeline:
+        pipelines(args, study)
+        return
     runs: dict[str, list[dict]] = {}
     outs: dict[str, list[Path]] = {}
     for network in args.networks:
@@ -202,6 +269,23 @@ def main() -> None:
         for r in rows:
             print(r["network"], "need by rate (mean epochs, seeds reached):", r["needs"])
     print(f"-> {args.out / 'summary.csv'}, {args.out / 'need_curves.png'}")
+
+
+def pipelines(args: argparse.Namespace, study: dict) -> None:
+    """--pipeline: each network and seed's run, one JSON line each, then a table."""
+    rows = []
+    for network in args.networks:
+        for seed in args.seeds:
+            out = (args.out / f"pipeline-{network}-{study['faultmaps']['generator']}"
+                   f"-seed{seed}")
+            rows.append(pipeline(network, seed, args.params, args.sets, out, study))
+            print(json.dumps(rows[-1]), flush=True)
+    table = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "pipeline.csv", index=False)
+    with pd.option_context("display.width", 250):
+        print(table.to_string(index=False, float_format="{:.3f}".format))
+    print(f"-> {args.out / 'pipeline.csv'}")
 
 
 if __name__ == "__main__":
