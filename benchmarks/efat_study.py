@@ -192,7 +192,7 @@ def network_summary(network: str, runs: list[dict], outs: list[Path], study: dic
 
 
 def need_figure(outs: dict[str, list[Path]], path: Path, merge: list[Path],
-                min_reached: float) -> None:
+                min_reached: float, data: str) -> None:
     """One curve per network: the plan's need (its statistic over the repetitions that reached,
     mean over seeds), the band from the least to the most any repetition needed."""
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
@@ -214,7 +214,8 @@ def need_figure(outs: dict[str, list[Path]], path: Path, merge: list[Path],
                         color=line.get_color(), alpha=0.15)
     ax.set_xlabel("fault rate (fraction of PEs faulty)")
     ax.set_ylabel("epochs of FAT needed")
-    ax.set_title("Retraining need per network (mean; band: min–max over the repetitions)\n"
+    ax.set_title(f"Retraining need per network on {data} (mean; band: min–max over the "
+                 "repetitions)\n"
                  "faster than linear: a fused map costs more than its members; saturating: "
                  "grouping can save", fontsize=10)
     ax.grid(alpha=0.3)
@@ -263,7 +264,8 @@ def main() -> None:
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "summary.csv", index=False)
-    need_figure(outs, args.out / "need_curves.png", args.merge, study["plan"]["min_reached"])
+    need_figure(outs, args.out / "need_curves.png", args.merge, study["plan"]["min_reached"],
+                study["data"]["source"])
     with pd.option_context("display.width", 250, "display.max_colwidth", 200):
         print(table.drop(columns=["needs"]).to_string(index=False))
         for r in rows:
