@@ -183,16 +183,72 @@ def test_stopping_the_driver_stops_its_workers(tmp_path: Path, how: str) -> None
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("server", [False, True], ids=["spawned", "from-the-fork-server"])
+def test_a_logger_process_whose_driver_died_while_it_started_ends(tmp_path: Path,
+                                                                   server: bool) -> None:
+    """A driver SIGKILLed while its logger process is still starting (importing MLflow and
+    torch) must not leave that process behind: it would wait on its queue forever, holding the
+    driver's stdout open (a `reduce-ops fat` killed early then never seems to end). Also where
+    the logger is forked from the stage's fork server (not the driver's child)."""
+    if server and execution.start_method() != "forkserver":
+        pytest.skip("no fork server here")
+    script = (
+        "import os, signal, types\n"
+        "from reduce_ops import execution\n"
+        "from reduce_ops.config import ExecutionConfig\n"
+        "from reduce_ops.tracking.logger import BackgroundTracking\n"
+        + ("execution.start_pool_server(ExecutionConfig('local', None, 2, 1))\n" if server
+           else "") +
+        "stage = types.SimpleNamespace(uri='sqlite:///unused.db', run_id='r', experiment_id='0')\n"
+        "BackgroundTracking(stage).start()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)      # returns once nothing holds its pipes
+    assert proc.returncode == -9, proc.stderr
+
+
+def _logger_parent(stage: object) -> int:
+    return os.getppid()
+
+
+@pytest.mark.skipif(execution.start_method() != "forkserver", reason="no fork server here")
+def test_the_logger_of_a_pooled_stage_is_forked_from_its_fork_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fat`'s logging process comes from the fork server the stage started (torch and the
+    stage's modules imported once, not again in a fresh interpreter); a stage without one
+    spawns it, its own child."""
+    import types
+    from multiprocessing import forkserver
+
+    from reduce_ops.tracking.logger import BackgroundTracking
+
+    stage = types.SimpleNamespace(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id="r",
+                                  experiment_id="0")
+    monkeypatch.setattr(execution, "_SERVER_STARTED", False)    # as a stage starts
+    parents = []
+    for started in (False, True):
+        if started:
+            execution.start_pool_server(POOL)
+        queue = BackgroundTracking(stage).start()
+        try:
+            parents.append(queue.submit(_logger_parent, holds_model=False).result())
+        finally:
+            queue.close()
+    assert parents == [os.getpid(), forkserver._forkserver._forkserver_pid]
+
+
 def _where_am_i(shared: object, item: int) -> tuple[int, str, bool, bool]:
     return (os.getppid(), type(shared).__module__, "torch._dynamo" in sys.modules,
             all(m in sys.modules for m in execution.POOL_MODULES))
 
 
 @pytest.mark.skipif(execution.start_method() != "forkserver", reason="no fork server here")
-def test_workers_come_from_a_fork_server_that_imported_what_units_need(tmp_path: Path) -> None:
+def test_workers_come_from_a_fork_server_that_imported_what_units_need(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The workers are forked from a server that imported torch, the optimizers' torch._dynamo
     and every unit's module once; a folder put on sys.path after it started (paths.code) is
     on the workers' too (multiprocessing sends the driver's sys.path with each new worker)."""
+    monkeypatch.setattr(execution, "_SERVER_STARTED", execution._SERVER_STARTED)
     execution.start_pool_server(POOL)
     (tmp_path / "late_user_code.py").write_text("class Thing:\n    pass\n")
     sys.path.insert(0, str(tmp_path))

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from reduce_ops.processes import die_with_parent
+from reduce_ops.processes import die_with_driver, die_with_parent
 from reduce_ops.tracking.runs import StageRun
 
 _WORKER_STAGE: StageRun | None = None      # in a BackgroundTracking process: its stage run
@@ -17,11 +17,14 @@ _WORKER_FAILED = False
 
 
 def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int,
-                 children_experiment_id: str = "") -> None:
+                 children_experiment_id: str = "", method: str = "spawn") -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    die_with_parent(parent)                          # before the slow imports below
+    if method == "forkserver":                       # the fork server's child, not the driver's
+        die_with_driver(parent)
+    else:
+        die_with_parent(parent)                      # before the slow imports below
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -75,16 +78,19 @@ class BackgroundTracking:
         self._pool: Any = None
 
     def start(self) -> BackgroundTracking:
-        """Start the process now (importing MLflow and torch takes seconds), so that it is
-        ready when the first model is."""
+        """Start the process now (importing MLflow, and torch where it is spawned, takes
+        seconds), so that it is ready when the first model is."""
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        from reduce_ops.execution import helper_start_method
+
         if self._pool is None:
+            method = helper_start_method()
             self._pool = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                1, mp_context=multiprocessing.get_context(method), initializer=_worker_init,
                 initargs=(self.stage.uri, self.stage.run_id, self.stage.experiment_id, os.getpid(),
-                          getattr(self.stage, "children_experiment_id", "")))
+                          getattr(self.stage, "children_experiment_id", ""), method))
             self._pool.submit(int)                  # the pool spawns its process on a submit
         return self
 
