@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> None:
     cfg = load_config(args.params, [*split_overrides(args.overrides), *args.sets])
+    if args.stage in POOLED:   # its imports overlap the tracking check and the stage's reading
+        start_pool_server(cfg.execution)
     check_tracking(cfg, args.stage)
-    if args.stage in POOLED:
-        start_pool_server(cfg.execution)     # its workers' imports overlap the stage's reading
     if args.stage == "faultmaps" and args.action == "import":
         from reduce_ops.stages.faultmaps import import_maps
 
