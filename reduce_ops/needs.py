@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.isotonic import IsotonicRegression
 
 from reduce_ops.errors import DataError
 
@@ -35,6 +34,19 @@ def monotone_fit(amounts, accuracies) -> tuple[np.ndarray, np.ndarray]:
     x, y = x[order], y[order]
     if x.size < 2:
         return x, y
+    if np.all(np.diff(x) > 0):
+        try:
+            from scipy.optimize import isotonic_regression
+        except ImportError:                 # SciPy < 1.12
+            pass
+        else:
+            # scikit-learn's IsotonicRegression runs this pool-adjacent-violators fit on
+            # distinct amounts (unit weights), after input checks that cost 50 times the fit
+            # itself (0.4 against 0.008 ms on 17 checkpoints; `compare` makes ~2,000 fits)
+            return x, np.asarray(isotonic_regression(y, weights=np.ones_like(y),
+                                                     increasing=True).x, dtype=float)
+    from sklearn.isotonic import IsotonicRegression
+
     return x, np.asarray(IsotonicRegression(increasing=True).fit_transform(x, y), dtype=float)
 
 

@@ -92,6 +92,30 @@ def test_nan_checkpoint_is_skipped():
     assert retraining_needed([0, 1, 2], [0.5, np.nan, 0.98], 0.74) == pytest.approx(1.0)
 
 
+def test_the_monotone_fit_is_scikit_learns_isotonic_regression_to_the_bit():
+    """The fit each trial's need is read off equals scikit-learn's IsotonicRegression on it, to
+    the bit: on distinct amounts (the fast path) and with a repeated amount, over curves with
+    plateaus, ties, dips and accuracies rounded to a test split's resolution."""
+    from sklearn.isotonic import IsotonicRegression
+
+    from reduce_ops.needs import monotone_fit
+
+    rng = np.random.default_rng(3)
+    for case in range(3000):
+        n = int(rng.integers(2, 30))
+        x = np.sort(rng.choice(200, n, replace=False)) * 0.25
+        if case % 10 == 0:
+            x[n // 2] = x[n // 2 - 1]                     # a repeated amount
+        y = np.clip(0.5 + rng.uniform(0, 0.05) * np.arange(n)
+                    + rng.normal(0, rng.uniform(0.001, 0.1), n), 0, 1)
+        y = np.round(y, int(rng.choice([3, 16])))
+        order = np.argsort(x, kind="stable")
+        want = IsotonicRegression(increasing=True).fit_transform(x[order], y[order])
+        got_x, got = monotone_fit(x, y)
+        assert np.array_equal(got_x, x[order])
+        assert np.array_equal(got, want), case
+
+
 def test_mismatched_curve_is_a_data_error():
     with pytest.raises(DataError):
         retraining_needed([0, 1], [0.5], 0.9)
