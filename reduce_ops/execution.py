@@ -179,6 +179,9 @@ def start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+_SERVER_STARTED = False          # start_pool_server started the fork server in this process
+
+
 def start_pool_server(exe: ExecutionConfig) -> None:
     """Where `exe` runs units in a local pool, start its fork server now, without waiting: it
     imports while the stage reads its inputs (a stage calls this first). Once per process; a
@@ -197,14 +200,11 @@ def start_pool_server(exe: ExecutionConfig) -> None:
     _SERVER_STARTED = True
 
 
-_SERVER_STARTED = False          # start_pool_server started the fork server in this process
-
-
 def helper_start_method() -> str:
     """How a helper process of a stage (`fat`'s logger) starts: forked from the fork server
     where the stage started one (torch and the stage's modules come imported: 3-4 CPU-s less
     on a 2-core machine that trains meanwhile), else spawned. A forked helper is not the
-    driver's child: it must tie itself to the driver with processes.die_with_driver."""
+    driver's child: it must tie itself to the driver with processes.die_with_starter."""
     return "forkserver" if _SERVER_STARTED else "spawn"
 
 
@@ -212,13 +212,10 @@ def _pool_init(fn: Callable[[Any, Any], Any], shared: Any, threads: int, driver:
                method: str) -> None:
     import signal
 
-    from reduce_ops.processes import die_with_driver, die_with_parent
+    from reduce_ops.processes import die_with_starter
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    if method == "forkserver":         # the fork server's child, not the driver's
-        die_with_driver(driver)
-    else:
-        die_with_parent(driver)
+    die_with_starter(driver, method)
     keep_freed_memory()
     set_torch_threads(threads)
     global _POOL_TASK

@@ -179,6 +179,16 @@ def die_with_driver(driver: int) -> None:
     threading.Thread(target=wait, name="die-with-driver", daemon=True).start()
 
 
+def die_with_starter(driver: int, method: str) -> None:
+    """Tie a helper process (a pool worker, a logger) started by `method` to its driver: one
+    forked by the fork server is not the driver's child and watches its pidfd
+    (die_with_driver), one spawned or forked by the driver itself is (die_with_parent)."""
+    if method == "forkserver":
+        die_with_driver(driver)
+    else:
+        die_with_parent(driver)
+
+
 def _end_tree(grace: float, group: int | None) -> None:
     """SIGTERM every descendant, SIGKILL those left after `grace` s; reap; return when none is
     left. New descendants started meanwhile get the same treatment. Without /proc: the server's

@@ -248,6 +248,7 @@ def test_workers_come_from_a_fork_server_that_imported_what_units_need(
     """The workers are forked from a server that imported torch, the optimizers' torch._dynamo
     and every unit's module once; a folder put on sys.path after it started (paths.code) is
     on the workers' too (multiprocessing sends the driver's sys.path with each new worker)."""
+    # restored after the test: later tests' loggers start as their own stage would start them
     monkeypatch.setattr(execution, "_SERVER_STARTED", execution._SERVER_STARTED)
     execution.start_pool_server(POOL)
     (tmp_path / "late_user_code.py").write_text("class Thing:\n    pass\n")

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from reduce_ops.processes import die_with_driver, die_with_parent
+from reduce_ops.processes import die_with_starter
 from reduce_ops.tracking.runs import StageRun
 
 _WORKER_STAGE: StageRun | None = None      # in a BackgroundTracking process: its stage run
@@ -21,10 +21,7 @@ def _worker_init(uri: str, run_id: str, experiment_id: str, parent: int,
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    if method == "forkserver":                       # the fork server's child, not the driver's
-        die_with_driver(parent)
-    else:
-        die_with_parent(parent)                      # before the slow imports below
+    die_with_starter(parent, method)                 # before the slow imports below
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
