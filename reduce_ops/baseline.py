@@ -22,6 +22,7 @@ from reduce_ops.data import PreparedData
 from reduce_ops.hardware.mapping import leave_off_array
 from reduce_ops.models import activation_sparsity, build_model
 from reduce_ops.names import TEST_ACCURACY, VAL_ACCURACY
+from reduce_ops.poolfirst import pool_first
 from reduce_ops.quant import QuantizedWeights, quantized_accuracy
 from reduce_ops.sharpness import SharpnessAware, flatness
 from reduce_ops.training import (
@@ -90,6 +91,7 @@ def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
     sharpness = (SharpnessAware(model, cfg.rho, quantized) if cfg.sharpness != "none"
                  else None)
     result = PretrainResult(n_holdout=len(holdout))
+    fast = pool_first(model)         # the same model to the bit, activations after max-pools
     best_state = copy.deepcopy(model.state_dict())
     best = -1.0
     since_best = 0
@@ -99,10 +101,10 @@ def pretrain(model: nn.Module, data: PreparedDataLike, cfg: TrainConfig,
     for epoch in range(1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
         with quantized if quantized is not None else contextlib.nullcontext():
-            loss = train_steps(model, optimizer, x, y, stream,
+            loss = train_steps(fast, optimizer, x, y, stream,
                                steps_per_epoch(len(y), cfg.batch_size), device, augment=augment,
                                sharpness=sharpness)
-            stop_acc, stop_loss = evaluate(model, x_stop, y_stop, device=device)
+            stop_acc, stop_loss = evaluate(fast, x_stop, y_stop, device=device)
         rec = EpochRecord(epoch, loss, stop_acc, stop_loss, time.perf_counter() - t0)
         result.history.append(rec)
         if on_epoch is not None:
@@ -158,8 +160,9 @@ def measure(cfg: Config, model: nn.Module, data: PreparedData,
     never chose by: accuracy (float and int8) on validation and test, activation sparsity
     (validation) and flatness (a seeded sample of the training split)."""
     model.to(device)
-    val_acc, val_loss = evaluate(model, data.x["val"], data.y["val"], device=device)
-    test_acc, test_loss = evaluate(model, data.x["test"], data.y["test"], device=device)
+    fast = pool_first(model)
+    val_acc, val_loss = evaluate(fast, data.x["val"], data.y["val"], device=device)
+    test_acc, test_loss = evaluate(fast, data.x["test"], data.y["test"], device=device)
     n_val, n_test = len(data.y["val"]), len(data.y["test"])
     val_ci, test_ci = wilson_interval(val_acc, n_val), wilson_interval(test_acc, n_test)
     model_cpu = model.cpu()

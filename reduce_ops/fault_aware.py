@@ -14,6 +14,7 @@ from torch import nn
 from reduce_ops.config import FatConfig
 from reduce_ops.errors import ConfigError
 from reduce_ops.hardware import MaskedWeights, build_masks, pruned_fraction
+from reduce_ops.poolfirst import pool_first
 from reduce_ops.training import (
     Measurement,
     PreparedDataLike,
@@ -136,6 +137,7 @@ class FatSession:
         self.masks = self.faults.masks
         self.data, self.cfg, self.device = data, cfg, device
         self.faults.attach()
+        self._forward = pool_first(self.model)    # trains and answers as the model, faster
         self.n_per_epoch, self._stream = batch_stream(data, cfg)
         self.optimizer = make_optimizer(self.model, cfg)
         self.steps = 0
@@ -184,7 +186,7 @@ class FatSession:
         if target == self.steps:
             return
         t0 = time.perf_counter()
-        train_steps(self.model, self.optimizer, self.data.x["train"], self.data.y["train"],
+        train_steps(self._forward, self.optimizer, self.data.x["train"], self.data.y["train"],
                     self._stream, target - self.steps, self.device, self.faults.after_backward,
                     self.faults.after_step)
         self.train_seconds += time.perf_counter() - t0
@@ -197,7 +199,7 @@ class FatSession:
 
     def measure(self, splits: Sequence[str]) -> dict[str, Measurement]:
         """{split: Measurement} of the model as it is now, paired with the baseline."""
-        return measure_splits(self.model, self.data, splits, self.device, self.paired)
+        return measure_splits(self._forward, self.data, splits, self.device, self.paired)
 
     def checkpoints(self, amounts: Sequence[float],
                     evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,

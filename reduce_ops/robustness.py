@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from torch.nn.utils import parametrize
 from reduce_ops import execution
 from reduce_ops.config import ExecutionConfig
 from reduce_ops.hardware.bitfaults import check_rate, draw_model_bit_flips, stuck_at
+from reduce_ops.poolfirst import pool_first
 from reduce_ops.progress import Progress
 from reduce_ops.quant import QuantizedWeights
 from reduce_ops.training import evaluate
@@ -87,6 +89,11 @@ class _Inputs:
     polarity: int | str
     bits: Sequence[int] | None
 
+    @cached_property
+    def fast(self) -> dict[str, nn.Module]:
+        """Each variant as it is evaluated (reduce_ops.poolfirst), traced once per worker."""
+        return {name: pool_first(model) for name, model in self.variants.items()}
+
 
 def run_trial(shared: _Inputs, spec: TrialSpec) -> list[tuple]:
     """One trial: every variant under its faults (one draw, shared by the variants of one
@@ -101,7 +108,7 @@ def run_trial(shared: _Inputs, spec: TrialSpec) -> list[tuple]:
                 faults, n_bits = draw_faults(spec, shapes, shared.polarity, shared.bits)
             quantized.set_faults(faults, "robustness")
             with parametrize.cached():
-                accuracy = evaluate(model, shared.x, shared.y)[0]
+                accuracy = evaluate(shared.fast[name], shared.x, shared.y)[0]
         out.append(((name, spec.fault_model, spec.ber, spec.repetition, spec.seed, accuracy,
                      n_bits), (started, time.time())))
     return out

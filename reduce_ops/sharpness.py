@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from reduce_ops.errors import ConfigError
+from reduce_ops.poolfirst import pool_first
 from reduce_ops.quant import QuantizedWeights
 
 METHODS = ("none", "sam", "saq")
@@ -152,11 +153,12 @@ def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, d
         raise ConfigError(f"flatness: sigma must be > 0 and draws >= 1, got {sigma}, {draws}")
     was_training = model.training
     model.eval()
+    forward = pool_first(model)          # the same answers; the noise follows model's params
 
     def loss_and_accuracy() -> tuple[float, float]:
         total, correct = 0.0, 0
         for start in range(0, len(y), batch_size):
-            logits = model(x[start:start + batch_size])
+            logits = forward(x[start:start + batch_size])
             yb = y[start:start + batch_size]
             total += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
             correct += int((logits.argmax(1) == yb).sum())

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from reduce_ops.grouped_conv import WideInputGrad
 from reduce_ops.models import ThresholdReLU
+from reduce_ops.poolfirst import Tracer, activations_before_pools
 from reduce_ops.training import one_channel_view
 
 SHARED, CHANNELS, STACKED = "shared", "channels", "stacked"
@@ -43,16 +44,9 @@ PER_CHANNEL = (nn.ReLU, ThresholdReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAv
 ELEMENTWISE = {operator.add, operator.iadd, torch.add, operator.mul, torch.relu, F.relu}
 
 
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with the project's own activation kept as one node."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ThresholdReLU) or super().is_leaf_module(m, module_qualified_name)
-
-
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        graph = torch.fx.GraphModule(model, _Tracer().trace(model))
+        graph = torch.fx.GraphModule(model, Tracer().trace(model))
     except Exception as exc:              # noqa: BLE001 — any tracing failure: one by one
         raise NotBatchable(f"torch.fx cannot trace the model ({type(exc).__name__})") from None
     modules = dict(graph.named_modules())
@@ -148,22 +142,9 @@ class StackedModel:
     def _relu_after_pool(self) -> dict[str, nn.Module]:
         """{max-pool node: the activation right before it}, for every activation whose only
         reader is a max-pool: the pool then runs first and the activation after it, on a
-        quarter of the values. Exact (the activation is monotone, so it commutes with max,
-        and the gradient reaches the same element); 1.35x a LeNet step here."""
-        out = {}
-        for node in self.graph.graph.nodes:
-            act = self.layers.get(node.target) if node.op == "call_module" else None
-            if not (isinstance(act, nn.ReLU) or (isinstance(act, ThresholdReLU)
-                                                 and act.threshold >= 0)):
-                continue
-            if len(node.users) != 1:
-                continue
-            (user,) = node.users
-            pool = self.layers.get(user.target) if user.op == "call_module" else None
-            if isinstance(pool, nn.MaxPool2d) and not pool.return_indices \
-                    and user.args[0] is node:
-                out[user.name] = act
-        return out
+        quarter of the values (reduce_ops.poolfirst: exact; 1.35x a LeNet step here)."""
+        return {pool: self.layers[act.target] for pool, act in
+                activations_before_pools(self.graph.graph, self.layers).items()}
 
     def _p(self, module: str, name: str) -> torch.Tensor:
         return self.params[f"{module}.{name}".replace(".", ":")]
