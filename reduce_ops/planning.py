@@ -9,11 +9,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.isotonic import IsotonicRegression
 
 from reduce_ops.errors import ConfigError, DataError
 from reduce_ops.hardware import FaultMap
-from reduce_ops.needs import DECISION_METRIC, trial_needs
+from reduce_ops.needs import DECISION_METRIC, isotonic, trial_needs
 from reduce_ops.records.plan import PLAN_COLUMNS
 from reduce_ops.shipping import ShippingRule
 from reduce_ops.statistic import parse_statistic
@@ -70,7 +69,7 @@ def feasible_needs(rates: Sequence[float], values: Sequence[float], sizes: Seque
     (`sizes`) and those that never reached (`nevers`): feasible where the fit is at least
     `min_reached` (see aggregate_needs)."""
     reach = 1.0 - np.asarray(nevers, dtype=float) / np.asarray(sizes, dtype=float)
-    fitted = (np.asarray(IsotonicRegression(increasing=False).fit_transform(rates, reach))
+    fitted = (isotonic(np.asarray(rates, dtype=float), reach, increasing=False)
               if len(rates) > 1 else reach)
     needed = np.where(fitted >= min_reached - 1e-9, np.asarray(values, dtype=float), math.inf)
     return reach, fitted, needed

@@ -1,13 +1,21 @@
 """Reduce arithmetic on hand-made trials tables with hand-computed answers."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from reduce_ops.errors import ConfigError, DataError
-from reduce_ops.needs import MAP_COLUMNS, resilience_map, retraining_needed, trial_needs
+from reduce_ops.needs import (
+    MAP_COLUMNS,
+    isotonic,
+    resilience_map,
+    retraining_needed,
+    trial_needs,
+)
 from reduce_ops.planning import (
     BEYOND_EDGE,
     NEED_COLUMNS,
@@ -539,3 +547,38 @@ def test_a_negative_fleet_budget_names_the_key():
     with pytest.raises(ConfigError, match=r"^plan\.fleet_budget: "):
         make_plan(spare_budget_trials(), chips(0.1, 0.25), 0.95, "max", 0.25, 1.0, 3.0, 1.0,
                   fleet_budget=-1.0)
+
+
+def test_isotonic_is_scikit_learns_fit_to_the_bit() -> None:
+    """Reach fractions (k of n repetitions) over distinct rates, non-increasing, and accuracy
+    curves, non-decreasing: SciPy's fit equals scikit-learn's IsotonicRegression exactly; equal
+    x go to scikit-learn itself."""
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        k = int(rng.integers(2, 14))
+        sizes = rng.integers(1, 8, size=k)
+        reach = 1.0 - np.array([rng.integers(0, s + 1) for s in sizes]) / sizes
+        rates = np.sort(rng.choice(np.linspace(0.0, 0.5, 51), size=k, replace=False))
+        for y, increasing in ((reach, False), (rng.random(k), True)):
+            want = IsotonicRegression(increasing=increasing).fit_transform(rates, y)
+            assert isotonic(rates, y, increasing).tobytes() == np.asarray(want).tobytes()
+    x, y = np.array([0.0, 0.1, 0.1, 0.2]), np.array([0.9, 0.5, 0.7, 0.6])
+    assert np.array_equal(isotonic(x, y, False),
+                          IsotonicRegression(increasing=False).fit_transform(x, y))
+
+
+def test_planning_and_shipping_load_neither_scikit_learn_nor_scipy_stats() -> None:
+    """Their imports cost ~0.6 s of every stage that plans or ships (the normal quantile is
+    scipy.special.ndtri, which scipy.stats.norm.ppf is, to the bit)."""
+    from scipy.special import ndtri
+    from scipy.stats import norm
+
+    q = np.concatenate([np.linspace(0.0, 1.0, 10001), [0.5, 0.8, 0.975, 1e-300, -0.1, 1.1]])
+    assert np.array_equal(ndtri(q), norm.ppf(q), equal_nan=True)
+    code = ("import sys, reduce_ops.stages.plan, reduce_ops.stages.compare, reduce_ops.binomial; "
+            "print(sorted(m for m in ('sklearn', 'scipy.stats') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert out.strip() == "[]"
