@@ -161,8 +161,12 @@ def exit_now(code: int) -> NoReturn:
 
 def run() -> NoReturn:
     """The `reduce-ops` command and `python -m reduce_ops`: main(), then exit_now. A bug's
-    traceback leaves through Python's own exit."""
-    exit_now(main())
+    traceback leaves through Python's own exit, and so does everything under a profiler, a
+    debugger or coverage (`python -m cProfile -o F -m reduce_ops ...` writes F after main)."""
+    code = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
+    exit_now(code)
 
 
 if __name__ == "__main__":

@@ -55,5 +55,11 @@ def test_the_command_runs_a_stage_to_its_outputs_and_status(tmp_path: Path) -> N
                           str(project / "missing.yaml")], cwd=project, capture_output=True,
                          text=True, timeout=300, check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "prof"), "-m",
+                               "reduce_ops", "source", "--params", str(project / "params.yaml")],
+                              cwd=project, capture_output=True, text=True, timeout=300,
+                              check=False)
+    assert profiled.returncode == 0, profiled.stderr[-2000:]
+    assert (tmp_path / "prof").stat().st_size > 0         # written at Python's own exit
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["reduce-ops"] == "reduce_ops.cli:run"
